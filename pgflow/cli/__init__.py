@@ -1,0 +1,71 @@
+"""The ``pgflow`` command line.
+
+Each sub-command lives in its own module exposing ``register(subparsers)``; the
+module list below is the whole command set. Errors pgflow raises on purpose are
+printed as one line and exit with status 1; bad arguments exit with 2 (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from ..errors import PgflowError
+
+COMMAND_MODULES = [
+    "pgflow.cli._migrate",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pgflow",
+        description=(
+            "Durable workflows and change data capture on PostgreSQL. "
+            "The database comes from --dsn or PGFLOW_DATABASE_URL."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("PGFLOW_LOG_LEVEL", "WARNING"),
+        help="logging level (default: $PGFLOW_LOG_LEVEL or WARNING)",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def add_dsn_argument(parser: argparse.ArgumentParser) -> None:
+    """The shared ``--dsn`` option (falls back to PGFLOW_DATABASE_URL / DATABASE_URL)."""
+    parser.add_argument(
+        "--dsn",
+        default=None,
+        help="PostgreSQL connection string (default: $PGFLOW_DATABASE_URL or $DATABASE_URL)",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=str(args.log_level).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except PgflowError as exc:
+        print(f"pgflow: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Connectors: bring events from outside sources into workflows.
+
+Shipped connectors live in submodules (``memory``, ``table``, ``webhook``, and the
+broker extras ``nats``, ``rabbitmq``, ``redis``, ``kafka``); each exposes a class named
+``Connector``.
+"""
+
+from __future__ import annotations
+
+from ._base import (
+    Ack,
+    Connector,
+    ConnectorConsumer,
+    ConnectorEvent,
+    ConnectorFunc,
+    TransactionalConsumer,
+)
+
+__all__ = [
+    "Ack",
+    "Connector",
+    "ConnectorConsumer",
+    "ConnectorEvent",
+    "ConnectorFunc",
+    "TransactionalConsumer",
+]

@@ -1,0 +1,80 @@
+"""The connector contract: how outside events enter pgflow.
+
+A :class:`Connector` makes one :class:`ConnectorConsumer` per consumer name (with
+``parallel_count=N`` there are N of them, one per shard). ``recv()`` returns the next
+event and an ``ack``; the runner calls the connector function and acks only after the
+function's effects committed (at-least-once for brokers; ``trigger`` is idempotent on
+the event id). Sources that live in the workflow's own database implement
+:class:`TransactionalConsumer` as well: their ack then commits in the same transaction
+as the function's effects, which makes triggering exactly-once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from psycopg import AsyncConnection
+
+if TYPE_CHECKING:  # pragma: no cover
+    pass
+
+__all__ = [
+    "Ack",
+    "Connector",
+    "ConnectorConsumer",
+    "ConnectorEvent",
+    "ConnectorFunc",
+    "TransactionalConsumer",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorEvent:
+    """One event from an outside source, as a connector function sees it."""
+
+    id: str
+    foreign_id: str
+    type: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+Ack = Callable[[], Awaitable[None]]
+
+
+@runtime_checkable
+class ConnectorConsumer(Protocol):
+    async def recv(self) -> tuple[ConnectorEvent, Ack]:
+        """Wait for and return the next event with its acknowledgement."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class TransactionalConsumer(Protocol):
+    """A consumer whose position lives in the workflow's database.
+
+    ``recv_batch_in(conn, limit)`` reads up to ``limit`` next events inside the
+    caller's open transaction (taking whatever shard lock it needs) and returns them
+    with acks that advance its cursor *in that same transaction*. It returns ``[]``
+    when nothing is ready or another process owns the shard right now.
+    """
+
+    async def recv_batch_in(
+        self, conn: AsyncConnection[Any], limit: int
+    ) -> list[tuple[ConnectorEvent, Ack]]: ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Connector(Protocol):
+    async def make(self, consumer_name: str) -> ConnectorConsumer: ...
+
+
+# The function receives the workflow API (pgflow.workflow.API) and the event.
+ConnectorFunc = Callable[[Any, ConnectorEvent], Awaitable[None]]

@@ -1,0 +1,278 @@
+"""Consumer cursors, advanced in the same transaction as the consumer's effects.
+
+A consumer batch is ONE transaction::
+
+    BEGIN
+      pg_try_advisory_xact_lock(consumer, shard)   -- shard ownership, takes no xid
+      SELECT cursor                                 -- where this shard stands
+      SELECT events after cursor (gap-free read)
+      handler(batch, conn)                          -- effects, in this transaction
+      UPDATE cursor ... WHERE (tx, id) = old        -- compare-and-set, forwards only
+    COMMIT
+
+so a crash anywhere loses nothing and doubles nothing. The advisory lock makes each
+(consumer, shard) run in one process at a time; it is released with the transaction,
+so a killed process's shards are taken over at the next poll of another one. The CAS
+fences anything that slips past the lock (a handler that ran on a stale view).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from .events import Event, Position
+from .streamer import Filter, Listener, read_batch
+
+__all__ = [
+    "BatchHandler",
+    "BatchOutcome",
+    "Consumer",
+    "CursorKey",
+    "LostCursor",
+    "advance_cursor",
+    "consume_once",
+    "ensure_cursor",
+    "load_cursor",
+    "try_lock_shard",
+]
+
+logger = logging.getLogger("pgflow.consumer")
+
+BatchHandler = Callable[[list[Event], AsyncConnection[Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class CursorKey:
+    """Identifies one cursor: a consumer name and its shard (``shard`` of ``shard_count``)."""
+
+    consumer: str
+    shard: int = 0
+    shard_count: int = 1
+
+    def __str__(self) -> str:
+        if self.shard_count == 1:
+            return self.consumer
+        return f"{self.consumer}[{self.shard + 1}/{self.shard_count}]"
+
+
+class LostCursor(Exception):
+    """The cursor moved under us: another process applied this batch first."""
+
+
+async def ensure_cursor(
+    conn: AsyncConnection[Any], key: CursorKey, filter: Filter | None = None
+) -> None:
+    """Create the cursor row at the start of the log if it does not exist yet."""
+    await conn.execute(
+        "INSERT INTO pgflow.cursors (consumer, shard, shard_count, stream, types)"
+        " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+        (
+            key.consumer,
+            key.shard,
+            key.shard_count,
+            filter.stream if filter else None,
+            list(filter.types) if filter and filter.types else None,
+        ),
+    )
+
+
+async def load_cursor(conn: AsyncConnection[Any], key: CursorKey) -> Position:
+    """The stored position (the start of the log when the cursor does not exist)."""
+    cur = await conn.execute(
+        "SELECT tx, id FROM pgflow.cursors WHERE consumer = %s AND shard = %s AND shard_count = %s",
+        (key.consumer, key.shard, key.shard_count),
+    )
+    row = await cur.fetchone()
+    return Position(int(row[0]), int(row[1])) if row else Position.start()
+
+
+async def advance_cursor(
+    conn: AsyncConnection[Any], key: CursorKey, old: Position, new: Position
+) -> bool:
+    """Compare-and-set the cursor from ``old`` to ``new`` in the caller's transaction.
+
+    Returns False (and changes nothing) when the stored cursor is no longer ``old``:
+    someone else applied these events; the caller must roll back. Never moves back.
+    """
+    if new <= old:
+        raise ValueError(f"cursor must move forwards: {old} -> {new}")
+    cur = await conn.execute(
+        "UPDATE pgflow.cursors SET tx = %s::xid8, id = %s, updated_at = now()"
+        " WHERE consumer = %s AND shard = %s AND shard_count = %s"
+        " AND tx = %s::xid8 AND id = %s",
+        (str(new.tx), new.id, key.consumer, key.shard, key.shard_count, str(old.tx), old.id),
+    )
+    return cur.rowcount == 1
+
+
+async def try_lock_shard(conn: AsyncConnection[Any], key: CursorKey) -> bool:
+    """Take the (consumer, shard) advisory lock for this transaction, without waiting.
+
+    ``pg_try_advisory_xact_lock`` assigns no transaction id, so a consumer waiting for
+    work does not hold the xid horizon back for everyone else.
+    """
+    cur = await conn.execute(
+        "SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))",
+        (f"pgflow-cursor:{key.consumer}:{key.shard}:{key.shard_count}",),
+    )
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
+class BatchOutcome(enum.Enum):
+    LOCKED = "locked"  #: another process holds this shard right now
+    EMPTY = "empty"  #: nothing new below the horizon
+    APPLIED = "applied"  #: a batch was handled and the cursor moved
+    LOST = "lost"  #: the CAS failed; effects were rolled back
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    outcome: BatchOutcome
+    events: int = 0
+    position: Position | None = None
+
+
+async def consume_once(
+    pool: AsyncConnectionPool[Any],
+    key: CursorKey,
+    filter: Filter,
+    handler: BatchHandler,
+    *,
+    batch_size: int = 500,
+    lag: timedelta | None = None,
+) -> BatchResult:
+    """Run one batch transaction (see the module doc). Handler errors propagate."""
+    async with pool.connection() as conn:
+        try:
+            async with conn.transaction():
+                if not await try_lock_shard(conn, key):
+                    return BatchResult(BatchOutcome.LOCKED)
+                old = await load_cursor(conn, key)
+                batch = await read_batch(conn, filter, old, batch_size, lag)
+                if not batch:
+                    return BatchResult(BatchOutcome.EMPTY, 0, old)
+                await handler(batch, conn)
+                new = batch[-1].position
+                if not await advance_cursor(conn, key, old, new):
+                    raise LostCursor(str(key))
+                return BatchResult(BatchOutcome.APPLIED, len(batch), new)
+        except LostCursor:
+            logger.info("%s: cursor moved concurrently; batch rolled back", key)
+            return BatchResult(BatchOutcome.LOST)
+
+
+class Consumer:
+    """Runs ``handler`` over a filtered event stream, one batch transaction at a time.
+
+    Wakes on notifications for its stream (via the process's :class:`Listener`) and
+    polls every ``poll_interval`` seconds regardless. Connection failures and handler
+    errors are retried with exponential backoff from the stored cursor; the loop only
+    ends when ``stop()`` is called.
+    """
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        key: CursorKey,
+        filter: Filter,
+        handler: BatchHandler,
+        *,
+        listener: Listener | None = None,
+        batch_size: int = 500,
+        poll_interval: float = 1.0,
+        lag: timedelta | None = None,
+        max_backoff: float = 30.0,
+        on_batch: Callable[[BatchResult], None] | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if poll_interval <= 0:
+            raise ValueError("poll_interval must be positive")
+        self.pool = pool
+        self.key = key
+        self.filter = filter
+        self.handler = handler
+        self.listener = listener
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.lag = lag
+        self.max_backoff = max_backoff
+        self.on_batch = on_batch
+        self.position: Position | None = None  #: last committed position seen
+        self.errors = 0
+        self._cursor_created = False
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        """Ask the loop to exit after the current batch (which commits or rolls back)."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        sub = self.listener.subscribe(self.filter.stream) if self.listener else None
+        backoff = 0.0
+        failing_since_logged = False
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if not self._cursor_created:
+                        async with self.pool.connection() as conn:
+                            await ensure_cursor(conn, self.key, self.filter)
+                        self._cursor_created = True
+                    result = await consume_once(
+                        self.pool,
+                        self.key,
+                        self.filter,
+                        self.handler,
+                        batch_size=self.batch_size,
+                        lag=self.lag,
+                    )
+                except (psycopg.OperationalError, OSError) as exc:
+                    result = None
+                    self.errors += 1
+                    if not failing_since_logged:
+                        logger.warning("%s: database unavailable (%s); retrying", self.key, exc)
+                        failing_since_logged = True
+                except Exception:
+                    result = None
+                    self.errors += 1
+                    logger.exception("%s: batch handler failed; retrying", self.key)
+                if result is None:
+                    backoff = min(max(backoff * 2, 0.05), self.max_backoff)
+                    await self._sleep(backoff, None)
+                    continue
+                if failing_since_logged:
+                    logger.info("%s: recovered", self.key)
+                    failing_since_logged = False
+                backoff = 0.0
+                if result.position is not None:
+                    self.position = result.position
+                if self.on_batch is not None:
+                    self.on_batch(result)
+                if result.outcome is BatchOutcome.APPLIED and result.events == self.batch_size:
+                    continue  # more is waiting
+                await self._sleep(self.poll_interval, sub)
+        finally:
+            if sub is not None:
+                sub.close()
+
+    async def _sleep(self, seconds: float, sub: Any) -> None:
+        waits = [asyncio.ensure_future(self._stopping.wait())]
+        if sub is not None:
+            waits.append(asyncio.ensure_future(sub.wait(seconds)))
+        done, pending = await asyncio.wait(
+            waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in pending:
+            task.cancel()
+        _ = done

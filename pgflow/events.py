@@ -1,0 +1,139 @@
+"""The event log: what an event is, where a reader stands, and appending events.
+
+``pgflow.events`` is append-only. Appending happens inside the caller's transaction
+(the events table is the outbox and the stream at once); nothing here NOTIFYs, because
+NOTIFY inside a write transaction serialises every committer on a cluster-wide lock.
+Wake-ups are sent after commit by :class:`pgflow.streamer.Notifier`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from psycopg import AsyncConnection
+
+__all__ = ["Event", "NewEvent", "Position", "append", "shard_hash"]
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class Position:
+    """A reader's place in the log: the ``(tx, id)`` of the last event it consumed.
+
+    The pair, not the id alone, is the cursor: ids are assigned at INSERT but become
+    visible at COMMIT, in any order; transaction ids below the xid horizon are final.
+    """
+
+    tx: int = 0
+    id: int = 0
+
+    @classmethod
+    def start(cls) -> Position:
+        return cls(0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: int
+    tx: int
+    stream: str
+    type: str
+    foreign_id: str
+    run_id: UUID | None
+    version: int
+    shard_hash: int
+    headers: Mapping[str, str]
+    traceparent: str | None
+    created_at: datetime
+
+    @property
+    def position(self) -> Position:
+        return Position(self.tx, self.id)
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append; ``id``, ``tx`` and ``shard_hash`` are set by the database."""
+
+    stream: str
+    type: str
+    foreign_id: str
+    run_id: UUID | None = None
+    version: int = 0
+    headers: Mapping[str, str] = field(default_factory=dict)
+    traceparent: str | None = None
+
+
+EVENT_COLUMNS = (
+    "e.id, e.tx, e.stream, e.type, e.foreign_id, e.run_id, e.version, e.shard_hash,"
+    " e.headers, e.traceparent, e.created_at"
+)
+
+
+def event_from_row(row: Sequence[Any]) -> Event:
+    """Build an :class:`Event` from a row selected with :data:`EVENT_COLUMNS`."""
+    return Event(
+        id=row[0],
+        tx=int(row[1]),
+        stream=row[2],
+        type=row[3],
+        foreign_id=row[4],
+        run_id=row[5],
+        version=row[6],
+        shard_hash=row[7],
+        headers=row[8],
+        traceparent=row[9],
+        created_at=row[10],
+    )
+
+
+def shard_hash(foreign_id: str) -> int:
+    """The shard hash the database stores for ``foreign_id`` (md5 prefix, 28 bits).
+
+    Stable across processes, machines and languages, so one entity's events always
+    land on the same shard: shard ``i`` of ``n`` reads ``shard_hash % n == i``.
+    """
+    return int(hashlib.md5(foreign_id.encode()).hexdigest()[:7], 16)
+
+
+_INSERT = (
+    "INSERT INTO pgflow.events"
+    " (stream, type, foreign_id, run_id, version, headers, traceparent)"
+    " VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s) RETURNING id"
+)
+
+
+async def append(conn: AsyncConnection[Any], events: Sequence[NewEvent]) -> list[int]:
+    """Insert ``events`` in the caller's transaction and return their ids, in order."""
+    params = [
+        (
+            e.stream,
+            e.type,
+            e.foreign_id,
+            e.run_id,
+            e.version,
+            json.dumps(dict(e.headers)),
+            e.traceparent,
+        )
+        for e in events
+    ]
+    if len(params) == 1:
+        cur = await conn.execute(_INSERT, params[0])
+        row = await cur.fetchone()
+        assert row is not None
+        return [int(row[0])]
+    ids: list[int] = []
+    async with conn.cursor() as cur:
+        await cur.executemany(_INSERT, params, returning=True)
+        while True:
+            row = await cur.fetchone()
+            if row is not None:
+                ids.append(int(row[0]))
+            if not cur.nextset():
+                break
+    return ids

@@ -1,0 +1,168 @@
+"""Schema migrations: numbered SQL files applied once, in order, under an advisory lock.
+
+``migrations/NNNN_name.sql`` files create and change tables; ``sql/*.sql`` files hold
+views and functions that are (re)created with ``CREATE OR REPLACE`` after every
+migration run, so they always match the code. Applied versions are recorded in
+``pgflow.schema_migrations``. A database migrated by newer code is refused rather than
+half-understood.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from psycopg import AsyncConnection
+
+from . import _db
+from .errors import SchemaError
+
+logger = logging.getLogger("pgflow.migrate")
+
+#: Advisory lock key held while migrating (two processes never migrate at once).
+MIGRATION_LOCK_KEY = 0x7067_666C_6F77  # "pgflow"
+
+_FILE_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    path: Path
+
+
+def resource_dir(name: str) -> Path:
+    """Locate ``migrations/`` or ``sql/``: inside the wheel, else the source checkout."""
+    packaged = Path(__file__).parent / "_resources" / name
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / name
+
+
+def known_migrations() -> list[Migration]:
+    found = []
+    for path in sorted(resource_dir("migrations").glob("*.sql")):
+        match = _FILE_RE.match(path.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], path))
+    return found
+
+
+def latest_version() -> int:
+    return max((m.version for m in known_migrations()), default=0)
+
+
+async def applied_versions(conn: AsyncConnection[Any]) -> list[int]:
+    """Versions recorded in ``pgflow.schema_migrations`` (empty before the first migrate)."""
+    cur = await conn.execute("SELECT to_regclass('pgflow.schema_migrations') IS NOT NULL")
+    row = await cur.fetchone()
+    if not row or not row[0]:
+        return []
+    cur = await conn.execute("SELECT version FROM pgflow.schema_migrations ORDER BY version")
+    return [int(r[0]) for r in await cur.fetchall()]
+
+
+async def check_schema(conn: AsyncConnection[Any]) -> None:
+    """Raise :class:`SchemaError` unless the schema is exactly what this code expects."""
+    versions = await applied_versions(conn)
+    newest = latest_version()
+    if not versions:
+        raise SchemaError("pgflow schema not installed: run `pgflow migrate` first")
+    if max(versions) > newest:
+        raise SchemaError(
+            f"database schema version {max(versions)} is newer than this pgflow "
+            f"(knows up to {newest}): upgrade pgflow"
+        )
+    if max(versions) < newest:
+        raise SchemaError(
+            f"database schema version {max(versions)} is older than this pgflow "
+            f"({newest}): run `pgflow migrate`"
+        )
+
+
+async def migrate(dsn: str | None = None, *, repair_xid_reset: bool = False) -> list[int]:
+    """Apply pending migrations and refresh views; return the versions applied now.
+
+    Safe to run concurrently from many processes: an advisory lock serialises them and
+    each migration commits together with its ``schema_migrations`` row.
+    """
+    dsn = _db.resolve_dsn(dsn)
+    conn = await _db.connect(dsn, autocommit=True)
+    try:
+        return await migrate_connection(conn, repair_xid_reset=repair_xid_reset)
+    finally:
+        await conn.close()
+
+
+async def migrate_connection(
+    conn: AsyncConnection[Any], *, repair_xid_reset: bool = False
+) -> list[int]:
+    await conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+    try:
+        await conn.execute("CREATE SCHEMA IF NOT EXISTS pgflow")
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS pgflow.schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = set(await applied_versions(conn))
+        newest = latest_version()
+        if done and max(done) > newest:
+            raise SchemaError(
+                f"database schema version {max(done)} is newer than this pgflow "
+                f"(knows up to {newest}): upgrade pgflow instead of migrating"
+            )
+        applied: list[int] = []
+        for migration in known_migrations():
+            if migration.version in done:
+                continue
+            logger.info("applying migration %04d_%s", migration.version, migration.name)
+            async with conn.transaction():
+                await conn.execute(migration.path.read_text())
+                await conn.execute(
+                    "INSERT INTO pgflow.schema_migrations (version, name) VALUES (%s, %s)",
+                    (migration.version, migration.name),
+                )
+            applied.append(migration.version)
+        async with conn.transaction():
+            for path in sorted(resource_dir("sql").glob("*.sql")):
+                await conn.execute(path.read_text())
+        await check_xid_counter(conn, repair=repair_xid_reset)
+        return applied
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+
+
+async def check_xid_counter(conn: AsyncConnection[Any], *, repair: bool) -> None:
+    """Detect a transaction-id counter that went backwards (dump/restore, new cluster).
+
+    Events and cursors are ordered by the writer's transaction id. After a restore into
+    a fresh cluster, new transactions get *smaller* ids than the stored events, so new
+    events would sort before existing cursors and never be delivered. ``repair`` moves
+    every stored event and cursor to transaction id 1, which keeps their relative order
+    (by id) and puts all future events after them.
+    """
+    cur = await conn.execute(
+        "SELECT greatest((SELECT max(tx) FROM pgflow.events),"
+        " (SELECT max(tx) FROM pgflow.cursors)) > pg_current_xact_id()"
+    )
+    row = await cur.fetchone()
+    if not row or not row[0]:
+        return
+    if not repair:
+        raise SchemaError(
+            "stored event transaction ids are ahead of this server's xid counter "
+            "(was the database restored from a dump?): run `pgflow migrate "
+            "--repair-xid-reset` while no pgflow worker is running"
+        )
+    async with conn.transaction():
+        await conn.execute("UPDATE pgflow.events SET tx = '1' WHERE tx > '1'")
+        await conn.execute("UPDATE pgflow.cursors SET tx = '1' WHERE tx > '1'")
+    logger.warning("repaired event/cursor transaction ids after an xid counter reset")
+
+
+__all__ = ["Migration", "check_schema", "latest_version", "migrate", "migrate_connection"]

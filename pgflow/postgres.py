@@ -1,0 +1,229 @@
+"""A local PostgreSQL server for tests and for the zero-setup default.
+
+Two uses, one mechanism (``initdb`` + ``pg_ctl`` from a local PostgreSQL install):
+
+* :func:`throwaway_cluster` — a temporary cluster on a free port and a private socket
+  directory, removed on exit. The test harness falls back to it when no server is
+  configured or reachable (``PGFLOW_TEST_THROWAWAY=1`` forces it).
+* :func:`embedded_dsn` — a persistent cluster for ``pgflow demo`` and the examples
+  when no DSN is given, kept under :func:`default_data_dir` and restarted on demand.
+
+PostgreSQL refuses to run as root. When root, the server runs as the ``postgres``
+system user (or ``nobody``), and the data directory is kept outside ``/root`` (which
+that user cannot enter) — ``/var/lib/pgflow`` by default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+__all__ = [
+    "LocalCluster",
+    "default_data_dir",
+    "embedded_dsn",
+    "find_pg_bin",
+    "throwaway_cluster",
+]
+
+logger = logging.getLogger("pgflow.postgres")
+
+
+def find_pg_bin(name: str) -> str:
+    """Path of a PostgreSQL server program (``initdb``, ``pg_ctl``, ``postgres``).
+
+    Searched in ``$PGFLOW_PG_BIN``, then ``/usr/lib/postgresql/<newest>/bin`` (Debian
+    keeps the server tools there), then ``$PATH``.
+    """
+    candidates: list[str] = []
+    if os.environ.get("PGFLOW_PG_BIN"):
+        candidates.append(os.environ["PGFLOW_PG_BIN"])
+    versions = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"),
+        key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0,
+        reverse=True,
+    )
+    candidates.extend(versions)
+    for directory in candidates:
+        path = Path(directory) / name
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise ConfigError(
+        f"PostgreSQL server program {name!r} not found: install PostgreSQL "
+        "(e.g. `apt-get install postgresql`) or set PGFLOW_PG_BIN, or pass a DSN"
+    )
+
+
+def _server_user() -> str | None:
+    """The OS user to run the server as (None: the current user)."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            pwd.getpwnam(name)
+            return name
+    raise ConfigError("running as root and no 'postgres' or 'nobody' user to run PostgreSQL")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def default_data_dir() -> Path:
+    """Where the embedded demo cluster lives (``PGFLOW_HOME`` overrides).
+
+    Non-root: ``$XDG_DATA_HOME/pgflow/postgres`` (``~/.local/share``). Root:
+    ``/var/lib/pgflow/postgres``, because the server runs as another user that must be
+    able to open every parent folder.
+    """
+    if os.environ.get("PGFLOW_HOME"):
+        return Path(os.environ["PGFLOW_HOME"]) / "postgres"
+    if os.geteuid() == 0:
+        return Path("/var/lib/pgflow/postgres")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "pgflow" / "postgres"
+
+
+@dataclass
+class LocalCluster:
+    """A PostgreSQL cluster in ``data_dir``, serving on 127.0.0.1:``port``."""
+
+    data_dir: Path
+    port: int = 0
+    fast_unsafe: bool = False  #: fsync off: for throwaway test clusters only
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+        self.user = _server_user()
+        self.socket_dir = self.data_dir.parent / f"{self.data_dir.name}.sock"
+        self.log_file = self.data_dir.parent / f"{self.data_dir.name}.log"
+        if not self.port:
+            self.port = _stored_port(self.data_dir) or _free_port()
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            list(args),
+            user=self.user,
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd="/",
+            env={**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"},
+        )
+
+    def _prepare_dirs(self) -> None:
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.socket_dir.mkdir(exist_ok=True)
+        if self.user is not None:
+            for path in (self.data_dir.parent, self.socket_dir):
+                shutil.chown(path, self.user)
+
+    def initialised(self) -> bool:
+        return (self.data_dir / "PG_VERSION").is_file()
+
+    def init(self) -> None:
+        self._prepare_dirs()
+        result = self._run(
+            find_pg_bin("initdb"),
+            "-D",
+            str(self.data_dir),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-instructions",
+        )
+        if result.returncode != 0:
+            raise ConfigError(f"initdb failed: {result.stderr.strip() or result.stdout.strip()}")
+        (self.data_dir / "pgflow_port").write_text(str(self.port))
+        if self.user is not None:
+            shutil.chown(self.data_dir / "pgflow_port", self.user)
+
+    def running(self) -> bool:
+        return self._run(find_pg_bin("pg_ctl"), "status", "-D", str(self.data_dir)).returncode == 0
+
+    def start(self) -> str:
+        """Initialise if needed, start if not running; return the DSN."""
+        if not self.initialised():
+            self.init()
+        else:
+            self._prepare_dirs()
+        if not self.running():
+            options = (
+                f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1"
+                " -c max_connections=200"
+            )
+            if self.fast_unsafe:
+                options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+            result = self._run(
+                find_pg_bin("pg_ctl"),
+                "start",
+                "-w",
+                "-t",
+                "60",
+                "-D",
+                str(self.data_dir),
+                "-l",
+                str(self.log_file),
+                "-o",
+                options,
+            )
+            if result.returncode != 0:
+                log = self.log_file.read_text()[-2000:] if self.log_file.exists() else ""
+                raise ConfigError(f"could not start PostgreSQL: {result.stderr.strip()} {log}")
+        return self.dsn
+
+    def stop(self) -> None:
+        if self.initialised():
+            self._run(find_pg_bin("pg_ctl"), "stop", "-m", "fast", "-D", str(self.data_dir))
+
+
+def _stored_port(data_dir: Path) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        return int((Path(data_dir) / "pgflow_port").read_text())
+    return None
+
+
+@contextlib.contextmanager
+def throwaway_cluster() -> Iterator[LocalCluster]:
+    """Start a temporary cluster; stop it and delete its files on exit."""
+    root = Path(tempfile.mkdtemp(prefix="pgflow-pg-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    cluster = LocalCluster(root / "data", fast_unsafe=True)
+    try:
+        cluster.start()
+        logger.info("started throwaway PostgreSQL on port %d", cluster.port)
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def embedded_dsn(data_dir: Path | None = None) -> str:
+    """Start (or reuse) the persistent embedded cluster and return its DSN."""
+    cluster = LocalCluster(data_dir or default_data_dir())
+    dsn = cluster.start()
+    logger.info("embedded PostgreSQL at %s (data in %s)", dsn, cluster.data_dir)
+    return dsn

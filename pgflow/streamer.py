@@ -1,0 +1,401 @@
+"""Reading the event log gap-free, and waking readers when it grows.
+
+The read (:func:`read_batch`) is one statement that only returns events whose writing
+transaction finished before the oldest transaction still running — the xid horizon —
+ordered by ``(tx, id)``. Everything below the horizon is final, so a cursor on the pair
+``(tx, id)`` never skips a late commit and never needs a "gap settle" timeout.
+
+Wake-ups are hints: one :class:`Listener` per process holds a dedicated autocommit
+LISTEN connection and fans notifications out to in-process subscribers;
+a :class:`Notifier` coalesces pokes and sends NOTIFY after the writers committed, from
+a pool connection, never inside their transactions. Readers always keep a polling
+timer, so a lost notification costs latency, never data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import lru_cache
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from . import _db
+from .errors import DatabaseUnavailable
+from .events import EVENT_COLUMNS, Event, Position, event_from_row
+
+__all__ = [
+    "CHANNEL",
+    "Filter",
+    "Listener",
+    "Notifier",
+    "Subscription",
+    "head_position",
+    "horizon_age",
+    "read_batch",
+    "stream",
+]
+
+logger = logging.getLogger("pgflow.streamer")
+
+#: The NOTIFY channel; the payload is the stream name whose log grew.
+CHANNEL = "pgflow_events"
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """Which events a reader wants: one stream, optionally some types, one shard."""
+
+    stream: str
+    types: tuple[str, ...] | None = None
+    shard: int = 0
+    shard_count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.shard_count < 1 or not 0 <= self.shard < self.shard_count:
+            raise ValueError(f"shard {self.shard} of {self.shard_count} is out of range")
+        if self.types is not None and not self.types:
+            raise ValueError("types must be None (all) or a non-empty tuple")
+
+
+@lru_cache(maxsize=256)
+def _read_sql(has_types: bool, sharded: bool, lagged: bool) -> str:
+    # Built per filter shape (not with "param IS NULL OR ..." tricks) so that the
+    # prepared statement's generic plan can use the (stream, type, tx, id) index.
+    ripe = ", e.created_at <= now() - %(lag)s::interval" if lagged else ""
+    where = [
+        "e.stream = %(stream)s",
+        "(e.tx, e.id) > (%(tx)s::xid8, %(id)s::bigint)",
+        "e.tx < pg_snapshot_xmin(pg_current_snapshot())",
+    ]
+    if has_types:
+        where.insert(1, "e.type = ANY(%(types)s::text[])")
+    if sharded:
+        where.append("e.shard_hash %% %(shard_count)s = %(shard)s")
+    return (
+        f"SELECT {EVENT_COLUMNS}{ripe} FROM pgflow.events e WHERE "
+        + " AND ".join(where)
+        + " ORDER BY e.tx, e.id LIMIT %(limit)s"
+    )
+
+
+async def read_batch(
+    conn: AsyncConnection[Any],
+    filter: Filter,
+    after: Position,
+    limit: int = 500,
+    lag: timedelta | None = None,
+) -> list[Event]:
+    """Up to ``limit`` events after ``after``, in ``(tx, id)`` order, gap-free.
+
+    With ``lag``, the batch stops at the first event younger than ``lag`` (it is not
+    skipped: the cursor must never pass an event that was not delivered).
+    """
+    params: dict[str, Any] = {
+        "stream": filter.stream,
+        "tx": str(after.tx),
+        "id": after.id,
+        "limit": limit,
+    }
+    if filter.types is not None:
+        params["types"] = list(filter.types)
+    if filter.shard_count > 1:
+        params["shard_count"] = filter.shard_count
+        params["shard"] = filter.shard
+    if lag is not None:
+        params["lag"] = lag
+    sql = _read_sql(filter.types is not None, filter.shard_count > 1, lag is not None)
+    cur = await conn.execute(sql, params)
+    rows = await cur.fetchall()
+    if lag is None:
+        return [event_from_row(r) for r in rows]
+    batch = []
+    for row in rows:
+        if not row[-1]:
+            break
+        batch.append(event_from_row(row))
+    return batch
+
+
+async def head_position(conn: AsyncConnection[Any], filter: Filter) -> Position:
+    """The position of the newest final event of ``filter.stream`` (stream-from-head)."""
+    cur = await conn.execute(
+        "SELECT e.tx, e.id FROM pgflow.events e WHERE e.stream = %s"
+        " AND e.tx < pg_snapshot_xmin(pg_current_snapshot())"
+        " ORDER BY e.tx DESC, e.id DESC LIMIT 1",
+        (filter.stream,),
+    )
+    row = await cur.fetchone()
+    return Position(int(row[0]), int(row[1])) if row else Position.start()
+
+
+async def horizon_age(conn: AsyncConnection[Any]) -> float:
+    """Seconds the oldest xid-holding transaction has been open (0.0 when none).
+
+    Such a transaction holds delivery back for every reader in the cluster: events
+    committed after it started wait until it ends. Exposed as a metric and in
+    ``pgflow.consumer_lag``.
+    """
+    cur = await conn.execute(
+        "SELECT coalesce(extract(epoch FROM max(clock_timestamp() - xact_start)), 0)"
+        " FROM pg_stat_activity WHERE backend_xid IS NOT NULL"
+    )
+    row = await cur.fetchone()
+    return float(row[0]) if row else 0.0
+
+
+class Subscription:
+    """An in-process wake-up flag for one stream, set by the :class:`Listener`."""
+
+    def __init__(self, listener: Listener | None, stream: str) -> None:
+        self._listener = listener
+        self.stream = stream
+        self._flag = asyncio.Event()
+
+    def set(self) -> None:
+        self._flag.set()
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait for a wake-up or ``timeout`` seconds; clear the flag; True if woken."""
+        try:
+            await asyncio.wait_for(self._flag.wait(), timeout)
+            woken = True
+        except TimeoutError:
+            woken = False
+        self._flag.clear()
+        return woken
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener._unsubscribe(self)
+
+
+class Listener:
+    """One dedicated autocommit LISTEN connection per process, fanned out in process.
+
+    Start-up order is LISTEN, then wake every subscriber (they poll and catch up), then
+    wait for notifications. After any connection failure it reconnects with backoff,
+    re-LISTENs and wakes everyone again, so nothing committed during the outage waits
+    for the next notification.
+    """
+
+    def __init__(
+        self, dsn: str, *, channel: str = CHANNEL, health_check_interval: float = 5.0
+    ) -> None:
+        self.dsn = dsn
+        self.channel = channel
+        self.health_check_interval = health_check_interval
+        self._subs: dict[str, set[Subscription]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._conn: AsyncConnection[Any] | None = None
+        self._ready = asyncio.Event()
+        self.connects = 0  #: successful (re)connections, for tests and metrics
+
+    def subscribe(self, stream: str) -> Subscription:
+        sub = Subscription(self, stream)
+        self._subs.setdefault(stream, set()).add(sub)
+        return sub
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        self._subs.get(sub.stream, set()).discard(sub)
+
+    def wake(self, stream: str | None = None) -> None:
+        """Wake subscribers of ``stream`` (all of them when ``None``)."""
+        if stream is None:
+            for subs in self._subs.values():
+                for sub in subs:
+                    sub.set()
+            return
+        for sub in self._subs.get(stream, ()):
+            sub.set()
+
+    @property
+    def connected(self) -> bool:
+        return self._ready.is_set()
+
+    async def start(self) -> None:
+        """Connect and LISTEN; returns once listening (raises if the first connect fails)."""
+        self._conn = await self._connect()
+        self._task = asyncio.create_task(self._run(), name="pgflow-listener")
+
+    async def wait_connected(self, timeout: float = 30.0) -> None:
+        await asyncio.wait_for(self._ready.wait(), timeout)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+        self._ready.clear()
+
+    async def _connect(self) -> AsyncConnection[Any]:
+        conn = await _db.connect(self.dsn, autocommit=True)
+        await conn.execute(f'LISTEN "{self.channel}"')
+        self.connects += 1
+        self._ready.set()
+        self.wake()  # catch up: anything committed before LISTEN is found by polling
+        return conn
+
+    async def _run(self) -> None:
+        delay = 0.05
+        outage_logged = False
+        while True:
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = await self._connect()
+                    if outage_logged:
+                        logger.info("listener reconnected")
+                    outage_logged = False
+                    delay = 0.05
+                await self._pump(self._conn)
+            except (psycopg.Error, OSError, DatabaseUnavailable) as exc:
+                self._ready.clear()
+                if not outage_logged:
+                    logger.warning("listener connection lost (%s); reconnecting", exc)
+                    outage_logged = True
+                if self._conn is not None:
+                    with contextlib.suppress(Exception):
+                        await self._conn.close()
+                self._conn = None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _pump(self, conn: AsyncConnection[Any]) -> None:
+        while True:
+            got_any = False
+            async for note in conn.notifies(timeout=self.health_check_interval):
+                got_any = True
+                self.wake(note.payload or None)
+            if not got_any:
+                # Idle: prove the connection is alive (a dropped network sends no FIN).
+                await conn.execute("SELECT 1")
+
+
+class Notifier:
+    """Coalesced NOTIFY, sent after commit on a pool connection.
+
+    ``poke(stream)`` is cheap and synchronous: it wakes local subscribers at once and
+    marks the stream dirty; a background task sends one NOTIFY per dirty stream per
+    flush, so a burst of commits costs one notification, and no writer ever holds the
+    cluster-wide NOTIFY lock inside its own transaction.
+    """
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        listener: Listener | None = None,
+        *,
+        channel: str = CHANNEL,
+    ) -> None:
+        self.pool = pool
+        self.listener = listener
+        self.channel = channel
+        self._pending: set[str] = set()
+        self._dirty = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.sent = 0  #: notifications sent, for tests and metrics
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="pgflow-notifier")
+
+    def poke(self, stream: str) -> None:
+        if self.listener is not None:
+            self.listener.wake(stream)
+        self._pending.add(stream)
+        self._dirty.set()
+
+    async def flush(self) -> None:
+        """Send the pending notifications now."""
+        streams, self._pending = sorted(self._pending), set()
+        self._dirty.clear()
+        if not streams:
+            return
+        try:
+            async with self.pool.connection() as conn:
+                await conn.execute(
+                    "SELECT pg_notify(%s, s) FROM unnest(%s::text[]) s",
+                    (self.channel, streams),
+                )
+            self.sent += len(streams)
+        except psycopg.Error as exc:  # a hint only: pollers will find the events
+            logger.debug("notify failed (%s); readers will poll", exc)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        with contextlib.suppress(Exception):
+            await self.flush()
+
+    async def _run(self) -> None:
+        while True:
+            await self._dirty.wait()
+            await self.flush()
+
+
+async def stream(
+    pool: AsyncConnectionPool[Any],
+    filter: Filter,
+    *,
+    after: Position | None = None,
+    listener: Listener | None = None,
+    batch_size: int = 500,
+    poll_interval: float = 1.0,
+    from_head: bool = False,
+    to_head: bool = False,
+    lag: timedelta | None = None,
+) -> AsyncIterator[list[Event]]:
+    """Yield batches of events after ``after`` (or the head), forever or to the head.
+
+    This is the stateless reader (reflex's ``Stream``): the caller keeps the position.
+    For consumers whose cursor must commit with their effects use
+    :class:`pgflow.cursors.Consumer`.
+    """
+    if batch_size < 1 or poll_interval <= 0:
+        raise ValueError("batch_size and poll_interval must be positive")
+    sub = listener.subscribe(filter.stream) if listener else None
+    position = after or Position.start()
+    first = True
+    delay = 0.05
+    try:
+        while True:
+            try:
+                async with pool.connection() as conn:
+                    if first and from_head:
+                        position = await head_position(conn, filter)
+                    first = False
+                    batch = await read_batch(conn, filter, position, batch_size, lag)
+                delay = 0.05
+            except psycopg.OperationalError as exc:
+                logger.warning("stream %s: read failed (%s); retrying", filter.stream, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if batch:
+                position = batch[-1].position
+                yield batch
+            if len(batch) == batch_size:
+                continue
+            if to_head:
+                return
+            if sub is not None:
+                await sub.wait(poll_interval)
+            else:
+                await asyncio.sleep(poll_interval)
+    finally:
+        if sub is not None:
+            sub.close()
