@@ -5,6 +5,9 @@ The public API is re-exported here; modules whose names start with ``_`` are pri
 
 from __future__ import annotations
 
+from .api import API, run_id_for
+from .builder import Builder
+from .capture import capture, uncapture
 from .errors import (
     BuildError,
     ConfigError,
@@ -16,17 +19,24 @@ from .errors import (
     WorkflowInProgress,
 )
 from .events import Event, NewEvent, Position
+from .graph import Graph
 from .migrations import migrate
+from .records import Record, RunState
+from .run import Run
 from .streamer import Filter, Listener, Notifier
+from .workflow import Workflow
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "API",
     "BuildError",
+    "Builder",
     "ConfigError",
     "DatabaseUnavailable",
     "Event",
     "Filter",
+    "Graph",
     "InvalidTransition",
     "Listener",
     "NewEvent",
@@ -34,7 +44,14 @@ __all__ = [
     "NotFound",
     "PgflowError",
     "Position",
+    "Record",
+    "Run",
+    "RunState",
     "SchemaError",
+    "Workflow",
     "WorkflowInProgress",
+    "capture",
     "migrate",
+    "run_id_for",
+    "uncapture",
 ]

@@ -66,13 +66,37 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+#: Seconds to wait for a server that does not answer, unless the DSN says otherwise
+#: (libpq's default is to wait forever, and a black-holed host hangs for minutes).
+DEFAULT_CONNECT_TIMEOUT = 10
+
+
+def connect_kwargs(dsn: str) -> dict[str, Any]:
+    """Extra connection parameters pgflow adds to a DSN that does not set them."""
+    return (
+        {}
+        if "connect_timeout" in conninfo_to_dict(dsn)
+        else {"connect_timeout": DEFAULT_CONNECT_TIMEOUT}
+    )
+
+
 async def connect(dsn: str, *, autocommit: bool = False) -> AsyncConnection[Any]:
-    """Open one connection, turning libpq failures into :class:`DatabaseUnavailable`."""
+    """Open one connection, turning libpq failures into one-line pgflow errors.
+
+    A bad option value (``port=abc``, ``sslmode=bogus``) is a :class:`ConfigError`;
+    anything else (refused, unknown host, auth, no such database) is
+    :class:`DatabaseUnavailable`.
+    """
     validate_dsn(dsn)
     try:
-        return await AsyncConnection.connect(dsn, autocommit=autocommit)
+        return await AsyncConnection.connect(dsn, autocommit=autocommit, **connect_kwargs(dsn))
     except psycopg.OperationalError as exc:
-        raise DatabaseUnavailable(f"cannot connect to {redact(dsn)}: {first_line(exc)}") from None
+        message = first_line(exc)
+        if message.startswith("connection is bad: invalid"):
+            # libpq rejected an option before touching the network.
+            reason = message.removeprefix("connection is bad: ")
+            raise ConfigError(f"malformed DSN {redact(dsn)!r}: {reason}") from None
+        raise DatabaseUnavailable(f"cannot connect to {redact(dsn)}: {message}") from None
 
 
 async def open_pool(
@@ -87,6 +111,7 @@ async def open_pool(
         max_size=max_size,
         open=False,
         name=name,
+        kwargs=connect_kwargs(dsn),
     )
     await pool.open(wait=True, timeout=30)
     return pool

@@ -4,8 +4,7 @@ A consumer batch is ONE transaction::
 
     BEGIN
       pg_try_advisory_xact_lock(consumer, shard)   -- shard ownership, takes no xid
-      SELECT cursor                                 -- where this shard stands
-      SELECT events after cursor (gap-free read)
+      SELECT cursor, events after it (gap-free)     -- one statement, one snapshot
       handler(batch, conn)                          -- effects, in this transaction
       UPDATE cursor ... WHERE (tx, id) = old        -- compare-and-set, forwards only
     COMMIT
@@ -24,6 +23,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import lru_cache
 from typing import Any
 
 import psycopg
@@ -31,7 +31,17 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from .events import Event, Position
-from .streamer import Filter, Listener, read_batch
+from .streamer import (
+    _RECHECK_MIN,
+    Filter,
+    Listener,
+    _events,
+    _held_back_sql,
+    _params,
+    _read_sql,
+    held_back,
+    read_batch,
+)
 
 __all__ = [
     "BatchHandler",
@@ -88,12 +98,16 @@ async def ensure_cursor(
 
 async def load_cursor(conn: AsyncConnection[Any], key: CursorKey) -> Position:
     """The stored position (the start of the log when the cursor does not exist)."""
+    return await _load(conn, key) or Position.start()
+
+
+async def _load(conn: AsyncConnection[Any], key: CursorKey) -> Position | None:
     cur = await conn.execute(
         "SELECT tx, id FROM pgflow.cursors WHERE consumer = %s AND shard = %s AND shard_count = %s",
         (key.consumer, key.shard, key.shard_count),
     )
     row = await cur.fetchone()
-    return Position(int(row[0]), int(row[1])) if row else Position.start()
+    return Position(int(row[0]), int(row[1])) if row else None
 
 
 async def advance_cursor(
@@ -141,6 +155,53 @@ class BatchResult:
     outcome: BatchOutcome
     events: int = 0
     position: Position | None = None
+    #: committed events of the filter still wait above the xid horizon: poll again soon
+    held_back: bool = False
+
+
+@lru_cache(maxsize=256)
+def _consume_sql(types: int, sharded: bool, lagged: bool) -> str:
+    """Cursor row, the batch after it, and the held-back flag in ONE statement.
+
+    One snapshot, one round trip instead of three: at the tail a consumer runs many
+    small batches, and each round trip it saves is CPU the writers get back. (The
+    advisory lock stays a separate, earlier statement: this statement's snapshot must
+    be taken after the lock is held, or it could read a cursor the previous owner
+    has just moved.)
+    """
+    read = _read_sql(types, sharded, lagged, "(c.tx, c.id)")
+    held = "false" if lagged else f"({_held_back_sql(types, sharded)})"
+    return (
+        f"SELECT c.tx, c.id, {held}, b.* FROM pgflow.cursors c"
+        f" LEFT JOIN LATERAL ({read}) AS b ON true"
+        " WHERE c.consumer = %(c_consumer)s AND c.shard = %(c_shard)s"
+        " AND c.shard_count = %(c_shard_count)s"
+        " ORDER BY b.tx, b.id"
+    )
+
+
+async def _read_at_cursor(
+    conn: AsyncConnection[Any],
+    key: CursorKey,
+    filter: Filter,
+    batch_size: int,
+    lag: timedelta | None,
+) -> tuple[Position | None, list[Event], bool]:
+    """(stored cursor or None, the batch after it, committed events held back?)."""
+    types, params = _params(filter, Position.start(), batch_size)
+    params.update(c_consumer=key.consumer, c_shard=key.shard, c_shard_count=key.shard_count)
+    if lag is not None:
+        params["lag"] = lag
+    sql = _consume_sql(types, filter.shard_count > 1, lag is not None)
+    cur = await conn.execute(sql, params)
+    rows = await cur.fetchall()
+    if not rows:  # no cursor row yet: read from the start of the log
+        batch = await read_batch(conn, filter, Position.start(), batch_size, lag)
+        pending = len(batch) < batch_size and lag is None and await held_back(conn, filter)
+        return None, batch, pending
+    stored = Position(int(rows[0][0]), int(rows[0][1]))
+    batch = _events([r[3:] for r in rows if r[3] is not None], lag is not None)
+    return stored, batch, len(batch) < batch_size and bool(rows[0][2])
 
 
 async def consume_once(
@@ -158,15 +219,20 @@ async def consume_once(
             async with conn.transaction():
                 if not await try_lock_shard(conn, key):
                     return BatchResult(BatchOutcome.LOCKED)
-                old = await load_cursor(conn, key)
-                batch = await read_batch(conn, filter, old, batch_size, lag)
+                stored, batch, pending = await _read_at_cursor(conn, key, filter, batch_size, lag)
+                old = stored or Position.start()
                 if not batch:
-                    return BatchResult(BatchOutcome.EMPTY, 0, old)
+                    return BatchResult(BatchOutcome.EMPTY, 0, old, pending)
                 await handler(batch, conn)
                 new = batch[-1].position
+                if stored is None:
+                    # No row yet (the caller skipped ensure_cursor): create it at the
+                    # start so the CAS below can succeed — without this every batch
+                    # would be rolled back as LOST, forever.
+                    await ensure_cursor(conn, key, filter)
                 if not await advance_cursor(conn, key, old, new):
                     raise LostCursor(str(key))
-                return BatchResult(BatchOutcome.APPLIED, len(batch), new)
+                return BatchResult(BatchOutcome.APPLIED, len(batch), new, pending)
         except LostCursor:
             logger.info("%s: cursor moved concurrently; batch rolled back", key)
             return BatchResult(BatchOutcome.LOST)
@@ -221,6 +287,7 @@ class Consumer:
     async def run(self) -> None:
         sub = self.listener.subscribe(self.filter.stream) if self.listener else None
         backoff = 0.0
+        recheck = _RECHECK_MIN
         failing_since_logged = False
         try:
             while not self._stopping.is_set():
@@ -261,6 +328,14 @@ class Consumer:
                     self.on_batch(result)
                 if result.outcome is BatchOutcome.APPLIED and result.events == self.batch_size:
                     continue  # more is waiting
+                if result.held_back:
+                    # Committed events wait for an older transaction to end; that
+                    # transaction may never notify, so look again soon (backing off),
+                    # or at the next notification, whichever comes first.
+                    await self._sleep(recheck, sub)
+                    recheck = min(recheck * 2, self.poll_interval)
+                    continue
+                recheck = _RECHECK_MIN
                 await self._sleep(self.poll_interval, sub)
         finally:
             if sub is not None:

@@ -9,12 +9,14 @@ half-understood.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from psycopg import AsyncConnection
 
 from . import _db
@@ -44,12 +46,24 @@ def resource_dir(name: str) -> Path:
 
 
 def known_migrations() -> list[Migration]:
-    found = []
+    """The numbered migration files, in order.
+
+    Two files with one number (two branches each took "the next free number") would
+    apply in an arbitrary order and be recorded as one version: refuse them loudly.
+    """
+    found: dict[int, Migration] = {}
     for path in sorted(resource_dir("migrations").glob("*.sql")):
         match = _FILE_RE.match(path.name)
-        if match:
-            found.append(Migration(int(match[1]), match[2], path))
-    return found
+        if not match:
+            continue
+        migration = Migration(int(match[1]), match[2], path)
+        if migration.version in found:
+            raise SchemaError(
+                f"two migrations numbered {migration.version:04d}: "
+                f"{found[migration.version].path.name} and {path.name} (renumber one)"
+            )
+        found[migration.version] = migration
+    return [found[v] for v in sorted(found)]
 
 
 def latest_version() -> int:
@@ -134,7 +148,9 @@ async def migrate_connection(
         await check_xid_counter(conn, repair=repair_xid_reset)
         return applied
     finally:
-        await conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+        if not conn.closed:  # a dead connection released the session lock already
+            with contextlib.suppress(psycopg.Error):
+                await conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
 
 
 async def check_xid_counter(conn: AsyncConnection[Any], *, repair: bool) -> None:
@@ -142,13 +158,15 @@ async def check_xid_counter(conn: AsyncConnection[Any], *, repair: bool) -> None
 
     Events and cursors are ordered by the writer's transaction id. After a restore into
     a fresh cluster, new transactions get *smaller* ids than the stored events, so new
-    events would sort before existing cursors and never be delivered. ``repair`` moves
-    every stored event and cursor to transaction id 1, which keeps their relative order
-    (by id) and puts all future events after them.
+    events would sort before existing cursors and never be delivered.
+
+    ``repair`` renumbers the stored transaction ids into the range below the server's
+    counter while keeping, for every cursor, exactly the same set of events before and
+    after it (see :func:`repair_xid_reset`). Run it while no pgflow worker is running.
     """
     cur = await conn.execute(
         "SELECT greatest((SELECT max(tx) FROM pgflow.events),"
-        " (SELECT max(tx) FROM pgflow.cursors)) > pg_current_xact_id()"
+        " (SELECT max(tx) FROM pgflow.cursors)) >= pg_current_xact_id()"
     )
     row = await cur.fetchone()
     if not row or not row[0]:
@@ -159,10 +177,64 @@ async def check_xid_counter(conn: AsyncConnection[Any], *, repair: bool) -> None
             "(was the database restored from a dump?): run `pgflow migrate "
             "--repair-xid-reset` while no pgflow worker is running"
         )
-    async with conn.transaction():
-        await conn.execute("UPDATE pgflow.events SET tx = '1' WHERE tx > '1'")
-        await conn.execute("UPDATE pgflow.cursors SET tx = '1' WHERE tx > '1'")
+    await repair_xid_reset(conn)
     logger.warning("repaired event/cursor transaction ids after an xid counter reset")
 
 
-__all__ = ["Migration", "check_schema", "latest_version", "migrate", "migrate_connection"]
+async def repair_xid_reset(conn: AsyncConnection[Any]) -> None:
+    """Renumber ``tx`` of stored events and cursors to small values, preserving delivery.
+
+    Only the order relative to cursors matters: a cursor must keep seeing the same
+    events as "done" and the same ones as "to do". (Setting every ``tx`` to one value
+    is NOT enough: ``(tx, id)`` order differs from id order, so a cursor would then skip
+    an undelivered event with a lower id, or repeat a delivered one with a higher id.)
+
+    With the distinct cursor positions ``p1 < p2 < … < pm``, the events between
+    ``p(k-1)`` and ``pk`` get ``tx = k`` (after ``pm``: ``m + 1``), and cursor ``pk``
+    becomes ``(k, largest id of the events now at tx k)``. Within one new ``tx`` the
+    events keep their id order. Everything stays below the server's counter, so new
+    events sort after all of it.
+    """
+    async with conn.transaction():
+        await conn.execute("LOCK TABLE pgflow.events, pgflow.cursors IN EXCLUSIVE MODE")
+        await conn.execute(
+            "CREATE TEMP TABLE pgflow_xid_marks ON COMMIT DROP AS"
+            " SELECT row_number() OVER (ORDER BY tx, id) AS k, tx, id FROM"
+            " (SELECT DISTINCT tx, id FROM pgflow.cursors WHERE (tx, id) > ('0'::xid8, 0)) c"
+        )
+        cur = await conn.execute(
+            "SELECT count(*) + 1 < pg_current_xact_id()::text::bigint FROM pgflow_xid_marks"
+        )
+        row = await cur.fetchone()
+        if not row or not row[0]:
+            raise SchemaError(
+                "cannot repair the xid reset: more consumer cursors than transaction ids "
+                "used by this server so far"
+            )
+        # New tx of an event: 1 + the number of cursor positions strictly before it.
+        await conn.execute(
+            "CREATE TEMP TABLE pgflow_xid_map ON COMMIT DROP AS"
+            " SELECT e.id, 1 + (SELECT count(*) FROM pgflow_xid_marks m"
+            "   WHERE (m.tx, m.id) < (e.tx, e.id)) AS k"
+            " FROM pgflow.events e"
+        )
+        await conn.execute(
+            "UPDATE pgflow.cursors c SET tx = m.k::text::xid8, id = coalesce("
+            " (SELECT max(x.id) FROM pgflow_xid_map x WHERE x.k = m.k), 0)"
+            " FROM pgflow_xid_marks m WHERE (c.tx, c.id) = (m.tx, m.id)"
+        )
+        await conn.execute(
+            "UPDATE pgflow.events e SET tx = x.k::text::xid8"
+            " FROM pgflow_xid_map x WHERE x.id = e.id"
+        )
+
+
+__all__ = [
+    "Migration",
+    "check_schema",
+    "check_xid_counter",
+    "latest_version",
+    "migrate",
+    "migrate_connection",
+    "repair_xid_reset",
+]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
@@ -38,6 +38,7 @@ __all__ = [
     "Notifier",
     "Subscription",
     "head_position",
+    "held_back",
     "horizon_age",
     "read_batch",
     "stream",
@@ -47,6 +48,10 @@ logger = logging.getLogger("pgflow.streamer")
 
 #: The NOTIFY channel; the payload is the stream name whose log grew.
 CHANNEL = "pgflow_events"
+
+#: First re-poll delay while committed events wait above the xid horizon (doubles,
+#: capped at the polling interval).
+_RECHECK_MIN = 0.002
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,25 +70,76 @@ class Filter:
             raise ValueError("types must be None (all) or a non-empty tuple")
 
 
+_HORIZON = "e.tx < pg_snapshot_xmin(pg_current_snapshot())"
+_AFTER_PARAMS = "(%(tx)s::xid8, %(id)s::bigint)"
+
+
 @lru_cache(maxsize=256)
-def _read_sql(has_types: bool, sharded: bool, lagged: bool) -> str:
-    # Built per filter shape (not with "param IS NULL OR ..." tricks) so that the
-    # prepared statement's generic plan can use the (stream, type, tx, id) index.
-    ripe = ", e.created_at <= now() - %(lag)s::interval" if lagged else ""
+def _read_sql(types: int, sharded: bool, lagged: bool, after: str = _AFTER_PARAMS) -> str:
+    """The gap-free read for one filter shape; ``types`` is 0 (all), 1 (one) or 2 (many).
+
+    Built per shape (not with "param IS NULL OR ..." tricks) so the prepared statement's
+    generic plan walks an index in ``(tx, id)`` order from the cursor:
+
+    * no type filter: ``(stream, tx, id)``;
+    * one type: ``(stream, type, tx, id)``;
+    * several types: one ordered index walk per type (LATERAL), merged. A plain
+      ``type = ANY(...)`` cannot return ``(tx, id)`` order from that index, so
+      Postgres would read and sort every matching event after the cursor per batch.
+
+    The shard test is written as ``int4eq(...)`` rather than ``=``: the planner has
+    no statistics for ``shard_hash % n`` and assumes 0.5% of rows match, which made
+    it sort the whole stream instead of walking the index (35 ms vs 0.3 ms per batch
+    on a 200k backlog, measured); a function call is estimated at 1/3.
+
+    ``after`` is the SQL of the position to read after: the ``tx``/``id`` parameters,
+    or columns of an outer query (the consumer reads its cursor row and the events in
+    one statement).
+    """
+    ripe = ", e.created_at <= now() - %(lag)s::interval AS ripe" if lagged else ""
     where = [
         "e.stream = %(stream)s",
-        "(e.tx, e.id) > (%(tx)s::xid8, %(id)s::bigint)",
-        "e.tx < pg_snapshot_xmin(pg_current_snapshot())",
+        f"(e.tx, e.id) > {after}",
+        _HORIZON,
     ]
-    if has_types:
-        where.insert(1, "e.type = ANY(%(types)s::text[])")
+    if types == 1:
+        where.insert(1, "e.type = %(type)s")
+    elif types == 2:
+        where.insert(1, "e.type = t.type")
     if sharded:
-        where.append("e.shard_hash %% %(shard_count)s = %(shard)s")
-    return (
+        where.append("int4eq(e.shard_hash %% %(shard_count)s::int4, %(shard)s::int4)")
+    inner = (
         f"SELECT {EVENT_COLUMNS}{ripe} FROM pgflow.events e WHERE "
         + " AND ".join(where)
         + " ORDER BY e.tx, e.id LIMIT %(limit)s"
     )
+    if types != 2:
+        return inner
+    return (
+        "SELECT x.* FROM unnest(%(types)s::text[]) AS t(type)"
+        f" CROSS JOIN LATERAL ({inner}) AS x"
+        " ORDER BY x.tx, x.id LIMIT %(limit)s"
+    )
+
+
+def _params(filter: Filter, after: Position, limit: int) -> tuple[int, dict[str, Any]]:
+    params: dict[str, Any] = {
+        "stream": filter.stream,
+        "tx": str(after.tx),
+        "id": after.id,
+        "limit": limit,
+    }
+    types = 0
+    if filter.types is not None:
+        distinct = sorted(set(filter.types))
+        if len(distinct) == 1:
+            types, params["type"] = 1, distinct[0]
+        else:
+            types, params["types"] = 2, distinct
+    if filter.shard_count > 1:
+        params["shard_count"] = filter.shard_count
+        params["shard"] = filter.shard
+    return types, params
 
 
 async def read_batch(
@@ -98,30 +154,53 @@ async def read_batch(
     With ``lag``, the batch stops at the first event younger than ``lag`` (it is not
     skipped: the cursor must never pass an event that was not delivered).
     """
-    params: dict[str, Any] = {
-        "stream": filter.stream,
-        "tx": str(after.tx),
-        "id": after.id,
-        "limit": limit,
-    }
-    if filter.types is not None:
-        params["types"] = list(filter.types)
-    if filter.shard_count > 1:
-        params["shard_count"] = filter.shard_count
-        params["shard"] = filter.shard
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
+    types, params = _params(filter, after, limit)
     if lag is not None:
         params["lag"] = lag
-    sql = _read_sql(filter.types is not None, filter.shard_count > 1, lag is not None)
+    sql = _read_sql(types, filter.shard_count > 1, lag is not None)
     cur = await conn.execute(sql, params)
-    rows = await cur.fetchall()
-    if lag is None:
+    return _events(await cur.fetchall(), lag is not None)
+
+
+def _events(rows: Sequence[Sequence[Any]], lagged: bool) -> list[Event]:
+    """Events from rows of :func:`_read_sql`; lagged: up to the first unripe one."""
+    if not lagged:
         return [event_from_row(r) for r in rows]
     batch = []
     for row in rows:
         if not row[-1]:
-            break
+            break  # too young: stop here, never skip past it
         batch.append(event_from_row(row))
     return batch
+
+
+@lru_cache(maxsize=64)
+def _held_back_sql(types: int, sharded: bool) -> str:
+    where = ["e.stream = %(stream)s", "e.tx >= pg_snapshot_xmin(pg_current_snapshot())"]
+    if types == 1:
+        where.insert(1, "e.type = %(type)s")
+    elif types == 2:
+        where.insert(1, "e.type = ANY(%(types)s::text[])")
+    if sharded:
+        where.append("int4eq(e.shard_hash %% %(shard_count)s::int4, %(shard)s::int4)")
+    return "SELECT EXISTS (SELECT FROM pgflow.events e WHERE " + " AND ".join(where) + ")"
+
+
+async def held_back(conn: AsyncConnection[Any], filter: Filter) -> bool:
+    """True when committed events of ``filter`` wait above the xid horizon.
+
+    They are invisible to :func:`read_batch` until every transaction that started
+    before them ends — often a moment later (a consumer committing its cursor, another
+    writer). A reader that was woken for them should look again soon instead of
+    sleeping a whole polling interval, because the transaction that holds them back
+    may never send a notification of its own.
+    """
+    types, params = _params(filter, Position.start(), 1)
+    cur = await conn.execute(_held_back_sql(types, filter.shard_count > 1), params)
+    row = await cur.fetchone()
+    return bool(row and row[0])
 
 
 async def head_position(conn: AsyncConnection[Any], filter: Filter) -> Position:
@@ -139,13 +218,15 @@ async def head_position(conn: AsyncConnection[Any], filter: Filter) -> Position:
 async def horizon_age(conn: AsyncConnection[Any]) -> float:
     """Seconds the oldest xid-holding transaction has been open (0.0 when none).
 
-    Such a transaction holds delivery back for every reader in the cluster: events
-    committed after it started wait until it ends. Exposed as a metric and in
-    ``pgflow.consumer_lag``.
+    Such a transaction holds delivery back for every reader in the cluster (every
+    database on the server): events committed after it started wait until it ends.
+    Forgotten prepared (two-phase) transactions count too — they hold it forever.
+    Exposed as a metric and in ``pgflow.consumer_lag``.
     """
     cur = await conn.execute(
-        "SELECT coalesce(extract(epoch FROM max(clock_timestamp() - xact_start)), 0)"
-        " FROM pg_stat_activity WHERE backend_xid IS NOT NULL"
+        "SELECT coalesce(extract(epoch FROM max(clock_timestamp() - since)), 0) FROM ("
+        " SELECT xact_start AS since FROM pg_stat_activity WHERE backend_xid IS NOT NULL"
+        " UNION ALL SELECT prepared FROM pg_prepared_xacts) AS holders"
     )
     row = await cur.fetchone()
     return float(row[0]) if row else 0.0
@@ -278,8 +359,14 @@ class Listener:
                 got_any = True
                 self.wake(note.payload or None)
             if not got_any:
-                # Idle: prove the connection is alive (a dropped network sends no FIN).
-                await conn.execute("SELECT 1")
+                # Idle: prove the connection is alive (a dropped network sends no FIN,
+                # so without a deadline this probe could wait forever).
+                try:
+                    await asyncio.wait_for(
+                        conn.execute("SELECT 1"), timeout=self.health_check_interval
+                    )
+                except TimeoutError:
+                    raise psycopg.OperationalError("listener health check timed out") from None
 
 
 class Notifier:
@@ -344,7 +431,11 @@ class Notifier:
     async def _run(self) -> None:
         while True:
             await self._dirty.wait()
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception as exc:  # never let the hint sender die: pollers cover
+                logger.debug("notify failed (%s); readers will poll", exc)
+                await asyncio.sleep(0.1)
 
 
 async def stream(
@@ -371,14 +462,18 @@ async def stream(
     position = after or Position.start()
     first = True
     delay = 0.05
+    recheck = _RECHECK_MIN
     try:
         while True:
+            pending = False
             try:
                 async with pool.connection() as conn:
                     if first and from_head:
                         position = await head_position(conn, filter)
                     first = False
                     batch = await read_batch(conn, filter, position, batch_size, lag)
+                    if len(batch) < batch_size and not to_head and lag is None:
+                        pending = await held_back(conn, filter)
                 delay = 0.05
             except psycopg.OperationalError as exc:
                 logger.warning("stream %s: read failed (%s); retrying", filter.stream, exc)
@@ -392,6 +487,11 @@ async def stream(
                 continue
             if to_head:
                 return
+            if pending:  # committed events wait for the horizon: look again soon
+                await asyncio.sleep(recheck)
+                recheck = min(recheck * 2, poll_interval)
+                continue
+            recheck = _RECHECK_MIN
             if sub is not None:
                 await sub.wait(poll_interval)
             else:

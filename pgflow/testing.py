@@ -144,3 +144,63 @@ def pgflow_dsn(pgflow_server: TestDatabases) -> Iterator[str]:
         yield dsn
     finally:
         pgflow_server.drop(dsn)
+
+
+# -- driving workflows in tests (the workflow engine) ------------------------------------
+
+
+async def require(wf: Any, foreign_id: str, status: Any, timeout: float = 10.0) -> Any:
+    """Wait until the newest run of ``foreign_id`` has reached ``status``; its Record.
+
+    Works whether or not the run exists yet (a connector may still be triggering it).
+    Raises ``TimeoutError`` naming where the run is after ``timeout`` seconds.
+    """
+    import time
+
+    from .errors import NotFound
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            rec = await wf.latest(foreign_id)
+        except NotFound:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no run of {foreign_id!r} appeared within {timeout}s") from None
+            await asyncio.sleep(0.02)
+            continue
+        remaining = max(0.0, deadline - time.monotonic())
+        return await wf.wait_for(foreign_id, rec.run_id, status, timeout=remaining)
+
+
+async def require_state(wf: Any, foreign_id: str, run_state: Any, timeout: float = 10.0) -> Any:
+    """Wait until the newest run of ``foreign_id`` is in ``run_state`` (a RunState)."""
+    import time
+
+    from .errors import NotFound
+
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        try:
+            last = await wf.latest(foreign_id)
+            if last.run_state == run_state:
+                return last
+        except NotFound:
+            pass
+        if time.monotonic() > deadline:
+            where = f"{last.status.name}, {last.run_state}" if last is not None else "no run"
+            raise TimeoutError(
+                f"run of {foreign_id!r} not {run_state} within {timeout}s (it is: {where})"
+            )
+        await asyncio.sleep(0.02)
+
+
+async def trigger_and_require(
+    wf: Any, foreign_id: str, status: Any, *, initial: Any = None, timeout: float = 10.0
+) -> Any:
+    """Trigger a run and wait until it reaches ``status``; returns its Record."""
+    run_id = await wf.trigger(foreign_id, initial=initial)
+    return await wf.wait_for(foreign_id, run_id, status, timeout=timeout)
+
+
+__all__ += ["require", "require_state", "trigger_and_require"]

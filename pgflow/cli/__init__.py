@@ -18,6 +18,11 @@ from ..errors import PgflowError
 
 COMMAND_MODULES = [
     "pgflow.cli._migrate",
+    "pgflow.cli._inspect",
+    "pgflow.cli._runs",
+    "pgflow.cli._demo",
+    "pgflow.cli._worker",
+    "pgflow.cli._graph",
 ]
 
 

@@ -13,6 +13,7 @@ from ._base import (
     ConnectorConsumer,
     ConnectorEvent,
     ConnectorFunc,
+    MalformedEvent,
     TransactionalConsumer,
 )
 
@@ -22,5 +23,6 @@ __all__ = [
     "ConnectorConsumer",
     "ConnectorEvent",
     "ConnectorFunc",
+    "MalformedEvent",
     "TransactionalConsumer",
 ]

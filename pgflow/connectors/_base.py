@@ -27,6 +27,7 @@ __all__ = [
     "ConnectorConsumer",
     "ConnectorEvent",
     "ConnectorFunc",
+    "MalformedEvent",
     "TransactionalConsumer",
 ]
 
@@ -43,6 +44,37 @@ class ConnectorEvent:
 
 
 Ack = Callable[[], Awaitable[None]]
+
+
+class MalformedEvent(Exception):
+    """A source message that cannot become a :class:`ConnectorEvent` (bad input).
+
+    Raised by ``recv()`` / ``recv_batch_in()`` instead of returning an event. Nothing is
+    lost: the message stays unacknowledged until the runner records it (e.g. in
+    ``pgflow.dead_letters`` with ``reason`` and ``payload``) and calls ``ack()`` — for a
+    transactional consumer inside the same transaction — which moves the consumer past
+    it. A runner that ignores this error sees the same message again on the next call.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        event_id: str,
+        payload: Any = None,
+        ack: Ack | None = None,
+        foreign_id: str | None = None,
+    ) -> None:
+        super().__init__(f"malformed event {event_id}: {reason}")
+        self.reason = reason
+        self.event_id = event_id
+        self.payload = payload  #: the raw message, JSON-serialisable where possible
+        self.foreign_id = foreign_id
+
+        async def _noop() -> None:
+            return None
+
+        self.ack: Ack = ack if ack is not None else _noop
 
 
 @runtime_checkable

@@ -1,0 +1,372 @@
+"""Runs ``add_connector`` functions over events from outside sources.
+
+With ``parallel_count=N`` the runner makes N consumers
+(``connector.make(f"{name}-{i+1}-of-{N}")``). Consumer ``i`` handles only the events
+with ``shard_hash(event.foreign_id) % N == i`` and acks the others, so on a source
+that delivers every event to every consumer, each event is handled once, and one
+entity's events are handled in order by one shard.
+
+Per event, ``fn(api, event)`` runs in one transaction on the workflow's pool with
+``api = wf.bind(conn)``, so everything it does through the API commits together.
+
+* Broker-like consumers (``recv() -> (event, ack)``): commit, then ack —
+  at-least-once; ``trigger`` is idempotent (``WorkflowInProgress``, or an explicit
+  ``run_id``) so a redelivery after a crash between commit and ack changes nothing.
+* :class:`~pgflow.connectors.TransactionalConsumer` (a source in the same database):
+  ``recv_batch_in(conn, batch_size)``, each event's ``fn`` in a savepoint, its ``ack``
+  (the source cursor) in the same transaction, one commit — exactly-once.
+
+Failures are retried after ``err_backoff`` doubling each attempt, in order and without
+holding a transaction open while waiting (a transactional batch commits what succeeded
+before the failing event and re-reads from there). After ``max_retries`` attempts the
+event goes to ``pgflow.dead_letters`` with the reason and is acked: nothing is lost,
+nothing blocks its shard forever. ``consume_lag`` holds events back until they are that
+old; ``lag_alert`` logs a warning and emits the ``lag_alert`` metric when an event being
+processed is older than that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import psycopg
+from psycopg import AsyncConnection
+
+from ._codec import to_jsonable
+from ._steps import error_text
+from .connectors._base import Ack, ConnectorEvent, MalformedEvent, TransactionalConsumer
+from .events import shard_hash
+from .graph import ConnectorSpec
+from .observability import connector_span, metrics
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .workflow import Workflow
+
+__all__ = ["ConnectorRunner", "dead_letter"]
+
+logger = logging.getLogger("pgflow.connectors")
+
+T = TypeVar("T")
+S = TypeVar("S", bound=enum.Enum)
+
+
+async def dead_letter(
+    conn: AsyncConnection[Any],
+    consumer: str,
+    event: ConnectorEvent | MalformedEvent,
+    reason: str,
+    attempts: int,
+) -> None:
+    """Store ``event`` in ``pgflow.dead_letters`` (idempotent per consumer and event id)."""
+    if isinstance(event, MalformedEvent):
+        values: tuple[Any, ...] = (
+            event.event_id,
+            event.foreign_id,
+            None,
+            "{}",
+            json.dumps(to_jsonable_safe(event.payload)),
+        )
+    else:
+        values = (event.id, event.foreign_id, event.type, json.dumps(dict(event.headers)), None)
+    await conn.execute(
+        "INSERT INTO pgflow.dead_letters"
+        " (consumer, event_id, foreign_id, type, headers, payload, reason, attempts)"
+        " VALUES (%s, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s)"
+        " ON CONFLICT (consumer, event_id) DO UPDATE SET reason = excluded.reason,"
+        " attempts = pgflow.dead_letters.attempts + excluded.attempts,"
+        " created_at = now(), replayed_at = NULL",
+        (consumer, *values, reason, attempts),
+    )
+
+
+def to_jsonable_safe(value: Any) -> Any:
+    """``value`` as JSON data; anything that is not becomes its ``repr``."""
+    if isinstance(value, bytes | bytearray):
+        return value.decode("utf-8", "replace")
+    try:
+        return to_jsonable(value)
+    except TypeError:
+        return repr(value)
+
+
+class ConnectorRunner(Generic[T, S]):
+    """The consumers of one ``add_connector`` (see the module doc)."""
+
+    def __init__(self, wf: Workflow[T, S], spec: ConnectorSpec) -> None:
+        self.wf = wf
+        self.spec = spec
+        self.name = spec.name
+        self.count = spec.options.parallel_count
+        self.consumers: list[Any] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self._attempts: dict[tuple[int, str], int] = {}
+        self.handled = 0  #: events whose function succeeded (tests, metrics)
+        self.dead = 0  #: events dead-lettered
+
+    async def start(self) -> None:
+        for shard in range(self.count):
+            consumer = await self.spec.connector.make(f"{self.name}-{shard + 1}-of-{self.count}")
+            self.consumers.append(consumer)
+            loop = (
+                self._transactional(shard, consumer)
+                if isinstance(consumer, TransactionalConsumer)
+                else self._broker(shard, consumer)
+            )
+            self.tasks.append(
+                asyncio.create_task(loop, name=f"pgflow:connector:{self.name}:{shard}")
+            )
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def close(self) -> None:
+        for consumer in self.consumers:
+            with contextlib.suppress(Exception):
+                await consumer.close()
+        self.consumers.clear()
+
+    def _mine(self, shard: int, event: ConnectorEvent) -> bool:
+        return self.count == 1 or shard_hash(event.foreign_id) % self.count == shard
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep unless stopping; True when the runner is stopping."""
+        if seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), seconds)
+        return self._stopping.is_set()
+
+    def _age(self, event: ConnectorEvent) -> float:
+        created = event.created_at
+        if created.tzinfo is None:
+            created = created.replace(tzinfo=UTC)
+        return (datetime.now(UTC) - created).total_seconds()
+
+    def _check_lag(self, shard: int, event: ConnectorEvent) -> None:
+        alert = self.spec.options.lag_alert
+        if alert is None:
+            return
+        age = self._age(event)
+        if age > alert.total_seconds():
+            metrics.lag_alert(self.name, shard, age)
+            logger.warning(
+                "connector %s[%d]: event %s for %r is %.1fs old (lag_alert %s)",
+                self.name,
+                shard,
+                event.id,
+                event.foreign_id,
+                age,
+                alert,
+            )
+
+    async def _call(self, conn: AsyncConnection[Any], shard: int, event: ConnectorEvent) -> None:
+        attributes = {
+            "workflow": self.wf.name,
+            "connector": self.name,
+            "foreign_id": event.foreign_id,
+            "event_type": event.type,
+            "shard": shard,
+        }
+        with connector_span(self.name, event.id, attributes, headers=event.headers):
+            await self.spec.fn(self.wf.bind(conn), event)
+
+    # -- brokers: commit, then ack ---------------------------------------------------
+
+    async def _recv(self, consumer: Any) -> tuple[ConnectorEvent, Ack] | None:
+        recv = asyncio.ensure_future(consumer.recv())
+        stop = asyncio.ensure_future(self._stopping.wait())
+        done, _ = await asyncio.wait({recv, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if recv in done:
+            stop.cancel()
+            result: tuple[ConnectorEvent, Ack] = recv.result()
+            return result
+        recv.cancel()
+        with contextlib.suppress(BaseException):
+            await recv
+        return None
+
+    async def _broker(self, shard: int, consumer: Any) -> None:
+        opts = self.spec.options
+        backoff = 0.05
+        while not self._stopping.is_set():
+            try:
+                got = await self._recv(consumer)
+            except MalformedEvent as bad:
+                await self._malformed(shard, bad)
+                continue
+            except Exception as exc:
+                logger.warning("connector %s[%d]: recv failed (%s)", self.name, shard, exc)
+                if await self._sleep(backoff):
+                    return
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.05
+            if got is None:
+                return
+            event, ack = got
+            if not self._mine(shard, event):
+                await ack()
+                continue
+            lag = opts.consume_lag.total_seconds()
+            if lag > 0 and await self._sleep(lag - self._age(event)):
+                return  # stopping: not acked, the source redelivers it
+            self._check_lag(shard, event)
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    pool = await self.wf.engine.pool()
+                    async with pool.connection() as conn, conn.transaction():
+                        await self._call(conn, shard, event)
+                    self.wf.poke()
+                    metrics.success(self.name, shard)
+                    self.handled += 1
+                    break
+                except Exception as exc:
+                    metrics.error(self.name, shard)
+                    if attempt >= opts.max_retries and not isinstance(
+                        exc, psycopg.OperationalError
+                    ):
+                        await self._dead_letter(shard, event, exc, attempt)
+                        break
+                    metrics.retry(self.name, shard)
+                    delay = opts.backoff(attempt)
+                    logger.warning(
+                        "connector %s[%d]: event %s failed (attempt %d/%d): %s; retry in %s",
+                        self.name,
+                        shard,
+                        event.id,
+                        attempt,
+                        opts.max_retries,
+                        error_text(exc),
+                        delay,
+                    )
+                    if await self._sleep(delay.total_seconds()):
+                        return  # stopping: not acked, redelivered later
+            await ack()
+
+    async def _malformed(
+        self, shard: int, bad: MalformedEvent, conn: AsyncConnection[Any] | None = None
+    ) -> None:
+        """Bad input: dead-letter it with the reason and payload, then ack it."""
+        logger.error("connector %s[%d]: %s (dead-lettered)", self.name, shard, bad)
+        if conn is None:
+            pool = await self.wf.engine.pool()
+            async with pool.connection() as c, c.transaction():
+                await dead_letter(c, self.name, bad, bad.reason, 1)
+        else:
+            await dead_letter(conn, self.name, bad, bad.reason, 1)
+        await bad.ack()
+        metrics.dead_letter(self.name, shard)
+        self.dead += 1
+
+    async def _dead_letter(
+        self, shard: int, event: ConnectorEvent, exc: BaseException, attempts: int
+    ) -> None:
+        logger.error(
+            "connector %s[%d]: event %s dead-lettered after %d attempts: %s",
+            self.name,
+            shard,
+            event.id,
+            attempts,
+            error_text(exc),
+        )
+        pool = await self.wf.engine.pool()
+        async with pool.connection() as conn, conn.transaction():
+            await dead_letter(conn, self.name, event, error_text(exc), attempts)
+        metrics.dead_letter(self.name, shard)
+        self.dead += 1
+
+    # -- transactional sources: effects and cursor in one transaction ----------------
+
+    async def _transactional(self, shard: int, consumer: Any) -> None:
+        backoff = 0.05
+        while not self._stopping.is_set():
+            try:
+                handled, wait = await self._transactional_batch(shard, consumer)
+                backoff = 0.05
+            except (psycopg.OperationalError, OSError) as exc:
+                logger.warning("connector %s[%d]: database error (%s)", self.name, shard, exc)
+                if await self._sleep(backoff):
+                    return
+                backoff = min(backoff * 2, 5.0)
+                continue
+            if handled:
+                self.wf.poke()
+            if wait > 0 and await self._sleep(wait):
+                return
+
+    async def _transactional_batch(self, shard: int, consumer: Any) -> tuple[int, float]:
+        """One transaction; returns (events handled, seconds to wait before the next)."""
+        opts = self.spec.options
+        poll = opts.polling_frequency.total_seconds()
+        pool = await self.wf.engine.pool()
+        handled = 0
+        wait = 0.0
+        async with pool.connection() as conn, conn.transaction():
+            try:
+                items = await consumer.recv_batch_in(conn, opts.batch_size)
+            except MalformedEvent as bad:
+                await self._malformed(shard, bad, conn)  # acked in this transaction
+                return 0, 0.0
+            if len(items) < opts.batch_size:
+                wait = poll  # drained: wait for the polling timer
+            for event, ack in items:
+                if not self._mine(shard, event):
+                    await ack()
+                    continue
+                lag = opts.consume_lag.total_seconds()
+                if lag > 0 and self._age(event) < lag:
+                    wait = min(poll, lag - self._age(event))  # not ripe: stop, unacked
+                    break
+                self._check_lag(shard, event)
+                key = (shard, event.id)
+                try:
+                    async with conn.transaction():  # savepoint per event
+                        await self._call(conn, shard, event)
+                except psycopg.OperationalError:
+                    raise
+                except Exception as exc:
+                    metrics.error(self.name, shard)
+                    attempt = self._attempts.get(key, 0) + 1
+                    if attempt >= opts.max_retries:
+                        self._attempts.pop(key, None)
+                        logger.error(
+                            "connector %s[%d]: event %s dead-lettered after %d attempts: %s",
+                            self.name,
+                            shard,
+                            event.id,
+                            attempt,
+                            error_text(exc),
+                        )
+                        await dead_letter(conn, self.name, event, error_text(exc), attempt)
+                        metrics.dead_letter(self.name, shard)
+                        self.dead += 1
+                        await ack()
+                        continue
+                    self._attempts[key] = attempt
+                    metrics.retry(self.name, shard)
+                    wait = opts.backoff(attempt).total_seconds()
+                    logger.warning(
+                        "connector %s[%d]: event %s failed (attempt %d/%d): %s; retry in %.2fs",
+                        self.name,
+                        shard,
+                        event.id,
+                        attempt,
+                        opts.max_retries,
+                        error_text(exc),
+                        wait,
+                    )
+                    break  # commit what succeeded; re-read from this event later
+                self._attempts.pop(key, None)
+                await ack()
+                metrics.success(self.name, shard)
+                self.handled += 1
+                handled += 1
+        return handled, wait

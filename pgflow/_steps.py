@@ -1,0 +1,393 @@
+"""Step consumers: run a step for every run that reaches its status, exactly once.
+
+One :class:`pgflow.cursors.Consumer` per (step status, shard) reads the workflow's
+events of that type (``Filter(stream=workflow, types=(STATUS,), shard=i,
+shard_count=parallel_count)``, consumer name ``"<workflow>/<STATUS>"``). Its batch
+handler runs in the batch transaction that also moves the cursor, so a step's effects
+— the record update, the next event and the app's own writes through ``run.tx`` —
+commit exactly once together with "this event was handled".
+
+Per event: load the record (one query per batch, no row locks: nothing takes an xid
+until the first write, so the xid horizon is not held while user code runs); skip
+stale events (``event.version != record.version``: the run moved on) and runs that are
+not processable; run the step inside a savepoint; write the transition by
+compare-and-set on the record version.
+
+Failures. A step that raises is rolled back to its savepoint — its batch-mates are
+unaffected — and the error is recorded on the record (``err_count``, ``last_error``)
+with ``retry_at = now() + err_backoff * 2**(n-1)``. The cursor moves on: a failing run
+never blocks its shard. The timer poller (:mod:`pgflow._timers`) re-emits the run's
+event when ``retry_at`` has passed, so the retry is an ordinary event. We chose this
+over in-process retries (tenacity) because sleeping inside a batch would hold the
+batch transaction — and with it the cluster's xid horizon and the shard — for the
+whole backoff, and a retry queue in memory would be lost with the process. After
+``pause_after_err_count`` consecutive errors the run is paused (``on_pause`` fires);
+``resume``/``retry`` start it again.
+
+Fast path. A step that never touches ``run.tx`` writes nothing, so it needs no
+savepoint, and its transition can join the batch's single bulk write (one statement
+for every record update and event of the batch, compare-and-set per record). The
+first time a step is seen using ``run.tx`` (``Run.tx`` records access) the consumer
+switches that step to a savepoint per event; had it failed in that same call, the
+whole batch is rolled back and retried (:class:`RetryBatch`) so its writes cannot
+leak. Workflows with ``on_complete`` hooks (which may write) always use savepoints.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+from uuid import UUID
+
+import psycopg
+from psycopg import AsyncConnection
+
+from ._engine import Engine, maybe_await
+from .cursors import BatchOutcome, BatchResult, Consumer, CursorKey
+from .errors import InvalidTransition
+from .events import Event
+from .graph import StepSpec
+from .observability import metrics, step_span
+from .records import PROCESSABLE_STATES, RawRecord, RunState, load_many
+from .streamer import Filter
+
+__all__ = ["RetryBatch", "StepConsumer", "error_text", "record_error"]
+
+logger = logging.getLogger("pgflow.steps")
+
+T = TypeVar("T")
+S = TypeVar("S", bound=enum.Enum)
+
+
+class _Stale(Exception):
+    """The record moved while the step ran: its effects are rolled back, event skipped."""
+
+
+class RetryBatch(Exception):
+    """A step that wrote through ``run.tx`` failed outside a savepoint: the whole batch
+    is rolled back and retried (now with savepoints for that step)."""
+
+
+# The fast path's transitions, written for a whole batch in one statement:
+# compare-and-set every record on its version, append one event per record that moved.
+_BULK_MOVE = """
+WITH v AS (
+    SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::text[], %s::text[], %s::text[],
+                         %s::text[])
+        AS v(run_id, version, status, run_state, object, traceparent)
+), u AS (
+    UPDATE pgflow.records r
+    SET version = r.version + 1, updated_at = now(), status = v.status,
+        run_state = v.run_state, object = v.object::jsonb, err_count = 0,
+        last_error = NULL, retry_at = NULL,
+        traceparent = coalesce(v.traceparent, r.traceparent)
+    FROM v WHERE r.run_id = v.run_id AND r.version = v.version
+    RETURNING r.run_id, r.workflow, r.foreign_id, r.status, r.run_state, r.version,
+              r.traceparent
+)
+INSERT INTO pgflow.events (stream, type, foreign_id, run_id, version, headers, traceparent)
+SELECT u.workflow, u.status, u.foreign_id, u.run_id, u.version,
+       jsonb_build_object('run_state', u.run_state, 'change', 'step'), u.traceparent
+FROM u
+"""
+
+
+def error_text(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 2000 else text[:1997] + "..."
+
+
+async def record_error(
+    engine: Engine[Any, Any],
+    conn: AsyncConnection[Any],
+    rec: RawRecord,
+    exc: BaseException,
+    *,
+    err_backoff_s: float,
+    pause_after: int | None,
+) -> RawRecord | None:
+    """Count a failed attempt on ``rec``; schedule its retry or pause the run.
+
+    Compare-and-set on the version without bumping it: the retry event re-emitted by
+    the poller carries the same version, so it is still current when it arrives.
+    """
+    count = rec.err_count + 1
+    pausing = pause_after is not None and count >= pause_after
+    cur = await conn.execute(
+        "UPDATE pgflow.records SET err_count = err_count + 1, last_error = %s,"
+        " retry_at = CASE WHEN %s THEN NULL"
+        "   ELSE now() + make_interval(secs => least(%s * 2 ^ least(err_count, 30), 600))"
+        " END,"
+        " updated_at = now()"
+        " WHERE run_id = %s AND version = %s RETURNING err_count",
+        (error_text(exc), pausing, err_backoff_s, rec.run_id, rec.version),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    if pausing:
+        from .admin import pause
+
+        logger.warning(
+            "%s: run %s of %r paused after %d errors: %s",
+            rec.workflow,
+            rec.run_id,
+            rec.foreign_id,
+            row[0],
+            error_text(exc),
+        )
+        return await pause(
+            conn,
+            rec.workflow,
+            rec.foreign_id,
+            rec.run_id,
+            hook=engine.state_hook(RunState.PAUSED),
+        )
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Move:
+    run_id: UUID
+    version: int
+    status: str
+    run_state: str
+    object: str | None
+    traceparent: str | None
+
+
+class StepConsumer(Generic[T, S]):
+    """The consumer of one step's shard (see the module doc)."""
+
+    def __init__(self, engine: Engine[T, S], spec: StepSpec[S], shard: int) -> None:
+        self.engine = engine
+        self.spec = spec
+        opts = spec.options
+        self.name = f"{engine.name}/{spec.status.name}"
+        self.shard = shard
+        self.key = CursorKey(self.name, shard, opts.parallel_count)
+        self.filter = Filter(
+            stream=engine.name,
+            types=(spec.status.name,),
+            shard=shard,
+            shard_count=opts.parallel_count,
+        )
+        self._wrote = False
+        self.consumer: Consumer | None = None
+        #: savepoint per event once the step was seen writing through run.tx, or when
+        #: on_complete hooks (which may write) exist; else the fast path
+        self.isolate = bool(engine.hooks.get("complete"))
+
+    def make_consumer(self, pool: Any) -> Consumer:
+        opts = self.spec.options
+        self.consumer = Consumer(
+            pool,
+            self.key,
+            self.filter,
+            self.handle,
+            listener=self.engine.listener,
+            batch_size=opts.batch_size,
+            poll_interval=opts.polling_frequency.total_seconds(),
+            lag=opts.consume_lag if opts.consume_lag.total_seconds() > 0 else None,
+            on_batch=self._after_batch,
+        )
+        return self.consumer
+
+    def _after_batch(self, result: BatchResult) -> None:
+        # Called after the batch committed: now a NOTIFY can be seen by others.
+        if result.outcome is BatchOutcome.APPLIED and self._wrote:
+            self.engine.poke()
+
+    async def handle(self, events: list[Event], conn: AsyncConnection[Any]) -> None:
+        started = time.perf_counter()
+        self._wrote = False
+        records = await load_many(conn, [e.run_id for e in events if e.run_id is not None])
+        moves: list[_Move] = []
+        lag_alert = self.spec.options.lag_alert
+        now = datetime.now(UTC)
+        for event in events:
+            rec = records.get(event.run_id) if event.run_id is not None else None
+            if (
+                rec is None
+                or rec.version != event.version
+                or rec.run_state not in PROCESSABLE_STATES
+                or rec.status != event.type
+            ):
+                continue  # stale, or the run is paused/finished: nothing to do
+            if lag_alert is not None and now - event.created_at > lag_alert:
+                age = (now - event.created_at).total_seconds()
+                metrics.lag_alert(self.name, self.shard, age)
+                logger.warning(
+                    "%s: event %d for %r is %.1fs old (lag_alert %s)",
+                    self.key,
+                    event.id,
+                    event.foreign_id,
+                    age,
+                    lag_alert,
+                )
+            if self.isolate:
+                new = await self._one(conn, event, rec)
+                if new is not None:
+                    records[rec.run_id] = new
+            else:
+                await self._fast(conn, event, rec, moves)
+        if moves:
+            await self._write_moves(conn, moves)
+        metrics.batch(self.name, self.shard, len(events), time.perf_counter() - started)
+
+    async def _fast(
+        self, conn: AsyncConnection[Any], event: Event, rec: RawRecord, moves: list[_Move]
+    ) -> None:
+        """Run a step that (so far) never touched ``run.tx``: no savepoint is needed, as
+        it wrote nothing; its transition joins the batch's single bulk write."""
+        engine, spec = self.engine, self.spec
+        run = engine.make_run(rec, conn)
+        try:
+            with step_span(
+                f"{engine.name} {spec.status.name}",
+                event.traceparent,
+                self._attributes(rec),
+            ) as traceparent:
+                dest = await maybe_await(spec.fn(run))
+                if dest is not None and not run.changed:
+                    if not isinstance(dest, engine.statuses.enum) or dest not in spec.to:
+                        raise InvalidTransition(
+                            f"step {spec.name} returned {dest!r}: not one of its declared "
+                            f"destinations ({', '.join(s.name for s in spec.to)}) or None"
+                        )
+        except psycopg.OperationalError:
+            raise
+        except Exception as exc:
+            if run.tx_used:
+                self.isolate = True
+                raise RetryBatch(f"{spec.name} wrote through run.tx and failed") from exc
+            await self._failed(conn, rec, exc)
+            return
+        if run.tx_used:
+            self.isolate = True  # from now on: a savepoint per event for this step
+        metrics.success(self.name, self.shard)
+        if run.changed:
+            self._wrote = True
+            return
+        if dest is None:
+            if rec.err_count:
+                await conn.execute(
+                    "UPDATE pgflow.records SET err_count = 0, last_error = NULL,"
+                    " retry_at = NULL WHERE run_id = %s AND version = %s",
+                    (rec.run_id, rec.version),
+                )
+            return
+        terminal = engine.graph.is_terminal(dest)
+        moves.append(
+            _Move(
+                rec.run_id,
+                rec.version,
+                dest.name,
+                str(RunState.COMPLETED if terminal else RunState.RUNNING),
+                engine.objects.dump(run.object),
+                traceparent,
+            )
+        )
+
+    async def _write_moves(self, conn: AsyncConnection[Any], moves: list[_Move]) -> None:
+        cur = await conn.execute(
+            _BULK_MOVE,
+            (
+                [m.run_id for m in moves],
+                [m.version for m in moves],
+                [m.status for m in moves],
+                [m.run_state for m in moves],
+                [m.object for m in moves],
+                [m.traceparent for m in moves],
+            ),
+        )
+        # A record that moved concurrently (an API call won the race) simply did not
+        # match: its step wrote nothing, so there is nothing to undo (stale event).
+        if cur.rowcount:
+            self._wrote = True
+
+    def _attributes(self, rec: RawRecord) -> dict[str, Any]:
+        return {
+            "workflow": self.engine.name,
+            "status": self.spec.status.name,
+            "foreign_id": rec.foreign_id,
+            "run_id": str(rec.run_id),
+            "consumer": self.name,
+            "shard": self.shard,
+        }
+
+    async def _failed(self, conn: AsyncConnection[Any], rec: RawRecord, exc: Exception) -> None:
+        spec = self.spec
+        metrics.error(self.name, self.shard)
+        logger.warning(
+            "%s: step %s failed for %r (attempt %d): %s",
+            self.key,
+            spec.name,
+            rec.foreign_id,
+            rec.err_count + 1,
+            error_text(exc),
+        )
+        paused = await record_error(
+            self.engine,
+            conn,
+            rec,
+            exc,
+            err_backoff_s=spec.options.err_backoff.total_seconds(),
+            pause_after=spec.options.pause_after_err_count,
+        )
+        if paused is None:
+            metrics.retry(self.name, self.shard)
+        self._wrote = True
+
+    async def _one(
+        self, conn: AsyncConnection[Any], event: Event, rec: RawRecord
+    ) -> RawRecord | None:
+        engine, spec = self.engine, self.spec
+        attributes = self._attributes(rec)
+        try:
+            with step_span(
+                f"{engine.name} {spec.status.name}", event.traceparent, attributes
+            ) as traceparent:
+                async with conn.transaction():  # savepoint: a failure rolls back only this
+                    run = engine.make_run(rec, conn)
+                    dest = await maybe_await(spec.fn(run))
+                    if run.changed:  # run.pause()/cancel() already wrote the change
+                        new: RawRecord | None = run._raw
+                    elif dest is None:
+                        new = None
+                        if rec.err_count:
+                            await conn.execute(
+                                "UPDATE pgflow.records SET err_count = 0, last_error = NULL,"
+                                " retry_at = NULL WHERE run_id = %s AND version = %s",
+                                (rec.run_id, rec.version),
+                            )
+                    else:
+                        if not isinstance(dest, engine.statuses.enum):
+                            raise InvalidTransition(
+                                f"step {spec.name} returned {dest!r}, not a "
+                                f"{engine.statuses.enum.__name__} (or None)"
+                            )
+                        new = await engine.transition(
+                            run,
+                            dest,
+                            change="step",
+                            allowed=spec.to,
+                            traceparent=traceparent,
+                        )
+                        if new is None:
+                            raise _Stale
+            metrics.success(self.name, self.shard)
+            if new is not None:
+                self._wrote = True
+            return new
+        except _Stale:
+            return None
+        except psycopg.OperationalError:
+            raise  # the connection is gone: the whole batch is retried
+        except Exception as exc:
+            await self._failed(conn, rec, exc)
+            return None

@@ -1,0 +1,367 @@
+"""Time-driven work: timeouts, step retries, cron schedules, data erasure.
+
+* :class:`TimerArmer` — a consumer per timeout status: for each run that reaches the
+  status it calls ``timer(run, now)`` and stores the due time in ``pgflow.timeouts``
+  (one row per run, status and record version, so re-delivery arms nothing twice).
+* :class:`Poller` — one per Workflow process, every ``polling_frequency``:
+
+  - fires due timeouts exactly once: the row is claimed with
+    ``UPDATE ... SET completed = true`` on rows selected ``FOR UPDATE SKIP LOCKED``
+    in the same transaction as ``expire(run, now)``'s transition, so several worker
+    processes share the work and a crash rolls the claim back with the transition;
+    a timeout whose run moved on (version changed) is completed without firing;
+  - re-emits the current event of runs whose step failed once ``retry_at`` passed
+    (see :mod:`pgflow._steps` for why retries are events);
+  - triggers cron schedules once per tick (row lock + ``next_at`` update in the
+    trigger's transaction; ticks missed while no worker ran are skipped, not
+    replayed);
+  - finishes data erasures interrupted between their two transactions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any, Generic, TypeVar
+
+import psycopg
+from psycopg import AsyncConnection
+
+from . import admin
+from ._engine import Engine, maybe_await
+from ._steps import error_text
+from .cursors import Consumer, CursorKey
+from .errors import InvalidTransition, WorkflowInProgress
+from .events import Event, NewEvent, append
+from .graph import TimeoutSpec
+from .observability import metrics, step_span
+from .records import PROCESSABLE_STATES, RawRecord, load_many
+from .streamer import Filter
+
+__all__ = ["Poller", "TimerArmer"]
+
+logger = logging.getLogger("pgflow.timers")
+
+T = TypeVar("T")
+S = TypeVar("S", bound=enum.Enum)
+
+
+def _current(rec: RawRecord | None, status: str, version: int) -> bool:
+    return (
+        rec is not None
+        and rec.version == version
+        and rec.status == status
+        and rec.run_state in PROCESSABLE_STATES
+    )
+
+
+class TimerArmer(Generic[T, S]):
+    """Arms ``pgflow.timeouts`` rows for runs reaching a timeout's status."""
+
+    def __init__(self, engine: Engine[T, S], spec: TimeoutSpec[S], shard: int) -> None:
+        self.engine = engine
+        self.spec = spec
+        self.shard = shard
+        self.name = f"{engine.name}/{spec.status.name}/timeout"
+        opts = spec.options
+        self.key = CursorKey(self.name, shard, opts.parallel_count)
+        self.filter = Filter(
+            stream=engine.name,
+            types=(spec.status.name,),
+            shard=shard,
+            shard_count=opts.parallel_count,
+        )
+
+    def make_consumer(self, pool: Any) -> Consumer:
+        opts = self.spec.options
+        return Consumer(
+            pool,
+            self.key,
+            self.filter,
+            self.handle,
+            listener=self.engine.listener,
+            batch_size=opts.batch_size,
+            poll_interval=opts.polling_frequency.total_seconds(),
+        )
+
+    async def handle(self, events: list[Event], conn: AsyncConnection[Any]) -> None:
+        records = await load_many(conn, [e.run_id for e in events if e.run_id is not None])
+        rows: list[tuple[Any, ...]] = []
+        now = datetime.now(UTC)
+        for event in events:
+            rec = records.get(event.run_id) if event.run_id is not None else None
+            if rec is None or not _current(rec, event.type, event.version):
+                continue
+            run = self.engine.make_run(rec, conn)
+            try:
+                due = await maybe_await(self.spec.timer(run, now))
+            except Exception as exc:
+                # Not retried automatically (a re-emitted event would re-run the step of
+                # this status too); the error is visible on the record, `pgflow retry`
+                # re-arms.
+                metrics.error(self.name, self.shard)
+                logger.warning("%s: timer failed for %r: %s", self.key, rec.foreign_id, exc)
+                await conn.execute(
+                    "UPDATE pgflow.records SET err_count = err_count + 1, last_error = %s"
+                    " WHERE run_id = %s AND version = %s",
+                    (error_text(exc), rec.run_id, rec.version),
+                )
+                continue
+            if due is None:
+                continue
+            if not isinstance(due, datetime):
+                logger.warning("%s: timer returned %r, not a datetime; ignored", self.key, due)
+                continue
+            if due.tzinfo is None:
+                due = due.replace(tzinfo=UTC)
+            rows.append((rec.workflow, rec.foreign_id, rec.run_id, rec.status, rec.version, due))
+        if rows:
+            async with conn.cursor() as cur:
+                await cur.executemany(
+                    "INSERT INTO pgflow.timeouts"
+                    " (workflow, foreign_id, run_id, status, version, expire_at)"
+                    " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                    rows,
+                )
+
+
+class Poller(Generic[T, S]):
+    """The per-process timer loop (see the module doc)."""
+
+    def __init__(self, engine: Engine[T, S], interval: timedelta, batch: int = 100) -> None:
+        self.engine = engine
+        self.interval = interval.total_seconds()
+        self.batch = batch
+        self.name = f"{engine.name}/poller"
+        self._stopping = asyncio.Event()
+        self.fired = 0  #: timeouts fired by this process (tests, metrics)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        delay = 0.05
+        failing = False
+        while not self._stopping.is_set():
+            try:
+                busy = await self.tick()
+                if failing:
+                    logger.info("%s: recovered", self.name)
+                failing = False
+                delay = 0.05
+            except (psycopg.OperationalError, OSError) as exc:
+                if not failing:
+                    logger.warning("%s: database unavailable (%s); retrying", self.name, exc)
+                failing = True
+                await self._sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            except Exception:
+                logger.exception("%s: tick failed; retrying", self.name)
+                busy = False
+            if not busy:
+                await self._sleep(self.interval)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def tick(self) -> bool:
+        """One pass over all timer work; True when a full batch suggests more is due."""
+        pool = await self.engine.pool()
+        busy = False
+        async with pool.connection() as conn:
+            for job in (self.fire_timeouts, self.emit_retries, self.fire_schedules, self.erase):
+                if await job(conn) >= self.batch:
+                    busy = True
+        return busy
+
+    # -- timeouts ---------------------------------------------------------------------
+
+    async def fire_timeouts(self, conn: AsyncConnection[Any]) -> int:
+        engine = self.engine
+        fired = 0
+        async with conn.transaction():
+            cur = await conn.execute(
+                "UPDATE pgflow.timeouts t SET completed = true WHERE t.id IN ("
+                " SELECT id FROM pgflow.timeouts WHERE workflow = %s AND NOT completed"
+                " AND expire_at <= now() ORDER BY expire_at LIMIT %s FOR UPDATE SKIP LOCKED)"
+                " RETURNING t.id, t.run_id, t.status, t.version",
+                (engine.name, self.batch),
+            )
+            rows = await cur.fetchall()
+            if not rows:
+                return 0
+            records = await load_many(conn, [r[1] for r in rows])
+            now = datetime.now(UTC)
+            for timeout_id, run_id, status, version in rows:
+                rec = records.get(run_id)
+                try:
+                    spec = engine.graph.timeouts.get(engine.statuses.load(status))
+                except ValueError:
+                    spec = None
+                if spec is None or rec is None or not _current(rec, status, version):
+                    continue  # the run moved on: the timeout is void, claimed as done
+                if await self._expire(conn, spec, rec, timeout_id, now):
+                    fired += 1
+        self.fired += fired
+        if fired:
+            engine.poke()
+        return len(rows)
+
+    async def _expire(
+        self,
+        conn: AsyncConnection[Any],
+        spec: TimeoutSpec[S],
+        rec: RawRecord,
+        timeout_id: int,
+        now: datetime,
+    ) -> bool:
+        engine = self.engine
+        attributes = {
+            "workflow": engine.name,
+            "status": rec.status,
+            "foreign_id": rec.foreign_id,
+            "run_id": str(rec.run_id),
+            "consumer": self.name,
+            "shard": 0,
+        }
+        try:
+            with step_span(
+                f"{engine.name} {rec.status} timeout", rec.traceparent, attributes
+            ) as tp:
+                async with conn.transaction():
+                    run = engine.make_run(rec, conn)
+                    dest = await maybe_await(spec.expire(run, now))
+                    if dest is not None and not run.changed:
+                        if not isinstance(dest, engine.statuses.enum):
+                            raise InvalidTransition(f"expire returned {dest!r}, not a status")
+                        await engine.transition(
+                            run, dest, change="timeout", allowed=spec.to, traceparent=tp
+                        )
+            metrics.success(self.name, 0)
+            return True
+        except psycopg.OperationalError:
+            raise
+        except Exception as exc:
+            metrics.error(self.name, 0)
+            backoff = spec.options.backoff(rec.err_count + 1)
+            logger.warning(
+                "%s: expire %s failed for %r: %s; retrying in %s",
+                self.name,
+                spec.name,
+                rec.foreign_id,
+                error_text(exc),
+                backoff,
+            )
+            await conn.execute(
+                "UPDATE pgflow.timeouts SET completed = false, expire_at = now() + %s"
+                " WHERE id = %s",
+                (backoff, timeout_id),
+            )
+            await conn.execute(
+                "UPDATE pgflow.records SET err_count = err_count + 1, last_error = %s"
+                " WHERE run_id = %s AND version = %s",
+                (error_text(exc), rec.run_id, rec.version),
+            )
+            return False
+
+    # -- step retries -----------------------------------------------------------------
+
+    async def emit_retries(self, conn: AsyncConnection[Any]) -> int:
+        async with conn.transaction():
+            cur = await conn.execute(
+                "UPDATE pgflow.records r SET retry_at = NULL WHERE r.run_id IN ("
+                " SELECT run_id FROM pgflow.records WHERE workflow = %s"
+                " AND retry_at <= now() AND run_state IN ('INITIATED', 'RUNNING')"
+                " ORDER BY retry_at LIMIT %s FOR UPDATE SKIP LOCKED)"
+                " RETURNING r.run_id, r.workflow, r.foreign_id, r.status, r.version,"
+                " r.traceparent, r.err_count, r.run_state",
+                (self.engine.name, self.batch),
+            )
+            rows = await cur.fetchall()
+            if rows:
+                await append(
+                    conn,
+                    [
+                        NewEvent(
+                            stream=r[1],
+                            type=r[3],
+                            foreign_id=r[2],
+                            run_id=r[0],
+                            version=r[4],
+                            headers={
+                                "change": "retry",
+                                "attempt": str(r[6] + 1),
+                                "run_state": r[7],
+                            },
+                            traceparent=r[5],
+                        )
+                        for r in rows
+                    ],
+                )
+        if rows:
+            self.engine.poke()
+        return len(rows)
+
+    # -- schedules --------------------------------------------------------------------
+
+    async def fire_schedules(self, conn: AsyncConnection[Any]) -> int:
+        from croniter import croniter
+
+        from .api import API, run_id_for
+
+        api: API[T, S] = API(self.engine, conn)
+        triggered = 0
+        async with conn.transaction():
+            cur = await conn.execute(
+                "SELECT foreign_id, spec, next_at FROM pgflow.schedules WHERE workflow = %s"
+                " AND next_at <= now() ORDER BY next_at LIMIT %s FOR UPDATE SKIP LOCKED",
+                (self.engine.name, self.batch),
+            )
+            rows = await cur.fetchall()
+            now = datetime.now(UTC)
+            for foreign_id, spec, tick in rows:
+                try:
+                    await api.trigger(
+                        foreign_id,
+                        run_id=run_id_for("schedule", self.engine.name, foreign_id, str(tick)),
+                        headers={"schedule": spec, "tick": tick.isoformat()},
+                    )
+                    triggered += 1
+                except WorkflowInProgress:
+                    logger.info(
+                        "%s: schedule tick %s for %r skipped: a run is in progress",
+                        self.name,
+                        tick,
+                        foreign_id,
+                    )
+                next_at = croniter(spec, max(now, tick)).get_next(datetime)
+                await conn.execute(
+                    "UPDATE pgflow.schedules SET next_at = %s, last_at = %s"
+                    " WHERE workflow = %s AND foreign_id = %s",
+                    (next_at, tick, self.engine.name, foreign_id),
+                )
+        if triggered:
+            self.engine.poke()
+        return len(rows)
+
+    # -- data erasure -----------------------------------------------------------------
+
+    async def erase(self, conn: AsyncConnection[Any]) -> int:
+        async with conn.transaction():
+            cur = await conn.execute(
+                "SELECT foreign_id, run_id FROM pgflow.records WHERE workflow = %s"
+                " AND run_state = 'REQUESTED_DATA_DELETED'"
+                " AND updated_at < now() - interval '1s' LIMIT %s",
+                (self.engine.name, self.batch),
+            )
+            rows = await cur.fetchall()
+            for foreign_id, run_id in rows:
+                await admin.erase_data(conn, self.engine.name, foreign_id, run_id)
+        if rows:
+            self.engine.poke()
+        return len(rows)

@@ -1,0 +1,265 @@
+"""``pgflow.Builder``: declare a workflow's steps, callbacks, timeouts and connectors.
+
+Registration only records what was asked; :meth:`Builder.build` validates everything
+at once and raises :class:`pgflow.BuildError` naming each problem (unknown statuses,
+steps without or to undeclared destinations, duplicate consumers, bad options), so a
+broken graph never reaches a worker.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from ._options import parse_options
+from .errors import BuildError
+from .graph import CallbackSpec, ConnectorSpec, Graph, StepSpec, TimeoutSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from psycopg import AsyncConnection
+    from psycopg_pool import AsyncConnectionPool
+
+    from .workflow import Workflow
+
+__all__ = ["Builder"]
+
+T = TypeVar("T")
+S = TypeVar("S", bound=enum.Enum)
+F = TypeVar("F", bound=Callable[..., Any])
+
+Hook = Callable[..., Any]
+
+
+@dataclass(slots=True)
+class _Registration:
+    kind: str  # "step" | "callback" | "timeout"
+    status: Any
+    fns: tuple[Callable[..., Any], ...]
+    to: tuple[Any, ...]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Builder(Generic[T, S]):
+    """Declares a workflow ``name`` whose runs carry a ``T`` and move through ``S``.
+
+    ``status_enum`` must be an ``IntEnum`` or ``StrEnum`` (any ``Enum`` works); its
+    member names are what the database stores. ``start`` is the status ``trigger``
+    uses by default (else the first status a step, callback or timeout leaves).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        type: Any,
+        status_enum: type[S],
+        *,
+        start: S | None = None,
+        **defaults: Any,
+    ) -> None:
+        self.name = name
+        self.type = type
+        self.status_enum = status_enum
+        self.start = start
+        self.defaults = defaults
+        self._regs: list[_Registration] = []
+        self._connectors: list[tuple[str, Any, Callable[..., Any], dict[str, Any]]] = []
+        self._on_complete: list[Hook] = []
+        self._on_pause: list[Hook] = []
+        self._on_cancel: list[Hook] = []
+
+    # -- declaring -------------------------------------------------------------------
+
+    def step(self, from_: S, to: Iterable[S] = (), **options: Any) -> Callable[[F], F]:
+        """Decorator form of :meth:`add_step`: ``@b.step(S.A, to=[S.B])``."""
+
+        def register(fn: F) -> F:
+            self.add_step(from_, fn, *to, **options)
+            return fn
+
+        return register
+
+    def add_step(self, from_: S, fn: Callable[..., Any], *to: S, **options: Any) -> Builder[T, S]:
+        """Run ``fn(run) -> S | None`` for every run that reaches ``from_``."""
+        self._regs.append(_Registration("step", from_, (fn,), tuple(to), dict(options)))
+        return self
+
+    def add_callback(self, status: S, fn: Callable[..., Any], *to: S) -> Builder[T, S]:
+        """``wf.callback(foreign_id, status, payload)`` calls ``fn(run, payload) -> S|None``."""
+        self._regs.append(_Registration("callback", status, (fn,), tuple(to)))
+        return self
+
+    def add_timeout(
+        self,
+        status: S,
+        timer: Callable[..., Any],
+        expire: Callable[..., Any],
+        *to: S,
+        **options: Any,
+    ) -> Builder[T, S]:
+        """On reaching ``status``, arm ``timer(run, now) -> datetime | None``; when it is
+        due, ``expire(run, now) -> S | None`` moves the run (exactly once)."""
+        self._regs.append(_Registration("timeout", status, (timer, expire), tuple(to), options))
+        return self
+
+    def add_connector(
+        self, name: str, connector: Any, fn: Callable[..., Any], **options: Any
+    ) -> Builder[T, S]:
+        """Feed events from ``connector`` to ``fn(api, event)`` (see the connector runner)."""
+        self._connectors.append((name, connector, fn, dict(options)))
+        return self
+
+    def on_complete(self, fn: F) -> F:
+        """``fn(run)`` runs in the transaction that completes a run (usable as decorator)."""
+        self._on_complete.append(fn)
+        return fn
+
+    def on_pause(self, fn: F) -> F:
+        """``fn(run)`` runs in the transaction that pauses a run."""
+        self._on_pause.append(fn)
+        return fn
+
+    def on_cancel(self, fn: F) -> F:
+        """``fn(run)`` runs in the transaction that cancels a run."""
+        self._on_cancel.append(fn)
+        return fn
+
+    # -- validating ------------------------------------------------------------------
+
+    def graph(self) -> Graph[S]:
+        """Validate and return the graph; raises :class:`BuildError` listing all problems."""
+        problems: list[str] = []
+        if not isinstance(self.name, str) or not self.name.strip():
+            problems.append("workflow name must be a non-empty string")
+        if not (isinstance(self.status_enum, type) and issubclass(self.status_enum, enum.Enum)):
+            raise BuildError(
+                f"workflow {self.name!r}: status_enum must be an IntEnum or StrEnum class, "
+                f"got {self.status_enum!r}"
+            )
+        if not list(self.status_enum):
+            problems.append(f"status enum {self.status_enum.__name__} has no members")
+        base, base_problems = parse_options(f"workflow {self.name!r} defaults", self.defaults)
+        problems += base_problems
+
+        def check_status(where: str, status: Any) -> bool:
+            if isinstance(status, self.status_enum):
+                return True
+            problems.append(
+                f"{where}: unknown status {status!r} (not a member of {self.status_enum.__name__})"
+            )
+            return False
+
+        steps: dict[S, StepSpec[S]] = {}
+        callbacks: dict[S, list[CallbackSpec[S]]] = {}
+        timeouts: dict[S, TimeoutSpec[S]] = {}
+        first_from: S | None = None
+        for reg in self._regs:
+            label = getattr(reg.status, "name", repr(reg.status))
+            where = f"{reg.kind} from {label}"
+            ok = check_status(where, reg.status)
+            for fn in reg.fns:
+                if not callable(fn):
+                    problems.append(f"{where}: {fn!r} is not callable")
+                    ok = False
+            if not reg.to:
+                problems.append(f"{where}: declares no destination status (to=[...])")
+                ok = False
+            for dest in reg.to:
+                ok = check_status(f"{where}: destination", dest) and ok
+            options, option_problems = parse_options(where, reg.options, base)
+            problems += option_problems
+            if not ok:
+                continue
+            status: S = reg.status
+            to: tuple[S, ...] = tuple(dict.fromkeys(reg.to))
+            if first_from is None:
+                first_from = status
+            if reg.kind == "step":
+                if status in steps:
+                    problems.append(
+                        f"duplicate consumer: two steps from {status.name} "
+                        f"({steps[status].name} and {getattr(reg.fns[0], '__name__', '?')})"
+                    )
+                    continue
+                steps[status] = StepSpec(status, reg.fns[0], to, options)
+            elif reg.kind == "callback":
+                callbacks.setdefault(status, []).append(CallbackSpec(status, reg.fns[0], to))
+            else:
+                if status in timeouts:
+                    problems.append(f"duplicate consumer: two timeouts on {status.name}")
+                    continue
+                timeouts[status] = TimeoutSpec(status, reg.fns[0], reg.fns[1], to, options)
+
+        connectors: dict[str, ConnectorSpec] = {}
+        for name, connector, fn, opts in self._connectors:
+            where = f"connector {name!r}"
+            if not isinstance(name, str) or not name:
+                problems.append(f"connector name must be a non-empty string, got {name!r}")
+                continue
+            if name in connectors:
+                problems.append(f"duplicate consumer: two connectors named {name!r}")
+                continue
+            if not callable(getattr(connector, "make", None)):
+                problems.append(f"{where}: {connector!r} has no make(consumer_name) method")
+            if not callable(fn):
+                problems.append(f"{where}: {fn!r} is not callable")
+            options, option_problems = parse_options(where, opts, base)
+            problems += option_problems
+            connectors[name] = ConnectorSpec(name, connector, fn, options)
+
+        start = self.start if self.start is not None else first_from
+        if self.start is not None:
+            check_status("start", self.start)
+        if start is None:
+            problems.append(
+                "workflow has nothing to run: add at least one step, callback or timeout"
+            )
+        for hooks, what in (
+            (self._on_complete, "on_complete"),
+            (self._on_pause, "on_pause"),
+            (self._on_cancel, "on_cancel"),
+        ):
+            for hook in hooks:
+                if not callable(hook):
+                    problems.append(f"{what}: {hook!r} is not callable")
+        if problems:
+            raise BuildError(f"workflow {self.name!r}: " + "; ".join(problems))
+        assert start is not None
+        return Graph(
+            workflow=self.name,
+            statuses=self.status_enum,
+            start=start,
+            steps=steps,
+            callbacks=callbacks,
+            timeouts=timeouts,
+            connectors=connectors,
+        )
+
+    def build(
+        self,
+        dsn_or_pool: str | AsyncConnectionPool[AsyncConnection[Any]] | None = None,
+        *,
+        pool_size: int = 10,
+    ) -> Workflow[T, S]:
+        """Validate the graph and return the :class:`pgflow.Workflow` that runs it.
+
+        ``dsn_or_pool``: a DSN (None: ``PGFLOW_DATABASE_URL``), or an open
+        ``AsyncConnectionPool`` to share. Nothing connects until first use.
+        """
+        from .workflow import Workflow
+
+        graph = self.graph()
+        if pool_size < 2:
+            raise BuildError(f"workflow {self.name!r}: pool_size must be at least 2")
+        return Workflow(
+            graph,
+            self.type,
+            dsn_or_pool,
+            hooks={
+                "complete": tuple(self._on_complete),
+                "pause": tuple(self._on_pause),
+                "cancel": tuple(self._on_cancel),
+            },
+            pool_size=pool_size,
+        )

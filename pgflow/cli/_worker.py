@@ -1,0 +1,104 @@
+"""``pgflow worker module:attr``: run a workflow's consumers until Ctrl-C / SIGTERM.
+
+``attr`` names a :class:`pgflow.Builder` (built here with ``--dsn``), a
+:class:`pgflow.Workflow`, or a zero-argument factory returning either. On SIGINT or
+SIGTERM the worker stops taking new batches, lets the batches in flight commit or roll
+back, and exits 0. Start as many workers as you like, on as many machines: shards are
+shared between them and a dead worker's shards move to the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from ..builder import Builder
+from ..errors import ConfigError
+from ..workflow import Workflow
+
+logger = logging.getLogger("pgflow.worker")
+
+
+def load_target(spec: str) -> Any:
+    """Import ``module:attr`` (the current directory is importable, like ``python -m``)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"expected MODULE:ATTR (e.g. myapp.flows:orders), got {spec!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import {module_name!r}: {exc}") from None
+    target: Any = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ConfigError(f"{module_name!r} has no attribute {attr!r}")
+        target = getattr(target, part)
+    return target
+
+
+def resolve_workflow(target: Any, dsn: str | None) -> Workflow[Any, Any] | Builder[Any, Any]:
+    """A Workflow or Builder from ``target`` (calling a zero-argument factory once)."""
+    if not isinstance(target, Builder | Workflow) and callable(target):
+        target = target()
+    if isinstance(target, Builder | Workflow):
+        return target
+    raise ConfigError(
+        f"{target!r} is not a pgflow.Builder, a pgflow.Workflow, or a factory of one"
+    )
+
+
+def build_workflow(spec: str, dsn: str | None) -> Workflow[Any, Any]:
+    target = resolve_workflow(load_target(spec), dsn)
+    if isinstance(target, Builder):
+        return target.build(dsn)
+    if dsn is not None:
+        target.engine.set_dsn(dsn)
+    return target
+
+
+def register(subparsers: Any) -> None:
+    from . import add_dsn_argument
+
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "worker",
+        help="run a workflow's steps, timeouts and connectors",
+        description=(
+            "Run the consumers of MODULE:ATTR (a pgflow.Builder, a pgflow.Workflow, or a "
+            "zero-argument factory of one) until Ctrl-C or SIGTERM; the batches in "
+            "flight finish before it exits."
+        ),
+    )
+    parser.add_argument("target", metavar="MODULE:ATTR")
+    add_dsn_argument(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    wf = build_workflow(args.target, args.dsn)
+    asyncio.run(serve(wf))
+    return 0
+
+
+async def serve(wf: Workflow[Any, Any], stop: asyncio.Event | None = None) -> None:
+    """Run ``wf`` until ``stop`` is set or SIGINT/SIGTERM arrives, then stop cleanly."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await wf.run()
+        print(f"pgflow worker: {wf.name} running (Ctrl-C to stop)", flush=True)
+        await stop.wait()
+        print(f"pgflow worker: {wf.name} stopping", flush=True)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await wf.stop()

@@ -1,0 +1,570 @@
+"""Tail a PostgreSQL table (or query) by cursor: luno's reflexstreamer, gap-free.
+
+Usage::
+
+    from pgflow.connectors import table
+    payments = table.Connector(
+        table.TableStream("app.payments"),          # id, tx, foreign_id, type, ...
+        table.CursorStore(dsn),                      # the workflow's database
+    )
+    builder.add_connector("payments", payments, handle_payment)
+
+How rows are read
+-----------------
+Like the core event log, a source is read in ``(tx, id)`` order below the xid horizon
+(``tx < pg_snapshot_xmin(pg_current_snapshot())``), so a row whose transaction commits
+late is never skipped and no "gap settle" timeout is needed. This needs two columns on
+the source:
+
+* ``id``: an integer, unique, increasing key (``bigint GENERATED ALWAYS AS IDENTITY``);
+* ``tx``: ``xid8 NOT NULL DEFAULT pg_current_xact_id()``, the inserting transaction.
+  :func:`add_tx_column` adds it (plus the ``(tx, id)`` index the read needs) to an
+  existing table. Adding a column with a volatile default rewrites the table under an
+  ACCESS EXCLUSIVE lock; for a big, busy table add it nullable, backfill in batches,
+  then set the default and ``NOT NULL``.
+
+``tx`` is set on INSERT only, so this tails *new rows*. To see updates and deletes too,
+install change capture (:func:`pgflow.capture`) and tail its change log with
+:func:`pgflow.capture.changes_stream`.
+
+An id-only source (``tx_column=None``) is read with ``id > cursor`` and is **not**
+gap-free: with concurrent writers a smaller id can commit after a larger one was read,
+and that row is skipped for good. Use it only when a single writer inserts rows in
+commit order (e.g. a serial batch import), or for sources that are frozen while read.
+
+Where the cursor lives, and exactly-once
+-----------------------------------------
+The cursor is a row of ``pgflow.cursors`` named ``connector:<source label>:<consumer
+name>`` (e.g. ``connector:app.payments:payments-1-of-1``) in the
+:class:`CursorStore`'s database, which is also where the source is read. The
+consumer implements :class:`~pgflow.connectors.TransactionalConsumer`: the workflow
+runner calls ``recv_batch_in(conn, limit)`` inside its transaction and each ``ack``
+advances the cursor in that same transaction (compare-and-set, under a per-consumer
+advisory lock that assigns no xid), so triggering the workflow and moving past the row
+commit together: exactly-once, across crashes. Plain ``recv()`` (for other uses) acks
+in a transaction of its own after the caller's effects: at-least-once.
+
+Rows become events through a translator (:data:`RowTranslator`); a translator raises
+``ValueError`` for a row it cannot use, which surfaces as
+:class:`~pgflow.connectors.MalformedEvent` so the runner dead-letters it and moves on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time
+from decimal import Decimal
+from typing import Any, Protocol
+from uuid import UUID
+
+from psycopg import AsyncConnection, sql
+from psycopg_pool import AsyncConnectionPool
+
+from .. import _db
+from ..cursors import CursorKey, LostCursor, load_cursor, try_lock_shard
+from ..events import Position
+from ._base import Ack, ConnectorEvent, MalformedEvent
+
+__all__ = [
+    "Connector",
+    "CursorStore",
+    "Row",
+    "RowTranslator",
+    "Source",
+    "TableConsumer",
+    "TableStream",
+    "add_tx_column",
+    "default_translator",
+    "header_value",
+    "make_translator",
+]
+
+Row = Mapping[str, Any]
+RowTranslator = Callable[[Row], ConnectorEvent]
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class Source(Protocol):
+    """Something that can be read in cursor order: a table, a query, the event log."""
+
+    @property
+    def label(self) -> str:
+        """A short name for logs and ``pgflow.cursors.stream``."""
+        ...
+
+    async def read(
+        self, conn: AsyncConnection[Any], after: Position, limit: int
+    ) -> list[tuple[Position, Row]]:
+        """Up to ``limit`` rows after ``after``, in order, each with its position."""
+        ...
+
+
+def _qualified(name: str) -> sql.Composable:
+    parts = [p.strip().strip('"') for p in name.split(".")]
+    if not all(parts) or len(parts) > 2:
+        raise ValueError(f"bad table name {name!r}: use 'table' or 'schema.table'")
+    return sql.SQL(".").join(sql.Identifier(p) for p in parts)
+
+
+@dataclass(frozen=True, slots=True)
+class TableStream:
+    """Describes a source table or query and how to read it in order.
+
+    Give ``table`` (``"schema.table"``) or ``query`` (any ``SELECT`` exposing the id and
+    tx columns; it becomes a subquery aliased ``s``). ``columns`` limits what is
+    selected (default: all); ``where`` is an extra, trusted SQL predicate over ``s``
+    (e.g. ``"s.kind = %(kind)s"``) with ``params`` as its named parameters.
+    """
+
+    table: str | None = None
+    query: str | None = None
+    id_column: str = "id"
+    tx_column: str | None = "tx"
+    columns: Sequence[str] | None = None
+    where: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    name: str | None = None
+    #: the translator a Connector uses for this source when given none
+    translator: RowTranslator | None = None
+
+    def __post_init__(self) -> None:
+        if (self.table is None) == (self.query is None):
+            raise ValueError("TableStream needs exactly one of table= or query=")
+        if self.table is not None:
+            _qualified(self.table)
+        if self.columns is not None and not self.columns:
+            raise ValueError("columns must be None (all) or non-empty")
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.table:
+            return self.table
+        assert self.query is not None
+        return "query:" + hashlib.sha1(self.query.encode()).hexdigest()[:10]
+
+    def read_sql(self) -> sql.Composed:
+        source: sql.Composable
+        if self.table is not None:
+            source = sql.SQL("SELECT * FROM {}").format(_qualified(self.table))
+        else:
+            assert self.query is not None
+            source = sql.SQL(self.query)  # trusted SQL, from code
+        cols: sql.Composable = (
+            sql.SQL("s.*")
+            if self.columns is None
+            else sql.SQL(", ").join(sql.SQL("s.{}").format(sql.Identifier(c)) for c in self.columns)
+        )
+        id_col = sql.Identifier(self.id_column)
+        where: list[sql.Composable]
+        if self.tx_column is not None:
+            tx_col = sql.Identifier(self.tx_column)
+            select = sql.SQL("SELECT s.{tx}::text, s.{id}, {cols}").format(
+                tx=tx_col, id=id_col, cols=cols
+            )
+            where = [
+                sql.SQL("(s.{tx}, s.{id}) > (%(__tx)s::xid8, %(__id)s::bigint)").format(
+                    tx=tx_col, id=id_col
+                ),
+                sql.SQL("s.{tx} < pg_snapshot_xmin(pg_current_snapshot())").format(tx=tx_col),
+            ]
+            order = sql.SQL("s.{tx}, s.{id}").format(tx=tx_col, id=id_col)
+        else:
+            select = sql.SQL("SELECT '0', s.{id}, {cols}").format(id=id_col, cols=cols)
+            where = [sql.SQL("s.{id} > %(__id)s::bigint").format(id=id_col)]
+            order = sql.SQL("s.{id}").format(id=id_col)
+        if self.where:
+            where.append(sql.SQL("(" + self.where + ")"))
+        return sql.SQL(
+            "{select} FROM ({source}) s WHERE {where} ORDER BY {order} LIMIT %(__limit)s"
+        ).format(
+            select=select,
+            source=source,
+            where=sql.SQL(" AND ").join(where),
+            order=order,
+        )
+
+    async def read(
+        self, conn: AsyncConnection[Any], after: Position, limit: int
+    ) -> list[tuple[Position, Row]]:
+        params = {**self.params, "__tx": str(after.tx), "__id": after.id, "__limit": limit}
+        cur = await conn.execute(self.read_sql(), params)
+        names = [d.name for d in (cur.description or [])][2:]
+        rows = await cur.fetchall()
+        return [
+            (Position(int(r[0]), int(r[1])), dict(zip(names, r[2:], strict=True))) for r in rows
+        ]
+
+
+# ----------------------------------------------------------------------- translation
+
+
+def header_value(value: Any) -> str:
+    """A column value as a header string (ISO timestamps, JSON for json/arrays)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | Decimal | UUID):
+        return str(value)
+    if isinstance(value, datetime | date | time):
+        return value.isoformat()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    return json.dumps(value, default=str, separators=(",", ":"))
+
+
+def make_translator(
+    *,
+    id: str = "id",
+    foreign_id: str = "foreign_id",
+    type: str = "type",
+    created_at: str = "created_at",
+    exclude: Sequence[str] = ("tx",),
+    id_prefix: str = "",
+) -> RowTranslator:
+    """A row translator reading the event fields from the named columns.
+
+    Every other non-NULL column (except ``exclude``) becomes a header, as a string.
+    ``foreign_id`` and ``type`` must be present and non-empty, else ``ValueError``.
+    """
+    used = {id, foreign_id, type, created_at, *exclude}
+
+    def translate(row: Row) -> ConnectorEvent:
+        for col in (id, foreign_id, type):
+            if col not in row:
+                raise ValueError(f"row has no {col!r} column")
+            if row[col] is None or row[col] == "":
+                raise ValueError(f"column {col!r} is empty")
+        stamp = row.get(created_at)
+        headers = {
+            str(k): header_value(v) for k, v in row.items() if k not in used and v is not None
+        }
+        return ConnectorEvent(
+            id=id_prefix + str(row[id]),
+            foreign_id=header_value(row[foreign_id]),
+            type=header_value(row[type]),
+            headers=headers,
+            created_at=stamp if isinstance(stamp, datetime) else datetime.now(UTC),
+        )
+
+    return translate
+
+
+#: id, foreign_id and type columns; every other column (but ``tx``) as a header.
+default_translator: RowTranslator = make_translator()
+
+
+def _jsonable(row: Row) -> dict[str, Any]:
+    return {str(k): (v if v is None else header_value(v)) for k, v in row.items()}
+
+
+# ---------------------------------------------------------------------- cursor store
+
+
+class CursorStore:
+    """Keeps connector cursors as ``pgflow.cursors`` rows in one database.
+
+    That database is also where the source is read, and it must be the workflow's
+    database for exactly-once (the runner passes its own transaction). Give a DSN (a
+    small pool is opened lazily, only for plain ``recv()``) or an open pool to share.
+    """
+
+    def __init__(
+        self, db: str | AsyncConnectionPool[Any], *, prefix: str = "connector:", pool_size: int = 2
+    ) -> None:
+        self.prefix = prefix
+        self._dsn = db if isinstance(db, str) else None
+        self._pool: AsyncConnectionPool[Any] | None = None if isinstance(db, str) else db
+        self._owns_pool = isinstance(db, str)
+        self._pool_size = pool_size
+        self._pool_lock = asyncio.Lock()
+
+    def key(self, consumer_name: str) -> CursorKey:
+        return CursorKey(self.prefix + consumer_name)
+
+    async def pool(self) -> AsyncConnectionPool[Any]:
+        async with self._pool_lock:
+            if self._pool is None:
+                assert self._dsn is not None
+                self._pool = await _db.open_pool(
+                    self._dsn, min_size=1, max_size=self._pool_size, name="pgflow-connector"
+                )
+            return self._pool
+
+    async def load(self, conn: AsyncConnection[Any], consumer_name: str) -> Position:
+        return await load_cursor(conn, self.key(consumer_name))
+
+    async def compare_and_set(
+        self,
+        conn: AsyncConnection[Any],
+        consumer_name: str,
+        old: Position,
+        new: Position,
+        stream: str | None = None,
+    ) -> bool:
+        """Move the cursor ``old -> new`` in ``conn``'s transaction (creating it at
+        ``old == start``). False when it is not at ``old``: someone else moved it."""
+        # A missing row means the cursor is at the start (load_cursor's answer), so the
+        # INSERT branch only succeeds for old == start; the CAS is in the UPDATE branch.
+        cur = await conn.execute(
+            "INSERT INTO pgflow.cursors AS c (consumer, shard, shard_count, tx, id, stream)"
+            " VALUES (%(c)s, 0, 1, %(tx)s::xid8, %(id)s, %(stream)s)"
+            " ON CONFLICT (consumer, shard, shard_count) DO UPDATE"
+            " SET tx = excluded.tx, id = excluded.id, updated_at = now()"
+            " WHERE (c.tx, c.id) = (%(old_tx)s::xid8, %(old_id)s::bigint)",
+            {
+                "c": self.key(consumer_name).consumer,
+                "tx": str(new.tx),
+                "id": new.id,
+                "stream": stream,
+                "old_tx": str(old.tx),
+                "old_id": old.id,
+            },
+        )
+        return cur.rowcount == 1
+
+    async def advance(
+        self, conn: AsyncConnection[Any], consumer_name: str, new: Position, stream: str | None
+    ) -> None:
+        """Move the cursor forwards to ``new`` (never back), creating it if needed."""
+        await conn.execute(
+            "INSERT INTO pgflow.cursors AS c (consumer, shard, shard_count, tx, id, stream)"
+            " VALUES (%s, 0, 1, %s::xid8, %s, %s)"
+            " ON CONFLICT (consumer, shard, shard_count) DO UPDATE"
+            " SET tx = excluded.tx, id = excluded.id, updated_at = now()"
+            " WHERE (c.tx, c.id) < (excluded.tx, excluded.id)",
+            (self.key(consumer_name).consumer, str(new.tx), new.id, stream),
+        )
+
+    async def close(self) -> None:
+        if self._owns_pool and self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+
+# ------------------------------------------------------------------------- connector
+
+
+class Connector:
+    """Tails ``stream`` with a cursor per consumer name kept in ``cursor_store``."""
+
+    def __init__(
+        self,
+        stream: Source,
+        cursor_store: CursorStore | str | AsyncConnectionPool[Any],
+        translator: RowTranslator | None = None,
+        *,
+        batch_size: int = 100,
+        poll_interval: float = 0.5,
+        cursor_stream: str | None = None,
+    ) -> None:
+        if batch_size < 1 or poll_interval <= 0:
+            raise ValueError("batch_size and poll_interval must be positive")
+        self.stream = stream
+        self.cursor_store = (
+            cursor_store if isinstance(cursor_store, CursorStore) else CursorStore(cursor_store)
+        )
+        #: ``translator``, else the stream's own (e.g. change rows), else the default
+        self.translator: RowTranslator = (
+            translator or getattr(stream, "translator", None) or default_translator
+        )
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        #: recorded in pgflow.cursors.stream (pgflow.consumer_lag counts pgflow.events
+        #: of that stream, so only set it for sources that are the event log)
+        self.cursor_stream = cursor_stream
+        self._wakers: set[asyncio.Event] = set()
+
+    async def make(self, consumer_name: str) -> TableConsumer:
+        return TableConsumer(self, consumer_name)
+
+    def wake(self) -> None:
+        """Tell waiting ``recv()`` calls in this process to look again now."""
+        for waker in self._wakers:
+            waker.set()
+
+    async def close(self) -> None:
+        """Close the cursor store's own pool, if it opened one."""
+        await self.cursor_store.close()
+
+
+@dataclasses.dataclass(slots=True)
+class _Delivered:
+    position: Position
+    acked: bool = False
+
+
+class TableConsumer:
+    """One consumer name's reader; transactional (``recv_batch_in``) or plain (``recv``)."""
+
+    def __init__(self, connector: Connector, name: str) -> None:
+        self.connector = connector
+        self.name = name
+        #: the cursor's name in the store: the source's label plus the consumer name,
+        #: so two sources fed to connectors of the same name never share a cursor
+        self.cursor_name = f"{connector.stream.label}:{name}"
+        self._buffer: deque[tuple[Position, Row]] = deque()
+        self._read_to: Position | None = None  # last position fetched (plain recv)
+        self._delivered: deque[_Delivered] = deque()  # handed out, not yet committed
+        self._wake = asyncio.Event()
+        self._closed = False
+        connector._wakers.add(self._wake)
+
+    # -- exactly-once path -----------------------------------------------------------
+
+    async def recv_batch_in(
+        self, conn: AsyncConnection[Any], limit: int
+    ) -> list[tuple[ConnectorEvent, Ack]]:
+        """Read up to ``limit`` rows in the caller's transaction; acks move the cursor
+        in that transaction, in order (see the module doc).
+
+        A row the translator rejects ends the batch; when it is first, this raises
+        :class:`MalformedEvent` whose ``ack`` (in this transaction) moves past it.
+        """
+        store = self.connector.cursor_store
+        if not await try_lock_shard(conn, store.key(self.cursor_name)):
+            return []
+        start = await store.load(conn, self.cursor_name)
+        rows = await self.connector.stream.read(conn, start, limit)
+        state = {"at": start}
+        stream = self.connector.cursor_stream
+
+        def ack_for(position: Position) -> Ack:
+            async def ack() -> None:
+                if position <= state["at"]:
+                    return
+                if not await store.compare_and_set(
+                    conn, self.cursor_name, state["at"], position, stream
+                ):
+                    raise LostCursor(str(store.key(self.cursor_name)))
+                state["at"] = position
+
+            return ack
+
+        out: list[tuple[ConnectorEvent, Ack]] = []
+        for position, row in rows:
+            try:
+                event = self.connector.translator(row)
+            except (ValueError, KeyError, TypeError) as exc:
+                if out:
+                    break
+                raise self._malformed(row, position, exc, ack_for(position)) from exc
+            out.append((event, ack_for(position)))
+        return out
+
+    def _malformed(self, row: Row, position: Position, exc: Exception, ack: Ack) -> MalformedEvent:
+        raw_id = row.get("id", position.id)
+        return MalformedEvent(
+            f"{type(exc).__name__}: {exc}",
+            event_id=f"{self.connector.stream.label}:{raw_id}",
+            payload=_jsonable(row),
+            ack=ack,
+            foreign_id=str(row["foreign_id"]) if row.get("foreign_id") is not None else None,
+        )
+
+    # -- at-least-once path ----------------------------------------------------------
+
+    async def recv(self) -> tuple[ConnectorEvent, Ack]:
+        """The next row after this consumer's position (own connections, own acks)."""
+        while True:
+            if self._closed:
+                raise RuntimeError(f"table consumer {self.name!r} is closed")
+            if self._buffer:
+                position, row = self._buffer.popleft()
+                entry = _Delivered(position)
+                self._delivered.append(entry)
+                ack = self._plain_ack(entry)
+                try:
+                    event = self.connector.translator(row)
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise self._malformed(row, position, exc, ack) from exc
+                return event, ack
+            await self._fill()
+            if not self._buffer:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.connector.poll_interval)
+
+    async def _fill(self) -> None:
+        pool = await self.connector.cursor_store.pool()
+        async with pool.connection() as conn:
+            if self._read_to is None:
+                self._read_to = await self.connector.cursor_store.load(conn, self.cursor_name)
+            rows = await self.connector.stream.read(conn, self._read_to, self.connector.batch_size)
+        if rows:
+            self._read_to = rows[-1][0]
+            self._buffer.extend(rows)
+
+    def _plain_ack(self, entry: _Delivered) -> Ack:
+        async def ack() -> None:
+            if entry.acked:
+                return
+            entry.acked = True
+            # Commit the longest acknowledged prefix: never pass an unacked row.
+            upto: Position | None = None
+            while self._delivered and self._delivered[0].acked:
+                upto = self._delivered.popleft().position
+            if upto is None:
+                return
+            pool = await self.connector.cursor_store.pool()
+            async with pool.connection() as conn:
+                await self.connector.cursor_store.advance(
+                    conn, self.cursor_name, upto, self.connector.cursor_stream
+                )
+
+        return ack
+
+    async def close(self) -> None:
+        self._closed = True
+        self.connector._wakers.discard(self._wake)
+        self._wake.set()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+async def add_tx_column(
+    conn_or_dsn: AsyncConnection[Any] | str,
+    table: str,
+    *,
+    column: str = "tx",
+    id_column: str = "id",
+) -> None:
+    """Make ``table`` tail-able gap-free: add ``column xid8 NOT NULL DEFAULT
+    pg_current_xact_id()`` and the ``(tx, id)`` index (both idempotent).
+
+    Existing rows get this transaction's id (they are all delivered, in id order).
+    Rewrites the table (see the module doc for big tables).
+    """
+    name = _qualified(table)
+    index = sql.Identifier(f"{table.split('.')[-1].strip(chr(34))}_{column}_{id_column}_idx")
+    statements = [
+        sql.SQL(
+            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} xid8 NOT NULL DEFAULT pg_current_xact_id()"
+        ).format(name, sql.Identifier(column)),
+        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({}, {})").format(
+            index, name, sql.Identifier(column), sql.Identifier(id_column)
+        ),
+    ]
+    if isinstance(conn_or_dsn, str):
+        conn = await _db.connect(conn_or_dsn)
+        try:
+            async with conn.transaction():
+                for stmt in statements:
+                    await conn.execute(stmt)
+        finally:
+            await conn.close()
+    else:
+        for stmt in statements:
+            await conn_or_dsn.execute(stmt)

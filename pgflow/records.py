@@ -1,0 +1,316 @@
+"""Workflow records: one row per run, and the only ways it changes.
+
+``pgflow.records`` holds each run's current status, run state and object. Every change
+goes through :func:`insert_run` or :func:`write_change`, which update the row AND
+append its event (``type`` = status name, ``version`` = the new record version) in the
+caller's transaction — so the log and the records never disagree, and a consumer can
+tell a stale event (``event.version != record.version``) from a live one.
+
+Changes are compare-and-set on ``version`` instead of ``SELECT ... FOR UPDATE``: a
+step consumer reads records without locks (no xid, so it does not hold the xid horizon
+back while user code runs) and a concurrent change simply makes its write miss.
+
+These functions know nothing about a workflow's graph or its Python types; the typed
+layer (:class:`Record`, :mod:`pgflow.run`, :mod:`pgflow.api`) and the graph-free
+admin functions (:mod:`pgflow.admin`) are built on them.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+from uuid import UUID
+
+from psycopg import AsyncConnection
+
+from .events import NewEvent, append
+
+__all__ = [
+    "ACTIVE_STATES",
+    "PROCESSABLE_STATES",
+    "RawRecord",
+    "Record",
+    "RunState",
+    "insert_run",
+    "load_latest",
+    "load_many",
+    "load_run",
+    "write_change",
+]
+
+T = TypeVar("T")
+S = TypeVar("S", bound=enum.Enum)
+
+
+class RunState(enum.StrEnum):
+    """Where a run is in its life, independent of the workflow's own statuses."""
+
+    INITIATED = "INITIATED"  #: triggered; no step has moved it yet
+    RUNNING = "RUNNING"  #: moved at least once, not finished
+    PAUSED = "PAUSED"  #: stopped by a user or after too many errors; resume() continues
+    COMPLETED = "COMPLETED"  #: reached a terminal status
+    CANCELLED = "CANCELLED"  #: cancelled; never moves again
+    REQUESTED_DATA_DELETED = "REQUESTED_DATA_DELETED"  #: erasure asked, not done yet
+    DATA_DELETED = "DATA_DELETED"  #: object erased; the audit trail (events) remains
+
+    @property
+    def active(self) -> bool:
+        """Counts as "in progress" (at most one such run per foreign id)."""
+        return self in ACTIVE_STATES
+
+    @property
+    def finished(self) -> bool:
+        return self not in ACTIVE_STATES
+
+
+#: States of a run in progress (the ``records_one_active_run`` unique index's set).
+ACTIVE_STATES = frozenset({RunState.INITIATED, RunState.RUNNING, RunState.PAUSED})
+#: States in which consumers move a run (a paused run is in progress but still).
+PROCESSABLE_STATES = frozenset({RunState.INITIATED, RunState.RUNNING})
+
+RECORD_COLUMNS = (
+    "run_id, workflow, foreign_id, status, run_state, object, version, err_count,"
+    " last_error, traceparent, meta, created_at, updated_at, retry_at"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """A record row as stored: status as its name, object as parsed JSON."""
+
+    run_id: UUID
+    workflow: str
+    foreign_id: str
+    status: str
+    run_state: RunState
+    object: Any
+    version: int
+    err_count: int = 0
+    last_error: str | None = None
+    traceparent: str | None = None
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    retry_at: datetime | None = None
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> RawRecord:
+        return cls(
+            run_id=row[0],
+            workflow=row[1],
+            foreign_id=row[2],
+            status=row[3],
+            run_state=RunState(row[4]),
+            object=row[5],
+            version=row[6],
+            err_count=row[7],
+            last_error=row[8],
+            traceparent=row[9],
+            meta=row[10] or {},
+            created_at=row[11],
+            updated_at=row[12],
+            retry_at=row[13],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Record(Generic[T, S]):
+    """A run's record as the workflow's types see it (``status: S``, ``object: T``)."""
+
+    workflow_name: str
+    foreign_id: str
+    run_id: str
+    run_state: RunState
+    status: S
+    object: T
+    created_at: datetime
+    updated_at: datetime
+    version: int = 1
+    err_count: int = 0
+    last_error: str | None = None
+    traceparent: str | None = None
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def evolve(self, **changes: Any) -> Record[T, S]:
+        return replace(self, **changes)
+
+
+async def load_latest(
+    conn: AsyncConnection[Any], workflow: str, foreign_id: str
+) -> RawRecord | None:
+    """The newest run of ``foreign_id`` in ``workflow`` (None when it never ran)."""
+    cur = await conn.execute(
+        f"SELECT {RECORD_COLUMNS} FROM pgflow.records WHERE workflow = %s AND foreign_id = %s"
+        " ORDER BY created_at DESC, version DESC LIMIT 1",
+        (workflow, foreign_id),
+    )
+    row = await cur.fetchone()
+    return RawRecord.from_row(row) if row else None
+
+
+async def load_run(
+    conn: AsyncConnection[Any],
+    workflow: str,
+    foreign_id: str,
+    run_id: UUID | str | None = None,
+    *,
+    lock: bool = False,
+) -> RawRecord | None:
+    """One run (the newest when ``run_id`` is None); ``lock`` takes the row lock.
+
+    API calls lock (``FOR UPDATE``) so two of them on one run apply one after the
+    other; their transactions are short, so holding an xid there is harmless.
+    """
+    suffix = " FOR UPDATE" if lock else ""
+    if run_id is None:
+        cur = await conn.execute(
+            f"SELECT {RECORD_COLUMNS} FROM pgflow.records WHERE workflow = %s"
+            " AND foreign_id = %s ORDER BY created_at DESC, version DESC LIMIT 1" + suffix,
+            (workflow, foreign_id),
+        )
+    else:
+        cur = await conn.execute(
+            f"SELECT {RECORD_COLUMNS} FROM pgflow.records WHERE run_id = %s"
+            " AND workflow = %s AND foreign_id = %s" + suffix,
+            (UUID(str(run_id)), workflow, foreign_id),
+        )
+    row = await cur.fetchone()
+    return RawRecord.from_row(row) if row else None
+
+
+async def load_many(conn: AsyncConnection[Any], run_ids: Sequence[UUID]) -> dict[UUID, RawRecord]:
+    """Records by run id, in one statement, without locks (see the module doc)."""
+    if not run_ids:
+        return {}
+    cur = await conn.execute(
+        f"SELECT {RECORD_COLUMNS} FROM pgflow.records WHERE run_id = ANY(%s::uuid[])",
+        (list(run_ids),),
+    )
+    return {r.run_id: r for r in map(RawRecord.from_row, await cur.fetchall())}
+
+
+# One statement inserts the record and its first event: one round trip, and with an
+# autocommit connection one commit, for the hottest client call.
+_INSERT_RUN = f"""
+WITH r AS (
+    INSERT INTO pgflow.records
+        (run_id, workflow, foreign_id, status, run_state, object, version, traceparent)
+    VALUES (%(run_id)s, %(workflow)s, %(foreign_id)s, %(status)s, %(run_state)s,
+            %(object)s::jsonb, 1, %(traceparent)s)
+    RETURNING {RECORD_COLUMNS}
+), e AS (
+    INSERT INTO pgflow.events (stream, type, foreign_id, run_id, version, headers, traceparent)
+    SELECT r.workflow, r.status, r.foreign_id, r.run_id, r.version, %(headers)s::jsonb,
+           r.traceparent
+    FROM r
+)
+SELECT {RECORD_COLUMNS} FROM r
+"""
+
+
+async def insert_run(
+    conn: AsyncConnection[Any],
+    *,
+    workflow: str,
+    foreign_id: str,
+    run_id: UUID,
+    status: str,
+    object_json: str | None,
+    traceparent: str | None = None,
+    run_state: RunState = RunState.INITIATED,
+    headers: Mapping[str, str] | None = None,
+) -> RawRecord:
+    """Create a run (version 1) and append its first event, in the caller's transaction.
+
+    Raises ``psycopg.errors.UniqueViolation`` when the foreign id already has an active
+    run (index ``records_one_active_run``) or ``run_id`` exists; callers translate it.
+    """
+    hdrs = {"run_state": str(run_state), "change": "trigger", **(headers or {})}
+    cur = await conn.execute(
+        _INSERT_RUN,
+        {
+            "run_id": run_id,
+            "workflow": workflow,
+            "foreign_id": foreign_id,
+            "status": status,
+            "run_state": str(run_state),
+            "object": object_json,
+            "traceparent": traceparent,
+            "headers": json.dumps(hdrs),
+        },
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return RawRecord.from_row(row)
+
+
+class _Unset(enum.Enum):
+    UNSET = 0
+
+
+UNSET = _Unset.UNSET
+
+
+async def write_change(
+    conn: AsyncConnection[Any],
+    rec: RawRecord,
+    *,
+    change: str,
+    status: str | None = None,
+    run_state: RunState | None = None,
+    object_json: str | _Unset | None = UNSET,
+    reset_errors: bool = False,
+    traceparent: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> RawRecord | None:
+    """Move ``rec`` to a new version and append the matching event (same transaction).
+
+    Compare-and-set on ``rec.version``: returns None, writing nothing, when the record
+    changed since ``rec`` was read. ``change`` names what happened (trigger, step,
+    pause, ...) and is stored in the event's headers together with the run state.
+    """
+    sets = ["version = version + 1", "updated_at = now()"]
+    params: list[Any] = []
+    if status is not None:
+        sets.append("status = %s")
+        params.append(status)
+    if run_state is not None:
+        sets.append("run_state = %s")
+        params.append(str(run_state))
+    if object_json is not UNSET:
+        sets.append("object = %s::jsonb")
+        params.append(object_json)
+    if reset_errors:
+        sets.append("err_count = 0, last_error = NULL, retry_at = NULL")
+    if traceparent is not None:
+        sets.append("traceparent = %s")
+        params.append(traceparent)
+    params += [rec.run_id, rec.version]
+    cur = await conn.execute(
+        f"UPDATE pgflow.records SET {', '.join(sets)} WHERE run_id = %s AND version = %s"
+        f" RETURNING {RECORD_COLUMNS}",
+        params,
+    )
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    new = RawRecord.from_row(row)
+    await append(
+        conn,
+        [
+            NewEvent(
+                stream=new.workflow,
+                type=new.status,
+                foreign_id=new.foreign_id,
+                run_id=new.run_id,
+                version=new.version,
+                headers={"run_state": str(new.run_state), "change": change, **(headers or {})},
+                traceparent=traceparent or new.traceparent,
+            )
+        ],
+    )
+    return new

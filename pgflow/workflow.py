@@ -1,0 +1,158 @@
+"""``pgflow.Workflow``: a built workflow — its client API plus the worker that runs it.
+
+``Builder.build(...)`` returns one. Used as a client only (a web app that triggers
+runs), it opens its bounded pool on first use. ``await wf.run()`` (or
+``async with wf:``) also starts this process's share of the work: a step consumer per
+(step, shard), a timer armer per (timeout, shard), the timer poller and the connector
+runners. Start as many worker processes as you like: each (consumer, shard) batch is
+processed by one of them at a time (advisory lock + cursor compare-and-set), and a
+killed worker's shards are picked up by the others at their next poll.
+
+Connection budget per process: one LISTEN connection plus the pool (``pool_size``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from ._connector_runner import ConnectorRunner
+from ._engine import Engine, Hooks
+from ._steps import StepConsumer
+from ._timers import Poller, TimerArmer
+from .api import API
+from .cursors import Consumer
+from .graph import Graph
+from .streamer import Listener
+
+__all__ = ["Workflow"]
+
+logger = logging.getLogger("pgflow.workflow")
+
+T = TypeVar("T")
+S = TypeVar("S", bound=enum.Enum)
+
+
+class Workflow(API[T, S], Generic[T, S]):
+    """A runnable workflow (see the module doc). Create it with ``Builder.build``."""
+
+    def __init__(
+        self,
+        graph: Graph[S],
+        object_type: Any,
+        dsn_or_pool: str | AsyncConnectionPool[AsyncConnection[Any]] | None,
+        *,
+        hooks: Hooks,
+        pool_size: int = 10,
+    ) -> None:
+        super().__init__(Engine(graph, object_type, dsn_or_pool, hooks=hooks, pool_size=pool_size))
+        self.graph = graph
+        self.object_type = object_type
+        self.consumers: list[Consumer] = []
+        self.poller: Poller[T, S] | None = None
+        self.runners: list[ConnectorRunner[T, S]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._running = False
+
+    @property
+    def engine(self) -> Engine[T, S]:
+        return self._engine
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def mermaid(self) -> str:
+        return self.graph.mermaid()
+
+    async def run(self) -> None:
+        """Start consuming in the background and return (``stop()`` ends it)."""
+        if self._running:
+            return
+        engine = self._engine
+        listener = Listener(engine.dsn)
+        await listener.start()
+        engine.listener = listener
+        pool = await engine.pool()
+        if engine.notifier is not None:
+            engine.notifier.listener = listener
+        intervals: list[timedelta] = []
+        for step in self.graph.steps.values():
+            intervals.append(step.options.polling_frequency)
+            for shard in range(step.options.parallel_count):
+                self.consumers.append(StepConsumer(engine, step, shard).make_consumer(pool))
+        for timeout in self.graph.timeouts.values():
+            intervals.append(timeout.options.polling_frequency)
+            for shard in range(timeout.options.parallel_count):
+                self.consumers.append(TimerArmer(engine, timeout, shard).make_consumer(pool))
+        for consumer in self.consumers:
+            self._spawn(consumer.run(), str(consumer.key))
+        self.poller = Poller(engine, min(intervals, default=timedelta(seconds=1)))
+        self._spawn(self.poller.run(), f"{engine.name}/poller")
+        for spec in self.graph.connectors.values():
+            runner = ConnectorRunner(self, spec)
+            self.runners.append(runner)
+            await runner.start()
+        self._running = True
+        logger.info(
+            "workflow %s running: %d consumers, %d connector runners",
+            engine.name,
+            len(self.consumers),
+            len(self.runners),
+        )
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        self._tasks.append(asyncio.create_task(coro, name=f"pgflow:{name}"))
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Finish the batches in flight (they commit or roll back), then shut down."""
+        for consumer in self.consumers:
+            consumer.stop()
+        if self.poller is not None:
+            self.poller.stop()
+        for runner in self.runners:
+            runner.stop()
+        waiting = list(self._tasks) + [t for r in self.runners for t in r.tasks]
+        if waiting:
+            _, pending = await asyncio.wait(waiting, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            for task in pending:
+                with contextlib.suppress(BaseException):
+                    await task
+        for runner in self.runners:
+            await runner.close()
+        self._tasks.clear()
+        self.consumers.clear()
+        self.runners.clear()
+        self.poller = None
+        engine = self._engine
+        if engine.listener is not None:
+            await engine.listener.stop()
+            engine.listener = None
+        await engine.close()
+        self._running = False
+
+    async def close(self) -> None:
+        """Stop if running and close the pool (a client-only workflow calls this)."""
+        await self.stop()
+
+    async def __aenter__(self) -> Workflow[T, S]:
+        await self.run()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()

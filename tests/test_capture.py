@@ -1,0 +1,125 @@
+"""Change capture: inserts, updates and deletes of an app table become events."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+import pgflow
+from pgflow.capture import Change, change_translator, changes_stream, make_change_translator
+from pgflow.connectors import table
+
+
+async def _drain(consumer: Any, pool: Any, expect: int = 0) -> list[Any]:
+    """Ack and commit the next batch; poll until it has ``expect`` events (concurrent
+    sessions in the cluster may hold the xid horizon back for a moment)."""
+    deadline = time.monotonic() + 30
+    while True:
+        async with pool.connection() as conn, conn.transaction():
+            batch = await consumer.recv_batch_in(conn, 100)
+            if len(batch) >= expect:
+                for _, ack in batch:
+                    await ack()
+                return [e for e, _ in batch]
+        assert time.monotonic() < deadline, f"no batch of {expect}"
+        await asyncio.sleep(0.02)
+
+
+async def test_capture_inserts_updates_deletes(pgflow_dsn: str, pool: Any) -> None:
+    async with pool.connection() as conn:
+        await conn.execute("CREATE SCHEMA app")
+        await conn.execute(
+            "CREATE TABLE app.orders (id text PRIMARY KEY, status text, total numeric)"
+        )
+    await pgflow.capture(pgflow_dsn, "app.orders")
+    await pgflow.capture(pgflow_dsn, "app.orders")  # idempotent
+    async with pool.connection() as conn:
+        await conn.execute("INSERT INTO app.orders VALUES ('o1', 'new', 10), ('o2', 'new', 5)")
+        await conn.execute("UPDATE app.orders SET status = 'paid' WHERE id = 'o1'")
+        await conn.execute("UPDATE app.orders SET status = status")  # no-op: not recorded
+        await conn.execute("DELETE FROM app.orders WHERE id = 'o2'")
+    connector = table.Connector(
+        changes_stream("app.orders"), table.CursorStore(pool), change_translator
+    )
+    consumer = await connector.make("orders-cdc")
+    events = await _drain(consumer, pool, 4)
+    assert [(e.type, e.foreign_id) for e in events] == [
+        ("insert", "o1"),
+        ("insert", "o2"),
+        ("update", "o1"),
+        ("delete", "o2"),
+    ]
+    update, delete = events[2], events[3]
+    assert update.headers["status"] == "paid" and update.headers["pgflow.changed"] == "status"
+    assert (
+        update.headers["pgflow.table"] == "app.orders" and update.headers["pgflow.op"] == "UPDATE"
+    )
+    assert delete.headers["total"] == "5"  # the row as it was
+    assert await _drain(consumer, pool) == []
+
+    await pgflow.uncapture(pgflow_dsn, "app.orders")
+    async with pool.connection() as conn:
+        await conn.execute("INSERT INTO app.orders VALUES ('o3', 'new', 1)")
+    assert await _drain(consumer, pool) == []
+
+
+async def test_capture_in_callers_transaction_and_composite_keys(
+    pgflow_dsn: str, pool: Any
+) -> None:
+    async with pool.connection() as conn:
+        await conn.execute(
+            "CREATE TABLE lines (order_id text, line int, sku text, PRIMARY KEY (order_id, line))"
+        )
+        await pgflow.capture(conn, "lines")  # same transaction as the app's DDL
+        await conn.execute("INSERT INTO lines VALUES ('o1', 1, 'abc')")
+    translate = make_change_translator(
+        type=lambda c: f"line.{c.op.lower()}", foreign_id=lambda c: str(c.row["order_id"])
+    )
+    consumer = await table.Connector(
+        changes_stream(["public.lines"], ops=["INSERT"]), table.CursorStore(pool), translate
+    ).make("l")
+    [ev] = await _drain(consumer, pool, 1)
+    assert (ev.type, ev.foreign_id, ev.headers["sku"]) == ("line.insert", "o1", "abc")
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT pk FROM pgflow.changes")
+        assert await cur.fetchone() == ('["o1", 1]',)
+
+
+async def test_capture_errors_are_clear(pgflow_dsn: str, pool: Any) -> None:
+    async with pool.connection() as conn:
+        await conn.execute("CREATE TABLE nokey (a int)")
+    with pytest.raises(psycopg.Error, match="no primary key"):
+        await pgflow.capture(pgflow_dsn, "nokey")
+    with pytest.raises(psycopg.Error, match="no column"):
+        await pgflow.capture(pgflow_dsn, "nokey", key=["b"])
+    await pgflow.capture(pgflow_dsn, "nokey", key="a")
+    with pytest.raises(ValueError, match="ops"):
+        changes_stream("nokey", ops=["TRUNCATE"])
+
+
+async def test_capture_rolled_back_writes_are_not_recorded(pgflow_dsn: str, pool: Any) -> None:
+    async with pool.connection() as conn:
+        await conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    await pgflow.capture(pgflow_dsn, "t")
+    async with pool.connection() as conn:
+        async with conn.transaction(force_rollback=True):
+            await conn.execute("INSERT INTO t VALUES (1)")
+        await conn.execute("INSERT INTO t VALUES (2)")
+        cur = await conn.execute("SELECT table_name, op, pk, new FROM pgflow.changes")
+        rows = await cur.fetchall()
+    assert rows == [("public.t", "INSERT", "2", {"id": 2})]
+    change = Change.from_row(
+        {
+            "id": 1,
+            "table_name": "public.t",
+            "op": "INSERT",
+            "pk": "2",
+            "old": None,
+            "new": {"id": 2},
+        }
+    )
+    assert change.row == {"id": 2} and change.changed == ["id"]

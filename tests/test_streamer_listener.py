@@ -1,0 +1,344 @@
+"""Wake-ups (Listener/Notifier), connection loss, and the stateless stream() reader.
+
+Consumers here poll rarely (30-60 s) so that prompt delivery proves the wake-up path
+under test; every wait has a deadline far below the polling interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from psycopg import AsyncConnection
+from psycopg.conninfo import make_conninfo
+from psycopg_pool import AsyncConnectionPool
+
+from pgflow.cursors import Consumer, CursorKey
+from pgflow.events import Event, NewEvent, Position, append, shard_hash
+from pgflow.streamer import Filter, Listener, Notifier, read_batch, stream
+from tests._util import wait_until
+
+Conn = AsyncConnection[Any]
+Pool = AsyncConnectionPool[Conn]
+SLOW_POLL = 60.0
+
+
+def _named(dsn: str, app: str) -> str:
+    return make_conninfo(dsn, application_name=app)
+
+
+@contextlib.asynccontextmanager
+async def _pool(dsn: str, app: str, size: int = 2) -> AsyncIterator[Pool]:
+    # check=: connections killed by the tests are replaced on checkout, so the test's
+    # own writes do not fail (the consumers under test get no such help).
+    p: Pool = AsyncConnectionPool(
+        _named(dsn, app),
+        min_size=1,
+        max_size=size,
+        open=False,
+        check=AsyncConnectionPool.check_connection if app.endswith("writer") else None,
+    )
+    await p.open(wait=True)
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+async def _terminate(dsn: str, app: str) -> int:
+    async with await AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = %s AND datname = current_database()",
+            (app,),
+        )
+        return int((await cur.fetchone() or [0])[0])
+
+
+async def _write(pool: Pool, *foreign_ids: str, stream_: str = "s") -> list[int]:
+    async with pool.connection() as conn:
+        return await append(conn, [NewEvent(stream_, "t", f) for f in foreign_ids])
+
+
+async def _settled(pool: Pool) -> None:
+    """Wait until every committed event is below the xid horizon (deliverable).
+
+    The horizon is cluster-wide: on a shared server other clients' transactions hold
+    it back for a moment, and a single-shot read right after a commit may see nothing.
+    """
+
+    async def check() -> bool:
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT NOT EXISTS (SELECT FROM pgflow.events"
+                " WHERE tx >= pg_snapshot_xmin(pg_current_snapshot()))"
+            )
+            return bool((await cur.fetchone() or [False])[0])
+
+    await wait_until(check, timeout=30, message="events below the xid horizon")
+
+
+class _Sink:
+    """A consumer handler that records what it saw."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+
+    async def __call__(self, events: list[Event], conn: Conn) -> None:
+        self.ids.extend(e.id for e in events)
+
+    def has(self, ids: list[int]) -> Any:
+        async def check() -> bool:
+            return set(ids) <= set(self.ids)
+
+        return check
+
+
+async def test_events_committed_between_listen_and_first_poll(pgflow_dsn: str) -> None:
+    listener = Listener(pgflow_dsn)
+    async with _pool(pgflow_dsn, "writer") as wpool, _pool(pgflow_dsn, "cons") as cpool:
+        await listener.start()
+        notifier = Notifier(wpool)  # no local listener: wake-ups travel through NOTIFY
+        probe = listener.subscribe("s")
+        try:
+            # Committed and notified after LISTEN but before the consumer exists: its
+            # notification reaches nobody, so only the start-up poll can find it.
+            early = await _write(wpool, "early")
+            await notifier.flush()
+            notifier.poke("s")
+            await notifier.flush()
+            assert await probe.wait(10)  # the NOTIFY was consumed already
+            sink = _Sink()
+            consumer = Consumer(
+                cpool, CursorKey("c"), Filter("s"), sink, listener=listener, poll_interval=SLOW_POLL
+            )
+            task = asyncio.create_task(consumer.run())
+            await wait_until(sink.has(early), timeout=10, message="start-up poll")
+            # And afterwards notifications drive delivery.
+            later = await _write(wpool, "later")
+            notifier.poke("s")
+            await notifier.flush()
+            await wait_until(sink.has(later), timeout=10, message="notified delivery")
+            assert sink.ids == early + later
+            consumer.stop()
+            await asyncio.wait_for(task, 10)
+        finally:
+            probe.close()
+            await listener.stop()
+
+
+async def test_stream_sees_events_committed_before_it_started(pgflow_dsn: str) -> None:
+    listener = Listener(pgflow_dsn)
+    async with _pool(pgflow_dsn, "rw") as pool:
+        await listener.start()
+        try:
+            early = await _write(pool, "a", "b")
+            it = stream(pool, Filter("s"), listener=listener, poll_interval=SLOW_POLL)
+            first = await asyncio.wait_for(anext(it), 10)
+            assert [e.id for e in first] == early
+            later = await _write(pool, "c")
+            Notifier(pool, listener).poke("s")  # in-process wake-up, no round trip
+            second = await asyncio.wait_for(anext(it), 10)
+            assert [e.id for e in second] == later
+            await it.aclose()
+        finally:
+            await listener.stop()
+
+
+async def test_listener_and_pool_connections_killed(pgflow_dsn: str) -> None:
+    listener = Listener(_named(pgflow_dsn, "test-listener"), health_check_interval=0.5)
+    async with (
+        _pool(pgflow_dsn, "test-writer") as wpool,
+        _pool(pgflow_dsn, "test-consumer") as cpool,
+    ):
+        await listener.start()
+        notifier = Notifier(wpool)
+        notifier.start()
+        sink = _Sink()
+        consumer = Consumer(
+            cpool, CursorKey("c"), Filter("s"), sink, listener=listener, poll_interval=SLOW_POLL
+        )
+        task = asyncio.create_task(consumer.run())
+        probe = listener.subscribe("s")
+        try:
+            expected = await _write(wpool, "one")
+            notifier.poke("s")
+            await wait_until(sink.has(expected), timeout=10, message="first event")
+
+            # 1. Kill the LISTEN connection: it reconnects, re-LISTENs, wakes everyone.
+            await probe.wait(0)  # clear
+            assert listener.connects == 1
+            assert await _terminate(pgflow_dsn, "test-listener") == 1
+
+            async def reconnected() -> bool:
+                return listener.connects >= 2 and listener.connected
+
+            await wait_until(reconnected, timeout=10, message="listener reconnect")
+            assert await probe.wait(5)  # woken by the reconnect itself, no NOTIFY sent
+            expected += await _write(wpool, "two")
+            notifier.poke("s")
+            await wait_until(sink.has(expected), timeout=10, message="after listener kill")
+
+            # 2. Kill the consumer's (and the notifier's) pool connections.
+            assert await _terminate(pgflow_dsn, "test-consumer") >= 1
+            await _terminate(pgflow_dsn, "test-writer")
+            expected += await _write(wpool, "three")  # pool replaces the dead conn
+            notifier.poke("s")
+            await wait_until(sink.has(expected), timeout=15, message="after pool kill")
+
+            # 3. Both at once.
+            await _terminate(pgflow_dsn, "test-listener")
+            await _terminate(pgflow_dsn, "test-consumer")
+            expected += await _write(wpool, "four", "five")
+            notifier.poke("s")
+            await wait_until(sink.has(expected), timeout=15, message="after both killed")
+            assert listener.connects >= 3
+            assert sorted(sink.ids) == sorted(expected) and len(sink.ids) == len(expected)
+        finally:
+            probe.close()
+            consumer.stop()
+            await asyncio.wait_for(task, 10)
+            await notifier.stop()
+            await listener.stop()
+
+
+async def test_stream_from_head_and_to_head(pool: Pool) -> None:
+    old = await _write(pool, "a", "b", "c")
+    await _settled(pool)
+    # to_head from the start: everything, then the iterator ends.
+    got = [e.id async for batch in stream(pool, Filter("s"), to_head=True) for e in batch]
+    assert got == old
+    # from_head + to_head: nothing (already at the head).
+    assert [b async for b in stream(pool, Filter("s"), from_head=True, to_head=True)] == []
+    # small batches still reach the head exactly once
+    batches = [
+        [e.id for e in b] async for b in stream(pool, Filter("s"), batch_size=2, to_head=True)
+    ]
+    assert batches == [old[:2], old[2:]]
+    # from_head, live: only what is appended afterwards. An open transaction holds
+    # the horizon, so "d" (committed) is not final yet when the head is taken: it must
+    # still be delivered once the horizon passes it, not be treated as history.
+    async with pool.connection() as holder:
+        await holder.execute("SELECT pg_current_xact_id()")
+        new = await _write(pool, "d")
+        it = stream(pool, Filter("s"), from_head=True, poll_interval=0.05)
+        first = asyncio.create_task(anext(it))
+        await asyncio.sleep(0.2)  # give the reader time to (wrongly) skip; not required
+        assert not first.done()
+    batch = await asyncio.wait_for(first, 10)
+    assert [e.id for e in batch] == new
+    await it.aclose()
+
+
+async def test_lag_delays_but_never_skips(pool: Pool) -> None:
+    async with pool.connection() as conn:
+        [young] = await append(conn, [NewEvent("s", "t", "young")])
+    async with pool.connection() as conn:
+        [old] = await append(conn, [NewEvent("s", "t", "old")])
+        await conn.execute(
+            "UPDATE pgflow.events SET created_at = now() - interval '1 hour' WHERE id = %s",
+            (old,),
+        )
+    await _settled(pool)
+    lag = timedelta(minutes=5)
+    # The young event comes first in (tx, id) order, so nothing is ripe "in order":
+    # the old one must wait too rather than be delivered past the young one.
+    assert [b async for b in stream(pool, Filter("s"), to_head=True, lag=lag)] == []
+    async with pool.connection() as conn:
+        assert await read_batch(conn, Filter("s"), Position.start(), lag=lag) == []
+        await conn.execute(
+            "UPDATE pgflow.events SET created_at = now() - interval '1 hour' WHERE id = %s",
+            (young,),
+        )
+    got = [e.id async for b in stream(pool, Filter("s"), to_head=True, lag=lag) for e in b]
+    assert got == [young, old]  # delivered later, in order, none skipped
+
+
+async def test_shards_partition_the_stream(pool: Pool) -> None:
+    fids = [f"order-{i}" for i in range(25)]
+    ids = await _write(pool, *(fids * 3))
+    await _settled(pool)
+    n = 3
+    by_shard: dict[int, list[Event]] = {}
+    for shard in range(n):
+        flt = Filter("s", shard=shard, shard_count=n)
+        by_shard[shard] = [
+            e async for b in stream(pool, flt, batch_size=7, to_head=True) for e in b
+        ]
+    all_ids = [e.id for evs in by_shard.values() for e in evs]
+    assert sorted(all_ids) == ids and len(set(all_ids)) == len(ids)  # a partition
+    for shard, events in by_shard.items():
+        assert events, "25 foreign ids should cover every shard"
+        for e in events:
+            assert e.shard_hash == shard_hash(e.foreign_id)  # DB and Python agree
+            assert e.shard_hash % n == shard
+        assert [e.position for e in events] == sorted(e.position for e in events)
+    homes = {e.foreign_id: s for s, evs in by_shard.items() for e in evs}
+    for s, evs in by_shard.items():
+        assert all(homes[e.foreign_id] == s for e in evs)  # same foreign id, same shard
+
+
+async def test_type_filters_keep_tx_id_order(pool: Pool) -> None:
+    """One type uses the (stream, type, tx, id) index; several are merged per type."""
+    kinds = ["a", "b", "c", "a", "b", "a", "c", "b"]
+    async with pool.connection() as conn:
+        for i, kind in enumerate(kinds):
+            await append(conn, [NewEvent("s", kind, f"f{i % 4}")])
+            await conn.commit()
+        await append(conn, [NewEvent("other", "a", "x")])
+    await _settled(pool)
+    async with pool.connection() as conn:
+        everything = await read_batch(conn, Filter("s"), Position.start())
+        for types in (("a",), ("a", "b"), ("b", "a", "a"), ("a", "b", "c")):
+            for shard_count in (1, 2):
+                for shard in range(shard_count):
+                    flt = Filter("s", types, shard, shard_count)
+                    expected = [
+                        e.id
+                        for e in everything
+                        if e.type in types and e.shard_hash % shard_count == shard
+                    ]
+                    got: list[int] = []
+                    pos = Position.start()
+                    while batch := await read_batch(conn, flt, pos, limit=2):
+                        got.extend(e.id for e in batch)
+                        pos = batch[-1].position
+                    assert got == expected, (types, shard, shard_count)
+
+
+@pytest.mark.parametrize("bad", [{"shard": 3, "shard_count": 3}, {"types": ()}])
+def test_filter_validation(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        Filter("s", **bad)
+
+
+async def test_consumer_rechecks_events_held_back_by_a_silent_transaction(
+    pgflow_dsn: str,
+) -> None:
+    """Woken for an event that an older transaction still hides, the consumer must not
+    sleep a whole polling interval: that transaction may end without any NOTIFY."""
+    listener = Listener(pgflow_dsn)
+    async with _pool(pgflow_dsn, "writer") as pool:
+        await listener.start()
+        sink = _Sink()
+        consumer = Consumer(
+            pool, CursorKey("c"), Filter("s"), sink, listener=listener, poll_interval=SLOW_POLL
+        )
+        task = asyncio.create_task(consumer.run())
+        holder = await AsyncConnection.connect(pgflow_dsn)
+        try:
+            await holder.execute("SELECT pg_current_xact_id()")  # silent xid holder
+            ids = await _write(pool, "x")
+            Notifier(pool, listener).poke("s")
+            assert not await sink.has(ids)()  # hidden by the horizon for now
+            await holder.commit()  # no notification follows
+            await wait_until(sink.has(ids), timeout=10, message="delivery after the holder")
+        finally:
+            await holder.close()
+            consumer.stop()
+            await asyncio.wait_for(task, 10)
+            await listener.stop()

@@ -1,0 +1,262 @@
+"""The connector runner: sharding and order, retries and dead letters, exactly-once."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import AsyncConnection
+
+import pgflow
+from pgflow.connectors import Ack, ConnectorEvent
+from pgflow.events import shard_hash
+from tests._util import wait_until
+
+
+class S(enum.IntEnum):
+    NEW = 1
+    DONE = 2
+
+
+class BroadcastConnector:
+    """A broker that delivers every event to every consumer (like a fan-out topic)."""
+
+    def __init__(self, events: list[ConnectorEvent]) -> None:
+        self.events = events
+        self.acks: dict[str, list[str]] = defaultdict(list)
+
+    async def make(self, consumer_name: str) -> BroadcastConsumer:
+        return BroadcastConsumer(self, consumer_name)
+
+
+class BroadcastConsumer:
+    def __init__(self, connector: BroadcastConnector, name: str) -> None:
+        self.connector = connector
+        self.name = name
+        self.next = 0
+
+    async def recv(self) -> tuple[ConnectorEvent, Ack]:
+        while self.next >= len(self.connector.events):  # noqa: ASYNC110 - a fake broker
+            await asyncio.sleep(0.01)
+        event = self.connector.events[self.next]
+
+        async def ack() -> None:
+            self.connector.acks[self.name].append(event.id)
+            self.next += 1  # only an ack moves on: unacked events are redelivered
+
+        return event, ack
+
+    async def close(self) -> None:
+        return None
+
+
+def workflow(dsn: str) -> pgflow.Builder[dict[str, Any], S]:
+    b = pgflow.Builder("conn", dict, S, polling_frequency=0.1)
+    b.add_step(S.NEW, lambda run: S.DONE, S.DONE)
+    return b
+
+
+async def test_sharded_in_order_each_event_once(pgflow_dsn: str) -> None:
+    events = [
+        ConnectorEvent(id=f"{fid}-{seq}", foreign_id=fid, type="order", headers={"seq": str(seq)})
+        for seq in range(5)
+        for fid in (f"f{i}" for i in range(12))
+    ]
+    connector = BroadcastConnector(events)
+    handled: dict[str, list[int]] = defaultdict(list)
+    shards: dict[str, set[int]] = defaultdict(set)
+
+    async def fn(api: pgflow.API[dict[str, Any], S], event: ConnectorEvent) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        shards[event.foreign_id].add(int(task.get_name().rsplit(":", 1)[1]))
+        handled[event.foreign_id].append(int(event.headers["seq"]))
+        if event.headers["seq"] == "0":
+            await api.trigger(event.foreign_id, initial={"from": event.id})
+
+    b = workflow(pgflow_dsn)
+    b.add_connector("orders-in", connector, fn, parallel_count=3)
+    async with b.build(pgflow_dsn) as wf:
+        await wait_until(
+            lambda: _true(all(len(connector.acks[n]) == len(events) for n in _names(3))),
+            message="every consumer acked every event",
+        )
+        for i in range(12):
+            rec = await pgflow.testing.require(wf, f"f{i}", S.DONE)
+            assert rec.object == {"from": f"f{i}-0"}
+    assert sorted(connector.acks) == sorted(_names(3))
+    for fid, seqs in handled.items():
+        assert seqs == [0, 1, 2, 3, 4], fid  # in order, each once
+        assert shards[fid] == {shard_hash(fid) % 3}
+    assert len({s for v in shards.values() for s in v}) == 3  # all shards did work
+
+
+def _names(n: int) -> list[str]:
+    return [f"orders-in-{i + 1}-of-{n}" for i in range(n)]
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_retries_then_dead_letter_without_losing_or_skipping(pgflow_dsn: str) -> None:
+    events = [ConnectorEvent(id=f"e{i}", foreign_id=f"x{i}", type="t") for i in range(6)]
+    connector = BroadcastConnector(events)
+    calls: dict[str, int] = defaultdict(int)
+    order: list[str] = []
+
+    async def fn(api: pgflow.API[dict[str, Any], S], event: ConnectorEvent) -> None:
+        calls[event.id] += 1
+        if event.id == "e2":
+            await api.trigger(event.foreign_id)  # rolled back with the failure
+            raise RuntimeError("downstream is down")
+        if event.id == "e4" and calls["e4"] < 3:
+            raise TimeoutError("flaky")
+        order.append(event.id)
+        await api.trigger(event.foreign_id)
+
+    b = workflow(pgflow_dsn)
+    b.add_connector("pay", connector, fn, max_retries=3, err_backoff=timedelta(milliseconds=10))
+    async with b.build(pgflow_dsn) as wf:
+        await wait_until(lambda: _true(len(connector.acks["pay-1-of-1"]) == 6), message="acks")
+        assert calls["e2"] == 3 and calls["e4"] == 3
+        assert order == ["e0", "e1", "e3", "e4", "e5"]
+        assert not await wf.exists("x2")
+        assert await wf.exists("x4")
+    async with await psycopg.AsyncConnection.connect(pgflow_dsn) as conn:
+        cur = await conn.execute(
+            "SELECT consumer, event_id, foreign_id, type, reason, attempts FROM pgflow.dead_letters"
+        )
+        assert await cur.fetchall() == [
+            ("pay", "e2", "x2", "t", "RuntimeError: downstream is down", 3)
+        ]
+
+
+async def test_consume_lag_and_lag_alert(pgflow_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    now = datetime.now(UTC)
+    old = ConnectorEvent(id="old", foreign_id="o", type="t", created_at=now - timedelta(hours=1))
+    fresh = ConnectorEvent(id="fresh", foreign_id="f", type="t", created_at=now)
+    connector = BroadcastConnector([old, fresh])
+    seen: dict[str, datetime] = {}
+
+    async def fn(api: pgflow.API[dict[str, Any], S], event: ConnectorEvent) -> None:
+        seen[event.id] = datetime.now(UTC)
+
+    b = workflow(pgflow_dsn)
+    b.add_connector(
+        "lagged", connector, fn, consume_lag=timedelta(seconds=0.5), lag_alert=timedelta(minutes=1)
+    )
+    with caplog.at_level(logging.WARNING, logger="pgflow.connectors"):
+        async with b.build(pgflow_dsn):
+            await wait_until(lambda: _true(len(seen) == 2), message="both handled")
+    assert seen["fresh"] - fresh.created_at >= timedelta(seconds=0.5)
+    alerts = [r.getMessage() for r in caplog.records if "lag_alert" in r.getMessage()]
+    assert len(alerts) == 1 and "event old" in alerts[0]
+
+
+# -- a transactional source in the same database: exactly-once ---------------------------
+
+
+class TableSource:
+    """Tails table ``src`` by id; the cursor lives in ``src_cursor`` (same database)."""
+
+    async def make(self, consumer_name: str) -> TableConsumer:
+        return TableConsumer(consumer_name)
+
+
+class TableConsumer:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def recv_batch_in(
+        self, conn: AsyncConnection[Any], limit: int
+    ) -> list[tuple[ConnectorEvent, Ack]]:
+        cur = await conn.execute("SELECT pg_try_advisory_xact_lock(hashtext(%s))", (self.name,))
+        row = await cur.fetchone()
+        if not row or not row[0]:
+            return []
+        await conn.execute(
+            "INSERT INTO src_cursor VALUES (%s, 0) ON CONFLICT DO NOTHING", (self.name,)
+        )
+        cur = await conn.execute(
+            "SELECT s.id, s.foreign_id, s.created_at FROM src s, src_cursor c"
+            " WHERE c.name = %s AND s.id > c.last_id ORDER BY s.id LIMIT %s",
+            (self.name, limit),
+        )
+        out = []
+        for id_, foreign_id, created_at in await cur.fetchall():
+
+            async def ack(id_: int = id_) -> None:
+                await conn.execute(
+                    "UPDATE src_cursor SET last_id = %s WHERE name = %s", (id_, self.name)
+                )
+
+            out.append(
+                (
+                    ConnectorEvent(
+                        id=str(id_), foreign_id=foreign_id, type="src", created_at=created_at
+                    ),
+                    ack,
+                )
+            )
+        return out
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_transactional_consumer_is_exactly_once(pgflow_dsn: str) -> None:
+    async with await psycopg.AsyncConnection.connect(pgflow_dsn, autocommit=True) as conn:
+        await conn.execute(
+            "CREATE TABLE src (id bigserial PRIMARY KEY, foreign_id text,"
+            " created_at timestamptz DEFAULT now());"
+            "CREATE TABLE src_cursor (name text PRIMARY KEY, last_id bigint);"
+            "CREATE TABLE seen (src_id text)"
+        )
+        await conn.execute(
+            "INSERT INTO src (foreign_id) SELECT 'u' || g FROM generate_series(1, 200) g"
+        )
+    failed_once: set[str] = set()
+
+    async def fn(api: pgflow.API[dict[str, Any], S], event: ConnectorEvent) -> None:
+        assert api.conn is not None
+        await api.trigger(event.foreign_id, initial={"src": event.id})
+        await api.conn.execute("INSERT INTO seen VALUES (%s)", (event.id,))
+        if int(event.id) % 17 == 0 and event.id not in failed_once:
+            failed_once.add(event.id)
+            raise RuntimeError("fail after the trigger and the write: both roll back")
+
+    def build() -> pgflow.Workflow[dict[str, Any], S]:
+        b = workflow(pgflow_dsn)
+        b.add_connector("src", TableSource(), fn, parallel_count=2, batch_size=25, err_backoff=0.01)
+        return b.build(pgflow_dsn)
+
+    async with build() as wf, build():  # two "processes" competing for the shards
+        async with await psycopg.AsyncConnection.connect(pgflow_dsn, autocommit=True) as conn:
+            await conn.execute(
+                "INSERT INTO src (foreign_id) SELECT 'v' || g FROM generate_series(1, 50) g"
+            )
+
+            async def done() -> bool:
+                cur = await conn.execute(
+                    "SELECT count(*) FROM pgflow.records WHERE run_state = 'COMPLETED'"
+                )
+                row = await cur.fetchone()
+                return bool(row and row[0] == 250)
+
+            await wait_until(done, timeout=30, message="250 runs completed")
+            cur = await conn.execute("SELECT count(*), count(DISTINCT src_id) FROM seen")
+            assert await cur.fetchone() == (250, 250)
+            cur = await conn.execute("SELECT count(*) FROM pgflow.records")
+            assert await cur.fetchone() == (250,)
+            cur = await conn.execute("SELECT min(last_id), max(last_id) FROM src_cursor")
+            assert await cur.fetchone() == (250, 250)
+        rec = await wf.latest("u17")
+        assert rec.object == {"src": "17"}
+    assert len(failed_once) == 250 // 17
