@@ -66,7 +66,7 @@ class Status(enum.IntEnum):
 
 
 def make_workflow(steps: int, dsn: str) -> pgflow.Workflow[dict[str, Any], Status]:
-    b = pgflow.Builder(f"bench{steps}", dict, Status, batch_size=200, polling_frequency=0.5)
+    b = pgflow.Builder(f"bench{steps}", dict, Status, batch_size=200, polling_frequency=0.1)
     chain = [*[Status.START, Status.STEP1, Status.STEP2][:steps], Status.DONE]
     for src, dest in itertools.pairwise(chain):
 

