@@ -36,7 +36,16 @@ from pgflow import observability as obs
 from tests._otlp_receiver import OtlpReceiver
 
 GOAL = 0.85
-OTEL_ENV = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_SERVICE_NAME")
+OTEL_ENV = (
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_SERVICE_NAME",
+    "OTEL_METRICS_EXPORTER",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
+)
+#: mode -> sampled fraction (None: tracing off)
+MODES: dict[str, float | None] = {"off": None, "on": 1.0, "on-10%": 0.1}
 
 
 def _provider(receiver: OtlpReceiver) -> Any:
@@ -52,18 +61,24 @@ def _provider(receiver: OtlpReceiver) -> Any:
     return provider
 
 
-def _set_tracing(on: bool, receiver: OtlpReceiver) -> Any:
+def _set_tracing(mode: str, receiver: OtlpReceiver) -> Any:
     """Workers inherit os.environ (bench/workflow.py start_workers); the driver is
     configured explicitly. Returns the driver's provider (to shut down) or None."""
     for var in OTEL_ENV:
         os.environ.pop(var, None)
     obs.reset()
-    if not on:
+    fraction = MODES[mode]
+    if fraction is None:
         obs.disable()
         return None
     os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint
     os.environ["OTEL_EXPORTER_OTLP_PROTOCOL"] = "http/protobuf"
     os.environ["OTEL_SERVICE_NAME"] = "bench-worker"
+    os.environ["OTEL_METRICS_EXPORTER"] = "none"  # traces only, as with Jaeger
+    if fraction < 1.0:
+        # Sampled at the root (the trigger); steps follow the stored sampled flag.
+        os.environ["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+        os.environ["OTEL_TRACES_SAMPLER_ARG"] = str(fraction)
     provider = _provider(receiver)
     obs.configure(tracer_provider=provider)
     return provider
@@ -74,20 +89,22 @@ async def end_to_end(
 ) -> list[dict[str, Any]]:
     rows = []
     for i in range(rounds):
-        for on in (False, True) if i % 2 == 0 else (True, False):
-            provider = _set_tracing(on, receiver)
-            before = len(receiver.spans())
+        order = list(MODES) if i % 2 == 0 else list(reversed(MODES))
+        for mode in order:
+            provider = _set_tracing(mode, receiver)
+            before = receiver.span_count
             try:
+                on = MODES[mode] is not None
                 row = await wfbench.scenario(server, "pgflow", workers, 3, runs, on)
             finally:
                 if provider is not None:
                     provider.shutdown()
                 obs.reset()
             # the workers flush their spans when they exit (stop_workers waits for it)
-            spans = len(receiver.spans()) - before
-            rows.append({"round": i + 1, "tracing": "on" if on else "off", **row, "spans": spans})
+            spans = receiver.span_count - before
+            rows.append({"round": i + 1, "tracing": mode, **row, "spans": spans})
             print(
-                f"round {i + 1} tracing {'on ' if on else 'off'}: {row['runs_per_s']:.0f} runs/s,"
+                f"round {i + 1} tracing {mode:>6}: {row['runs_per_s']:.0f} runs/s,"
                 f" p50 {row['p50_ms']:.1f} ms, spans exported {spans}",
                 flush=True,
             )
@@ -113,6 +130,7 @@ def per_hook(receiver: OtlpReceiver, n: int) -> dict[str, float]:
     provider = _provider(receiver)
     obs.configure(tracer_provider=provider)
     on = min(loop() for _ in range(3))
+    provider.force_flush()
     provider.shutdown()
     obs.reset()
     return {"spans_per_loop": n, "off_us": off, "on_us": on, "delta_us": on - off}
@@ -121,22 +139,27 @@ def per_hook(receiver: OtlpReceiver, n: int) -> dict[str, float]:
 async def main(args: argparse.Namespace) -> int:
     runs = args.runs or (300 if args.quick else 2000)
     rounds = args.rounds or (1 if args.quick else 3)
-    with OtlpReceiver() as receiver:
+    with OtlpReceiver(keep=False) as receiver:
         rows = await end_to_end(args.dsn, receiver, rounds, runs, args.workers)
         hook = per_hook(receiver, 2000 if args.quick else 20000)
     print()
     print_table(
         rows, ["round", "tracing", "runs", "seconds", "runs_per_s", "p50_ms", "p99_ms", "spans"]
     )
-    off = statistics.median(r["runs_per_s"] for r in rows if r["tracing"] == "off")
-    on = statistics.median(r["runs_per_s"] for r in rows if r["tracing"] == "on")
+    median = {
+        mode: statistics.median(r["runs_per_s"] for r in rows if r["tracing"] == mode)
+        for mode in MODES
+    }
+    off, on = median["off"], median["on"]
     ratio = on / off
+    ratio_sampled = median["on-10%"] / off
     expected = runs * 4  # trigger + 3 steps per run
     exported = [r["spans"] for r in rows if r["tracing"] == "on"]
     print(
-        f"\n3-step runs/s, median of {rounds}: off {off:.0f}, on {on:.0f};"
-        f" on / off = {ratio:.2f} (goal >= {GOAL}); spans exported per on-round"
-        f" {exported} (expected >= {expected})"
+        f"\n3-step runs/s, median of {rounds}: off {off:.0f}, on {on:.0f},"
+        f" on-10% {median['on-10%']:.0f}; on / off = {ratio:.2f} (goal >= {GOAL}),"
+        f" on-10% / off = {ratio_sampled:.2f}; spans exported per on-round {exported}"
+        f" (expected {expected})"
     )
     print(
         f"step_span: off {hook['off_us']:.2f} us, on {hook['on_us']:.1f} us"
@@ -149,9 +172,9 @@ async def main(args: argparse.Namespace) -> int:
             "workers": args.workers,
             "goal_ratio": GOAL,
             "rows": rows,
-            "median_runs_per_s_off": off,
-            "median_runs_per_s_on": on,
+            "median_runs_per_s": median,
             "ratio_on_off": ratio,
+            "ratio_sampled_10pct_off": ratio_sampled,
             "spans_expected_per_on_round": expected,
             "per_hook": hook,
         },

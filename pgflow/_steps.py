@@ -253,12 +253,15 @@ class StepConsumer(Generic[T, S]):
                 self._attributes(rec),
             ) as traceparent:
                 dest = await maybe_await(spec.fn(run))
-                if dest is not None and not run.changed:
-                    if not isinstance(dest, engine.statuses.enum) or dest not in spec.to:
-                        raise InvalidTransition(
-                            f"step {spec.name} returned {dest!r}: not one of its declared "
-                            f"destinations ({', '.join(s.name for s in spec.to)}) or None"
-                        )
+                if (
+                    dest is not None
+                    and not run.changed
+                    and (not isinstance(dest, engine.statuses.enum) or dest not in spec.to)
+                ):
+                    raise InvalidTransition(
+                        f"step {spec.name} returned {dest!r}: not one of its declared "
+                        f"destinations ({', '.join(s.name for s in spec.to)}) or None"
+                    )
         except psycopg.OperationalError:
             raise
         except Exception as exc:

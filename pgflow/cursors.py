@@ -328,6 +328,8 @@ class Consumer:
                     self.on_batch(result)
                 if result.outcome is BatchOutcome.APPLIED and result.events == self.batch_size:
                     continue  # more is waiting
+                if result.outcome is BatchOutcome.APPLIED:
+                    recheck = _RECHECK_MIN  # progress: held-back rechecks start small again
                 if result.held_back:
                     # Committed events wait for an older transaction to end; that
                     # transaction may never notify, so look again soon (backing off),

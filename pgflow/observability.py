@@ -254,6 +254,16 @@ def _global_meter_provider() -> MeterProvider | None:
     return provider
 
 
+def _meter_global_unset() -> bool:
+    from opentelemetry import metrics as otel_metrics
+
+    try:
+        from opentelemetry.metrics._internal import _ProxyMeterProvider
+    except ImportError:  # pragma: no cover - private name moved
+        return False
+    return isinstance(otel_metrics.get_meter_provider(), _ProxyMeterProvider)
+
+
 def _tracer_provider_from_environment() -> TracerProvider | None:
     if _env_true("OTEL_SDK_DISABLED"):
         return None
@@ -277,8 +287,10 @@ def _tracer_provider_from_environment() -> TracerProvider | None:
     for exporter in exporters:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     # The app had no provider: make ours global so spans the app opens inside steps
-    # (HTTP clients, DB instrumentation) join the run's trace.
-    trace.set_tracer_provider(provider)
+    # (HTTP clients, DB instrumentation) join the run's trace. (Only once per process:
+    # the SDK refuses to replace a global provider.)
+    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        trace.set_tracer_provider(provider)
     _owned.append(provider)
     return provider
 
@@ -330,7 +342,8 @@ def _meter_provider_from_environment() -> MeterProvider | None:
             logger.error("metrics disabled: cannot create metric exporter %r (%s)", name, exc)
             return None
     provider = SdkMeterProvider(metric_readers=readers, resource=_resource())
-    otel_metrics.set_meter_provider(provider)
+    if _meter_global_unset():
+        otel_metrics.set_meter_provider(provider)
     _owned.append(provider)
     return provider
 

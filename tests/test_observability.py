@@ -73,7 +73,7 @@ def test_off_by_default_creates_nothing(monkeypatch: pytest.MonkeyPatch) -> None
     def no_spans(*a: Any, **k: Any) -> Any:
         raise AssertionError("a span was started while tracing is off")
 
-    monkeypatch.setattr(obs, "_span", no_spans)
+    monkeypatch.setattr(obs, "_Span", no_spans)
     tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     with obs.trigger_span("orders", "o-1", {"run_id": "x"}) as got:
         assert got is None

@@ -50,9 +50,7 @@ def resolve_workflow(target: Any, dsn: str | None) -> Workflow[Any, Any] | Build
         target = target()
     if isinstance(target, Builder | Workflow):
         return target
-    raise ConfigError(
-        f"{target!r} is not a pgflow.Builder, a pgflow.Workflow, or a factory of one"
-    )
+    raise ConfigError(f"{target!r} is not a pgflow.Builder, a pgflow.Workflow, or a factory of one")
 
 
 def build_workflow(spec: str, dsn: str | None) -> Workflow[Any, Any]:
