@@ -22,8 +22,9 @@ of the run's last event minus that of its first (trigger insert -> final step's 
   the same one-step workflow as DBOS ``@DBOS.workflow`` + ``@DBOS.step``, started with
   ``DBOS.start_workflow`` from 32 threads, for comparison.
 
-``--tracing on`` is a placeholder for the observability work (tracing on vs off): it
-is passed to the workers as ``PGFLOW_BENCH_TRACING=1`` and recorded in the results.
+``--tracing on`` exports every span (trigger and steps, all processes) over OTLP/HTTP to
+a local receiver (``tests/_otlp_receiver.py``), configured only through the standard
+``OTEL_*`` variables; ``bench/tracing.py`` runs the on/off comparison.
 """
 
 from __future__ import annotations
@@ -407,6 +408,12 @@ def dbos_run(server: str, runs: int) -> None:
 async def main(args: argparse.Namespace) -> int:
     runs = args.runs or (600 if args.quick else 20_000)
     tracing = args.tracing == "on"
+    if tracing:  # OTLP/HTTP to a local receiver; workers inherit the environment
+        from tests._otlp_receiver import OtlpReceiver
+
+        receiver = OtlpReceiver(keep=False).__enter__()
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint
+        os.environ["OTEL_METRICS_EXPORTER"] = "none"
     rows: list[dict[str, Any]] = []
     plan = [
         ("pgflow", 1, 1),

@@ -1,10 +1,19 @@
 """Runs ``add_connector`` functions over events from outside sources.
 
-With ``parallel_count=N`` the runner makes N consumers
-(``connector.make(f"{name}-{i+1}-of-{N}")``). Consumer ``i`` handles only the events
-with ``shard_hash(event.foreign_id) % N == i`` and acks the others, so on a source
-that delivers every event to every consumer, each event is handled once, and one
-entity's events are handled in order by one shard.
+With ``parallel_count=N`` the runner makes N consumers named by
+:func:`consumer_name`: ``"<workflow>--<connector>-<i+1>-of-<N>"`` (e.g.
+``orders--payments-1-of-2``). The name is what a source keys its position on (a Redis
+consumer group, a NATS durable, a Kafka group, a RabbitMQ queue, a table cursor), so it
+is scoped to the workflow: two workflows that each have a connector called
+``payments`` on the same source keep separate positions and each sees every event.
+The separator ``--`` and the rest of the name use only characters every shipped
+broker accepts as-is when the workflow and connector names do (letters, digits, ``-``
+and ``_``); connectors sanitise anything else themselves (e.g. NATS durables cannot
+contain ``.``). Renaming a workflow or a connector therefore starts a new position.
+
+Consumer ``i`` handles only the events with ``shard_hash(event.foreign_id) % N == i``
+and acks the others, so on a source that delivers every event to every consumer, each
+event is handled once, and one entity's events are handled in order by one shard.
 
 Per event, ``fn(api, event)`` runs in one transaction on the workflow's pool with
 ``api = wf.bind(conn)``, so everything it does through the API commits together.
@@ -48,12 +57,18 @@ from .observability import connector_span, metrics
 if TYPE_CHECKING:  # pragma: no cover
     from .workflow import Workflow
 
-__all__ = ["ConnectorRunner", "dead_letter"]
+__all__ = ["ConnectorRunner", "consumer_name", "dead_letter"]
 
 logger = logging.getLogger("pgflow.connectors")
 
 T = TypeVar("T")
 S = TypeVar("S", bound=enum.Enum)
+
+
+def consumer_name(workflow: str, connector: str, shard: int, count: int) -> str:
+    """The consumer name of shard ``shard`` (0-based) of ``count`` of a workflow's
+    connector: ``"<workflow>--<connector>-<shard+1>-of-<count>"`` (see the module doc)."""
+    return f"{workflow}--{connector}-{shard + 1}-of-{count}"
 
 
 async def dead_letter(
@@ -112,7 +127,9 @@ class ConnectorRunner(Generic[T, S]):
 
     async def start(self) -> None:
         for shard in range(self.count):
-            consumer = await self.spec.connector.make(f"{self.name}-{shard + 1}-of-{self.count}")
+            consumer = await self.spec.connector.make(
+                consumer_name(self.wf.name, self.name, shard, self.count)
+            )
             self.consumers.append(consumer)
             loop = (
                 self._transactional(shard, consumer)

@@ -106,7 +106,18 @@ class Builder(Generic[T, S]):
     def add_connector(
         self, name: str, connector: Any, fn: Callable[..., Any], **options: Any
     ) -> Builder[T, S]:
-        """Feed events from ``connector`` to ``fn(api, event)`` (see the connector runner)."""
+        """Feed events from ``connector`` to ``fn(api, event)`` (see the connector runner).
+
+        ``fn`` runs inside a transaction that also commits the source's position when
+        the source lives in the workflow's database (exactly-once), else before the ack
+        (at-least-once: make it idempotent, e.g. ``api.trigger(..., run_id=run_id_for(
+        name, event.id))``). With ``parallel_count=N`` there are N consumers, named
+        ``"<workflow>--<name>-<i>-of-<N>"`` (e.g. ``orders--payments-1-of-2``): that
+        name is the source's durable position (Redis group, NATS durable, Kafka group,
+        RabbitMQ queue, table cursor ``connector:<source>:<consumer name>``). It
+        includes the workflow, so two workflows with a same-named connector on one
+        source each get every event; renaming either starts a new position.
+        """
         self._connectors.append((name, connector, fn, dict(options)))
         return self
 

@@ -172,6 +172,10 @@ _FORBIDDEN_NODES: tuple[tuple[tuple[type[Any], ...], str], ...] = (
 )
 
 
+#: Read-only query shapes: SELECT, UNION/INTERSECT/EXCEPT of them, a parenthesised query.
+_QUERY_TYPES: tuple[type[Any], ...] = _classes("Select", "SetOperation", "Union", "Subquery")
+
+
 @dataclass(frozen=True, slots=True)
 class InspectResult:
     """Rows of a validated query; ``truncated`` when more than ``limit`` rows existed."""
@@ -264,12 +268,12 @@ def validate(sql: str) -> str:
         if classes and (stmt.find(*classes) is not None or isinstance(stmt, classes)):
             kind = label if label != "command" else _command_word(stmt)
             raise InspectRefused(f"only read-only SELECT queries are allowed ({kind} found)")
-    if not isinstance(stmt, exp.Select | exp.SetOperation | exp.Subquery):
+    if not isinstance(stmt, _QUERY_TYPES):
         raise InspectRefused(f"only SELECT queries are allowed, got {stmt.key.upper()}")
     for with_ in stmt.find_all(exp.With):
         for cte in with_.expressions:
             body = cte.this if isinstance(cte, exp.CTE) else cte
-            if not isinstance(body, exp.Select | exp.SetOperation | exp.Subquery):
+            if not isinstance(body, _QUERY_TYPES):
                 raise InspectRefused("every WITH query must be a SELECT")
 
     allowed_classes, names = _allowed()

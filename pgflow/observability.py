@@ -883,6 +883,11 @@ class Metrics:
         inst.lag_alerts.add(1, _labels(consumer, shard))
 
     # -- helpers beyond the engine interface
+    @property
+    def has_lag_alerts(self) -> bool:
+        """Whether any consumer registered a ``lag_alert`` threshold."""
+        return bool(self._thresholds)
+
     def set_lag_alert(self, consumer: str, seconds: float | None) -> None:
         """Register ``consumer``'s ``lag_alert`` so :meth:`lag` / :func:`sample_database`
         detect crossings themselves (``None`` removes it)."""

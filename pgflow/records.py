@@ -35,7 +35,9 @@ __all__ = [
     "RawRecord",
     "Record",
     "RunState",
+    "NewRun",
     "insert_run",
+    "insert_runs",
     "load_latest",
     "load_many",
     "load_run",
@@ -246,6 +248,78 @@ async def insert_run(
     row = await cur.fetchone()
     assert row is not None
     return RawRecord.from_row(row)
+
+
+@dataclass(frozen=True, slots=True)
+class NewRun:
+    """One run for :func:`insert_runs` (the arguments of :func:`insert_run`)."""
+
+    foreign_id: str
+    run_id: UUID
+    status: str
+    object_json: str | None
+    traceparent: str | None = None
+    run_state: RunState = RunState.INITIATED
+    headers: Mapping[str, str] | None = None
+
+
+# Many runs in one statement: records first (skipping any that hit a unique index:
+# an active run of the foreign id, or an existing run id), then one first event per
+# record actually inserted, in input order. Returns the inserted run ids.
+_INSERT_RUNS = """
+WITH input AS (
+    SELECT * FROM unnest(%(run_ids)s::uuid[], %(foreign_ids)s::text[], %(statuses)s::text[],
+                         %(run_states)s::text[], %(objects)s::jsonb[], %(traceparents)s::text[],
+                         %(headers)s::jsonb[])
+        WITH ORDINALITY AS i (run_id, foreign_id, status, run_state, object, traceparent,
+                              headers, ord)
+), r AS (
+    INSERT INTO pgflow.records
+        (run_id, workflow, foreign_id, status, run_state, object, version, traceparent)
+    SELECT run_id, %(workflow)s, foreign_id, status, run_state, object, 1, traceparent
+    FROM input ORDER BY ord
+    ON CONFLICT DO NOTHING
+    RETURNING run_id, workflow, foreign_id, status, version, traceparent
+), e AS (
+    INSERT INTO pgflow.events (stream, type, foreign_id, run_id, version, headers, traceparent)
+    SELECT r.workflow, r.status, r.foreign_id, r.run_id, r.version, i.headers, r.traceparent
+    FROM r JOIN input i ON i.run_id = r.run_id
+    ORDER BY i.ord
+)
+SELECT run_id FROM r
+"""
+
+
+async def insert_runs(
+    conn: AsyncConnection[Any], workflow: str, runs: Sequence[NewRun]
+) -> set[UUID]:
+    """Create many runs (version 1) with their first events in ONE statement, in the
+    caller's transaction; returns the run ids inserted.
+
+    Unlike :func:`insert_run` a conflict does not raise: a run whose foreign id already
+    has an active run (or whose run id exists) is skipped and missing from the result,
+    and nothing of it is written. The caller decides what a skipped run means (the
+    connector runner's optimistic batch falls back to per-event triggers).
+    """
+    if not runs:
+        return set()
+    cur = await conn.execute(
+        _INSERT_RUNS,
+        {
+            "workflow": workflow,
+            "run_ids": [r.run_id for r in runs],
+            "foreign_ids": [r.foreign_id for r in runs],
+            "statuses": [r.status for r in runs],
+            "run_states": [str(r.run_state) for r in runs],
+            "objects": [r.object_json for r in runs],
+            "traceparents": [r.traceparent for r in runs],
+            "headers": [
+                json.dumps({"run_state": str(r.run_state), "change": "trigger", **(r.headers or {})})
+                for r in runs
+            ],
+        },
+    )
+    return {row[0] for row in await cur.fetchall()}
 
 
 class _Unset(enum.Enum):

@@ -31,6 +31,7 @@ from ._timers import Poller, TimerArmer
 from .api import API
 from .cursors import Consumer
 from .graph import Graph
+from .observability import metrics, sample_forever, tracing_enabled
 from .streamer import Listener
 
 __all__ = ["Workflow"]
@@ -61,6 +62,7 @@ class Workflow(API[T, S], Generic[T, S]):
         self.runners: list[ConnectorRunner[T, S]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._running = False
+        self._sampler: asyncio.Task[None] | None = None
 
     @property
     def engine(self) -> Engine[T, S]:
@@ -88,7 +90,11 @@ class Workflow(API[T, S], Generic[T, S]):
         for step in self.graph.steps.values():
             intervals.append(step.options.polling_frequency)
             for shard in range(step.options.parallel_count):
-                self.consumers.append(StepConsumer(engine, step, shard).make_consumer(pool))
+                consumer = StepConsumer(engine, step, shard).make_consumer(pool)
+                self.consumers.append(consumer)
+            if step.options.lag_alert is not None:
+                # the sampler then sees lag_alert crossings (and recoveries) by itself
+                metrics.set_lag_alert(consumer.key.consumer, step.options.lag_alert.total_seconds())
         for timeout in self.graph.timeouts.values():
             intervals.append(timeout.options.polling_frequency)
             for shard in range(timeout.options.parallel_count):
@@ -101,6 +107,12 @@ class Workflow(API[T, S], Generic[T, S]):
             runner = ConnectorRunner(self, spec)
             self.runners.append(runner)
             await runner.start()
+        # Resolve the OTEL_* configuration now, not inside the first event's span.
+        tracing_enabled()
+        if metrics.enabled or metrics.has_lag_alerts:
+            self._sampler = asyncio.create_task(
+                sample_forever(pool), name=f"pgflow:{engine.name}/lag-sampler"
+            )
         self._running = True
         logger.info(
             "workflow %s running: %d consumers, %d connector runners",
@@ -114,6 +126,11 @@ class Workflow(API[T, S], Generic[T, S]):
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Finish the batches in flight (they commit or roll back), then shut down."""
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(BaseException):
+                await self._sampler
+            self._sampler = None
         for consumer in self.consumers:
             consumer.stop()
         if self.poller is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 from datetime import UTC, datetime, timedelta
@@ -12,6 +13,7 @@ from uuid import UUID
 import psycopg
 import pytest
 
+import pgflow
 from pgflow._table import format_interval, render_csv, render_json, render_record, render_table
 from pgflow.cli import main
 from pgflow.testing import run_sync
@@ -274,3 +276,67 @@ def test_unmigrated_database_says_so(
         assert code == 1 and "run `pgflow migrate`" in err
     finally:
         pgflow_server.drop(pgflow_server.dsn_for(name))
+
+
+# -- replay through a connector function (--target) -----------------------------------
+class PayStatus(enum.IntEnum):
+    RECEIVED = 1
+    BOOKED = 2
+
+
+async def on_payment(api: Any, event: Any) -> None:
+    if event.headers.get("poison") == "yes":
+        raise RuntimeError("still broken")
+    await api.trigger(f"pay-{event.foreign_id}", initial={"event": event.id})
+
+
+def payments_builder() -> pgflow.Builder[dict[str, Any], PayStatus]:
+    """`--target tests.test_cli_tables:payments_builder` (built with the CLI's --dsn)."""
+    from pgflow.connectors.memory import Connector
+
+    async def book(run: pgflow.Run[dict[str, Any], PayStatus]) -> PayStatus:
+        return PayStatus.BOOKED
+
+    b = pgflow.Builder("payments", dict, PayStatus)
+    b.add_step(PayStatus.RECEIVED, book, PayStatus.BOOKED)
+    b.add_connector("bank", Connector([]), on_payment)
+    return b
+
+
+def test_dead_letter_replay_through_the_connector_function(
+    dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (ok_id,), (poison_id,), (malformed_id,) = query(
+        dsn,
+        "INSERT INTO pgflow.dead_letters (consumer, event_id, foreign_id, type, headers, reason)"
+        " VALUES ('payments--bank-1-of-1', 'e-1', 'o-7', 'paid', '{}', 'db was down'),"
+        " ('payments--bank-1-of-1', 'e-2', 'o-8', 'paid', '{\"poison\": \"yes\"}', 'boom'),"
+        " ('payments--bank-1-of-1', 'e-3', NULL, NULL, '{}', 'not json')"
+        " RETURNING id",
+    )
+    target = "tests.test_cli_tables:payments_builder"
+    code, out, err = cli(
+        capsys, "dead-letters", "--dsn", dsn, "--replay", str(ok_id), "--target", target
+    )
+    assert code == 0, err
+    assert "connector bank of payments handled event e-1 for 'o-7'" in out
+    assert query(dsn, "SELECT status, object FROM pgflow.records WHERE foreign_id = 'pay-o-7'") == [
+        ("RECEIVED", {"event": "e-1"})
+    ]
+
+    # A replay that fails again changes nothing: the dead letter stays pending.
+    code, _, err = cli(
+        capsys, "dead-letters", "--dsn", dsn, "--replay", str(poison_id), "--target", target
+    )
+    assert code == 1 and "RuntimeError: still broken" in err and "stays pending" in err
+    assert query(dsn, "SELECT replayed_at FROM pgflow.dead_letters WHERE id = %s", poison_id) == [
+        (None,)
+    ]
+    code, _, err = cli(
+        capsys, "dead-letters", "--dsn", dsn, "--replay", str(malformed_id), "--target", target
+    )
+    assert code == 1 and "malformed message" in err
+    code, _, err = cli(
+        capsys, "dead-letters", "--dsn", dsn, "--replay", str(ok_id), "--target", target
+    )
+    assert code == 1 and "already replayed" in err

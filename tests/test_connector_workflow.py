@@ -26,6 +26,7 @@ from pgflow.connectors.memory import event
 from pgflow.demo import (
     CONNECTOR,
     HIGH_VALUE_THRESHOLD,
+    WORKFLOW,
     Order,
     PaymentRejected,
     Status,
@@ -146,7 +147,9 @@ async def test_filtering_idempotency_and_refunds(pgflow_dsn: str) -> None:
     assert runs == 2  # the payment and the refund; the duplicate added nothing
 
 
-async def _acked(memory: MemoryConnector, n: int, name: str = f"{CONNECTOR}-1-of-1") -> bool:
+async def _acked(
+    memory: MemoryConnector, n: int, name: str = f"{WORKFLOW}--{CONNECTOR}-1-of-1"
+) -> bool:
     return memory.position(name) >= n
 
 
@@ -207,7 +210,7 @@ async def test_parallel_count_3_exactly_once_in_order(pgflow_dsn: str) -> None:
 
 
 async def _all_acked(memory: MemoryConnector) -> bool:
-    return all(memory.position(f"feed-{i}-of-3") == 210 for i in (1, 2, 3))
+    return all(memory.position(f"par--feed-{i}-of-3") == 210 for i in (1, 2, 3))
 
 
 APP_SCHEMA = """
@@ -256,7 +259,7 @@ async def test_captured_table_feeds_the_workflow_exactly_once(pgflow_dsn: str) -
     cursor = await _scalar(
         pgflow_dsn,
         "SELECT id FROM pgflow.cursors WHERE consumer = %s",
-        f"connector:changes:app.payments:{CONNECTOR}-1-of-1",
+        f"connector:changes:app.payments:{WORKFLOW}--{CONNECTOR}-1-of-1",
     )
     assert cursor == 4  # the table cursor committed with the runs
 
@@ -282,7 +285,7 @@ async def test_webhook_feeds_the_workflow(pgflow_dsn: str) -> None:
             lambda: _scalar(
                 pgflow_dsn,
                 "SELECT lag_events = 0 FROM pgflow.consumer_lag WHERE consumer = %s",
-                f"connector:webhook:payments:{CONNECTOR}-1-of-1",
+                f"connector:webhook:payments:{WORKFLOW}--{CONNECTOR}-1-of-1",
             ),
             timeout=30,
             message="webhook stream consumed",

@@ -14,6 +14,7 @@ import pytest
 from psycopg import AsyncConnection
 
 import pgflow
+from pgflow._connector_runner import consumer_name
 from pgflow.connectors import Ack, ConnectorEvent
 from pgflow.events import shard_hash
 from tests._util import wait_until
@@ -98,7 +99,7 @@ async def test_sharded_in_order_each_event_once(pgflow_dsn: str) -> None:
 
 
 def _names(n: int) -> list[str]:
-    return [f"orders-in-{i + 1}-of-{n}" for i in range(n)]
+    return [consumer_name("conn", "orders-in", i, n) for i in range(n)]
 
 
 async def _true(value: bool) -> bool:
@@ -124,7 +125,9 @@ async def test_retries_then_dead_letter_without_losing_or_skipping(pgflow_dsn: s
     b = workflow(pgflow_dsn)
     b.add_connector("pay", connector, fn, max_retries=3, err_backoff=timedelta(milliseconds=10))
     async with b.build(pgflow_dsn) as wf:
-        await wait_until(lambda: _true(len(connector.acks["pay-1-of-1"]) == 6), message="acks")
+        await wait_until(
+            lambda: _true(len(connector.acks["conn--pay-1-of-1"]) == 6), message="acks"
+        )
         assert calls["e2"] == 3 and calls["e4"] == 3
         assert order == ["e0", "e1", "e3", "e4", "e5"]
         assert not await wf.exists("x2")
@@ -260,3 +263,74 @@ async def test_transactional_consumer_is_exactly_once(pgflow_dsn: str) -> None:
         rec = await wf.latest("u17")
         assert rec.object == {"src": "17"}
     assert len(failed_once) == 250 // 17
+
+
+@pytest.mark.parametrize("source", ["memory", "table"])
+async def test_same_connector_name_in_two_workflows_each_sees_every_event(
+    pgflow_dsn: str, source: str
+) -> None:
+    """Consumer names are scoped to the workflow: two workflows with a connector called
+    ``feed`` on one source keep separate positions, so neither steals the other's events."""
+    from pgflow.connectors import table
+    from pgflow.connectors.memory import Connector as MemoryConnector
+
+    n = 40
+    connector: Any
+    if source == "memory":
+        connector = MemoryConnector(
+            [ConnectorEvent(id=f"e{i}", foreign_id=f"f{i}", type="t") for i in range(n)]
+        )
+    else:
+        async with await psycopg.AsyncConnection.connect(pgflow_dsn, autocommit=True) as conn:
+            await conn.execute(
+                "CREATE TABLE feed (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+                " tx xid8 NOT NULL DEFAULT pg_current_xact_id(), foreign_id text NOT NULL,"
+                " type text NOT NULL)"
+            )
+            await conn.execute(
+                "INSERT INTO feed (foreign_id, type)"
+                " SELECT 'f' || (g - 1), 't' FROM generate_series(1, %s) g",
+                (n,),
+            )
+        connector = table.Connector(table.TableStream("feed"), table.CursorStore(pgflow_dsn))
+
+    async def fn(api: pgflow.API[dict[str, Any], S], event: ConnectorEvent) -> None:
+        await api.trigger(event.foreign_id, run_id=pgflow.run_id_for(api.name, event.id))
+
+    def build(name: str, parallel_count: int) -> pgflow.Workflow[dict[str, Any], S]:
+        b = pgflow.Builder(name, dict, S, polling_frequency=0.1)
+        b.add_step(S.NEW, lambda run: S.DONE, S.DONE)
+        b.add_connector("feed", connector, fn, parallel_count=parallel_count)
+        return b.build(pgflow_dsn)
+
+    async def runs(workflow: str) -> int:
+        async with await psycopg.AsyncConnection.connect(pgflow_dsn) as conn:
+            cur = await conn.execute(
+                "SELECT count(DISTINCT foreign_id) FROM pgflow.records WHERE workflow = %s",
+                (workflow,),
+            )
+            row = await cur.fetchone()
+            return int(row[0]) if row else 0
+
+    # same parallel_count: unscoped names ("feed-1-of-2") would collide
+    names = [consumer_name(wf, "feed", i, 2) for wf in ("wf-a", "wf-b") for i in (0, 1)]
+
+    async def both_done() -> bool:
+        if source == "memory" and not all(connector.position(c) == n for c in names):
+            return False  # each consumer name moved over every event (settled acks)
+        return await runs("wf-a") == n and await runs("wf-b") == n
+
+    try:
+        async with build("wf-a", 2), build("wf-b", 2):
+            await wait_until(both_done, timeout=30, message="both workflows saw every event")
+    finally:
+        if source == "table":
+            await connector.close()
+    if source == "table":
+        async with await psycopg.AsyncConnection.connect(pgflow_dsn) as conn:
+            cur = await conn.execute(
+                "SELECT consumer FROM pgflow.cursors WHERE consumer LIKE 'connector:%%'"
+                " ORDER BY consumer"
+            )
+            cursors = [r[0].rsplit(":", 1)[1] for r in await cur.fetchall()]
+        assert cursors == names

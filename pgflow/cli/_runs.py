@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,9 +32,9 @@ from .._table import (
     render_table,
     selected_format,
 )
-from ..errors import ConfigError, InvalidTransition, NotFound, SchemaError
+from ..errors import ConfigError, InvalidTransition, NotFound, PgflowError, SchemaError
 
-__all__ = ["register", "replay_dead_letter", "resolve_run"]
+__all__ = ["ReplayFailed", "register", "replay_dead_letter", "resolve_run"]
 
 _STATES = (
     "INITIATED",
@@ -135,6 +136,12 @@ def register(subparsers: Any) -> None:
         "submit one again and mark it replayed.",
     )
     p.add_argument("--replay", type=int, metavar="ID", help="replay this dead letter")
+    p.add_argument(
+        "--target",
+        metavar="MODULE:ATTR",
+        help="with --replay of a connector's dead letter: the workflow (as for `pgflow "
+        "worker`) whose connector function gets the event again",
+    )
     p.add_argument("--consumer", help="only this consumer")
     p.add_argument("--all", action="store_true", help="include replayed ones")
     p.add_argument("--limit", type=int, default=100, help="at most this many rows (default 100)")
@@ -433,8 +440,13 @@ async def _admin_action(conn: AsyncConnection[Any], args: argparse.Namespace) ->
 # ------------------------------------------------------------------ dead letters
 async def _dead_letters(conn: AsyncConnection[Any], args: argparse.Namespace) -> int:
     if args.replay is not None:
-        print(await replay_dead_letter(conn, args.replay))
+        if args.target:
+            print(await _replay_through_connector(conn, args.replay, args.target, args.dsn))
+        else:
+            print(await replay_dead_letter(conn, args.replay))
         return 0
+    if args.target:
+        raise ConfigError("--target only goes with --replay ID")
     fmt = selected_format(args)
     cols = (
         "*"
@@ -456,6 +468,94 @@ async def _dead_letters(conn: AsyncConnection[Any], args: argparse.Namespace) ->
     truncated = len(rows) > args.limit
     print(render(names, rows[: args.limit], fmt, truncated=truncated))
     return 0
+
+
+class ReplayFailed(PgflowError):
+    """The connector function raised again while replaying a dead letter."""
+
+
+_CONNECTOR_CONSUMER = re.compile(r"^(?P<workflow>.+)--(?P<connector>.+)-\d+-of-\d+$")
+
+
+async def _replay_through_connector(
+    conn: AsyncConnection[Any], dead_letter_id: int, target: str, dsn: str | None
+) -> str:
+    """Give a connector's dead letter to its connector function again (``--target``).
+
+    The function runs through the workflow's API bound to one transaction that also
+    marks the dead letter replayed: either both commit or neither does.
+    """
+    from ..connectors._base import ConnectorEvent
+    from ..observability import connector_span
+    from ._worker import build_workflow
+
+    cur = await conn.execute(
+        "SELECT consumer, event_id, foreign_id, type, headers, replayed_at"
+        " FROM pgflow.dead_letters WHERE id = %s",
+        [dead_letter_id],
+    )
+    row = await cur.fetchone()
+    if row is None:
+        raise NotFound(f"no dead letter with id {dead_letter_id}")
+    consumer, event_id, foreign_id, type_, headers, replayed_at = row
+    if replayed_at is not None:
+        raise InvalidTransition(f"dead letter {dead_letter_id} was already replayed")
+    match = _CONNECTOR_CONSUMER.match(consumer)
+    if match is None:
+        raise ConfigError(
+            f"dead letter {dead_letter_id} is not a connector's (consumer {consumer!r}); "
+            "replay it without --target"
+        )
+    if foreign_id is None or type_ is None:
+        raise InvalidTransition(
+            f"dead letter {dead_letter_id} is a malformed message (no foreign id or type): "
+            "fix it at the source and send it again"
+        )
+    wf = build_workflow(target, dsn or _db.resolve_dsn(None))
+    try:
+        if wf.name != match["workflow"]:
+            raise ConfigError(
+                f"{target} is workflow {wf.name!r}, but the dead letter belongs to "
+                f"{match['workflow']!r}"
+            )
+        spec = wf.graph.connectors.get(match["connector"])
+        if spec is None:
+            raise ConfigError(f"workflow {wf.name!r} has no connector {match['connector']!r}")
+        event = ConnectorEvent(
+            id=event_id,
+            foreign_id=foreign_id,
+            type=type_,
+            headers={str(k): str(v) for k, v in dict(headers or {}).items()},
+        )
+        async with conn.transaction():
+            cur = await conn.execute(
+                "UPDATE pgflow.dead_letters SET replayed_at = now()"
+                " WHERE id = %s AND replayed_at IS NULL",
+                [dead_letter_id],
+            )
+            if cur.rowcount != 1:
+                raise InvalidTransition(f"dead letter {dead_letter_id} was already replayed")
+            attributes = {
+                "workflow": wf.name,
+                "foreign_id": foreign_id,
+                "replay_of": dead_letter_id,
+            }
+            try:
+                with connector_span(spec.name, event_id, attributes, headers=event.headers):
+                    await spec.fn(wf.bind(conn), event)
+            except PgflowError:
+                raise
+            except Exception as exc:
+                raise ReplayFailed(
+                    f"replay of dead letter {dead_letter_id} failed, nothing changed (it "
+                    f"stays pending): {type(exc).__name__}: {_db.first_line(exc)}"
+                ) from exc
+    finally:
+        await wf.close()
+    return (
+        f"replayed dead letter {dead_letter_id}: connector {spec.name} of {wf.name} "
+        f"handled event {event_id} for {foreign_id!r}"
+    )
 
 
 async def replay_dead_letter(conn: AsyncConnection[Any], dead_letter_id: int) -> str:

@@ -35,7 +35,7 @@ commit order (e.g. a serial batch import), or for sources that are frozen while 
 Where the cursor lives, and exactly-once
 -----------------------------------------
 The cursor is a row of ``pgflow.cursors`` named ``connector:<source label>:<consumer
-name>`` (e.g. ``connector:app.payments:payments-1-of-1``) in the
+name>`` (e.g. ``connector:app.payments:orders--payments-1-of-1``) in the
 :class:`CursorStore`'s database, which is also where the source is read. The
 consumer implements :class:`~pgflow.connectors.TransactionalConsumer`: the workflow
 runner calls ``recv_batch_in(conn, limit)`` inside its transaction and each ``ack``

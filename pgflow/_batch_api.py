@@ -1,0 +1,122 @@
+"""Optimistic connector batches: many ``trigger`` calls, one statement.
+
+The connector runner's per-event path costs about five round trips per event (its
+savepoint, ``trigger``'s savepoint, the record+event insert, the releases). When a
+transactional batch is ordinary — every function succeeds and only triggers new runs
+(and reads) — those savepoints are never used. So the runner first tries the batch
+*optimistically*: it runs every function with an API bound to a :class:`Batch`, whose
+``trigger`` only validates and buffers the run (returning its id at once), and writes
+all buffered runs with their first events in one multi-row statement
+(:func:`pgflow.records.insert_runs`) at the end of the batch. The whole attempt runs
+in one savepoint of the batch transaction, before any ack.
+
+Anything unusual makes the attempt *fall back*: the savepoint is rolled back (nothing
+of the attempt remains) and the same events go through the per-event path in the same
+transaction, with its exact semantics (savepoint per event, failures retried or
+dead-lettered alone, ``WorkflowInProgress`` raised where it happens). Unusual is:
+
+* a function raised (including :class:`pgflow.WorkflowInProgress` it did not catch);
+* a buffered run hit a unique index when written (the foreign id already had a run in
+  progress, or the run id existed: a redelivery);
+* the function used ``api.conn`` (its raw SQL would run before the buffered triggers)
+  or an API call that writes something other than a new run (``update_status``,
+  ``callback``, ``pause``, ..., or a trigger straight into a terminal status).
+
+Semantics kept: reads (``exists``, ``latest``, ``get``, ``wait_for``) first write what
+is buffered, so a function sees the runs triggered earlier in the batch
+(read-your-writes); two triggers of one foreign id in a batch behave as they would one
+after the other (the second raises ``WorkflowInProgress``, or returns the run id when
+it is the same explicit ``run_id``); effects and the source cursor still commit in one
+transaction. The price of a fallback is that the batch's functions run twice (the
+first run's database effects are gone; connector functions must tolerate redelivery
+anyway). :class:`Optimism` keeps that price small: after a fallback the runner skips
+the optimistic attempt for the next 1, 2, 4 ... 64 batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from psycopg import AsyncConnection
+
+from .errors import WorkflowInProgress
+from .records import NewRun, insert_runs
+
+__all__ = ["Batch", "NeedsPerEventPath", "Optimism"]
+
+
+class NeedsPerEventPath(Exception):
+    """The optimistic attempt cannot continue; the runner falls back (see module doc)."""
+
+
+class Batch:
+    """The triggers buffered by one optimistic batch of one workflow."""
+
+    def __init__(self, conn: AsyncConnection[Any], workflow: str) -> None:
+        self.conn = conn
+        self.workflow = workflow
+        self.pending: list[NewRun] = []
+        self.active: dict[str, UUID] = {}  #: foreign id -> run buffered in this batch
+        self.fallback: str | None = None  #: why the batch must run per event
+
+    def abandon(self, reason: str) -> NeedsPerEventPath:
+        """Mark the batch for the per-event path; returns the exception to raise.
+
+        The mark survives a function that catches the exception."""
+        if self.fallback is None:
+            self.fallback = reason
+        return NeedsPerEventPath(reason)
+
+    def add(self, run: NewRun) -> UUID:
+        """Buffer ``run``; returns its run id, as ``trigger`` would once it is written.
+
+        A second run of a foreign id already triggered in this batch raises
+        :class:`WorkflowInProgress` (the first is in progress), unless it is the same
+        run id (an idempotent repeat: returns it)."""
+        known = self.active.get(run.foreign_id)
+        if known is not None:
+            if known == run.run_id:
+                return known
+            raise WorkflowInProgress(
+                f"workflow {self.workflow!r}: foreign id {run.foreign_id!r} already has a "
+                "run in progress (wait for it, or cancel it first)"
+            )
+        self.active[run.foreign_id] = run.run_id
+        self.pending.append(run)
+        return run.run_id
+
+    async def flush(self) -> None:
+        """Write the buffered runs (one statement); falls back when any was skipped."""
+        if self.fallback is not None:
+            raise NeedsPerEventPath(self.fallback)
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        inserted = await insert_runs(self.conn, self.workflow, pending)
+        if len(inserted) != len(pending):
+            raise self.abandon("a trigger hit an existing run (in progress, or same run id)")
+
+
+class Optimism:
+    """Whether a shard tries the optimistic path: yes, except for the 1, 2, 4 ... 64
+    batches after a fallback (the penalty doubles while fallbacks repeat)."""
+
+    MAX_PENALTY = 64
+
+    def __init__(self) -> None:
+        self._skip = 0
+        self._penalty = 0
+
+    def should_try(self) -> bool:
+        if self._skip > 0:
+            self._skip -= 1
+            return False
+        return True
+
+    def succeeded(self) -> None:
+        self._penalty = 0
+
+    def fell_back(self) -> None:
+        self._penalty = min(max(1, self._penalty * 2), self.MAX_PENALTY)
+        self._skip = self._penalty
