@@ -10,6 +10,11 @@ extends. It runs in one of two modes:
   connector use this for exactly-once triggering: the source cursor and the new run
   commit together. Nothing is poked (the transaction is not committed yet): whoever
   commits calls ``wf.poke()`` — or lets the consumers' polling timer find the events.
+
+The connector runner may also bind an API to an optimistic :class:`~pgflow._batch_api.
+Batch`: ``trigger`` then buffers the new run (written with the batch's other runs in
+one statement), reads write the buffer first, and anything else sends the batch to the
+per-event path (see :mod:`pgflow._batch_api`).
 """
 
 from __future__ import annotations
@@ -27,12 +32,14 @@ import psycopg
 from psycopg import AsyncConnection, errors
 
 from . import admin
+from ._batch_api import Batch
 from ._engine import Engine, maybe_await
 from .errors import ConfigError, InvalidTransition, NotFound, WorkflowInProgress
 from .observability import current_traceparent, trigger_span
 from .records import (
     PROCESSABLE_STATES,
     RECORD_COLUMNS,
+    NewRun,
     RawRecord,
     Record,
     RunState,
@@ -60,9 +67,15 @@ def run_id_for(*parts: str) -> str:
 class API(Generic[T, S]):
     """Client operations on one workflow's runs (see the module doc for the two modes)."""
 
-    def __init__(self, engine: Engine[T, S], conn: AsyncConnection[Any] | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine[T, S],
+        conn: AsyncConnection[Any] | None = None,
+        batch: Batch | None = None,
+    ) -> None:
         self._engine = engine
         self._conn = conn
+        self._batch = batch  # optimistic connector batch (conn is its connection)
 
     @property
     def name(self) -> str:
@@ -71,6 +84,8 @@ class API(Generic[T, S]):
     @property
     def conn(self) -> AsyncConnection[Any] | None:
         """The bound connection (None for the pool-backed API)."""
+        if self._batch is not None:  # raw SQL would run before the buffered triggers
+            raise self._batch.abandon("the connector function uses api.conn")
         return self._conn
 
     def bind(self, conn: AsyncConnection[Any]) -> API[T, S]:
@@ -87,6 +102,8 @@ class API(Generic[T, S]):
     async def _tx(self, *, single: bool = False) -> AsyncIterator[AsyncConnection[Any]]:
         """A transaction (or savepoint when bound); ``single``: the body is one statement,
         so an autocommit connection needs no BEGIN/COMMIT round trips."""
+        if self._batch is not None:
+            raise self._batch.abandon("the connector function writes more than new runs")
         if self._conn is not None:
             async with self._conn.transaction():
                 yield self._conn
@@ -102,6 +119,8 @@ class API(Generic[T, S]):
 
     @contextlib.asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection[Any]]:
+        if self._batch is not None:
+            await self._batch.flush()  # read your own (buffered) triggers
         if self._conn is not None:
             yield self._conn
             return
@@ -148,6 +167,16 @@ class API(Generic[T, S]):
         terminal = engine.graph.is_terminal(start)
         attrs = {"workflow": self.name, "foreign_id": foreign_id, "run_id": str(rid)}
         with trigger_span(self.name, foreign_id, attrs) as tp:
+            if self._batch is not None and not terminal:
+                new = NewRun(
+                    foreign_id=foreign_id,
+                    run_id=rid,
+                    status=start.name,
+                    object_json=engine.objects.dump(obj),
+                    traceparent=tp or current_traceparent(),
+                    headers=headers,
+                )
+                return str(self._batch.add(new))
             try:
                 async with self._tx(single=not terminal) as conn:
                     raw = await insert_run(
