@@ -23,7 +23,11 @@ Per event, ``fn(api, event)`` runs in one transaction on the workflow's pool wit
   ``run_id``) so a redelivery after a crash between commit and ack changes nothing.
 * :class:`~pgflow.connectors.TransactionalConsumer` (a source in the same database):
   ``recv_batch_in(conn, batch_size)``, each event's ``fn`` in a savepoint, its ``ack``
-  (the source cursor) in the same transaction, one commit — exactly-once.
+  (the source cursor) in the same transaction, one commit — exactly-once. A batch is
+  first tried optimistically (:mod:`pgflow._batch_api`): no savepoints, the batch's
+  triggers written in one statement; anything unusual (a failing function, a trigger
+  that meets a run in progress, writes other than new runs, raw ``api.conn`` SQL)
+  rolls the attempt back and runs the batch per event as described here.
 
 Failures are retried after ``err_backoff`` doubling each attempt, in order and without
 holding a transaction open while waiting (a transactional batch commits what succeeded
@@ -47,8 +51,10 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import psycopg
 from psycopg import AsyncConnection
 
+from ._batch_api import Batch, NeedsPerEventPath, Optimism
 from ._codec import to_jsonable
 from ._steps import error_text
+from .api import API
 from .connectors._base import Ack, ConnectorEvent, MalformedEvent, TransactionalConsumer
 from .events import shard_hash
 from .graph import ConnectorSpec
@@ -122,6 +128,8 @@ class ConnectorRunner(Generic[T, S]):
         self.tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._attempts: dict[tuple[int, str], int] = {}
+        self._optimism = [Optimism() for _ in range(self.count)]
+        self.fallbacks = 0  #: optimistic batches that fell back to the per-event path
         self.handled = 0  #: events whose function succeeded (tests, metrics)
         self.dead = 0  #: events dead-lettered
 
@@ -182,7 +190,13 @@ class ConnectorRunner(Generic[T, S]):
                 alert,
             )
 
-    async def _call(self, conn: AsyncConnection[Any], shard: int, event: ConnectorEvent) -> None:
+    async def _call(
+        self,
+        conn: AsyncConnection[Any],
+        shard: int,
+        event: ConnectorEvent,
+        api: API[T, S] | None = None,
+    ) -> None:
         attributes = {
             "workflow": self.wf.name,
             "connector": self.name,
@@ -191,7 +205,7 @@ class ConnectorRunner(Generic[T, S]):
             "shard": shard,
         }
         with connector_span(self.name, event.id, attributes, headers=event.headers):
-            await self.spec.fn(self.wf.bind(conn), event)
+            await self.spec.fn(api if api is not None else self.wf.bind(conn), event)
 
     # -- brokers: commit, then ack ---------------------------------------------------
 
@@ -334,6 +348,10 @@ class ConnectorRunner(Generic[T, S]):
                 return 0, 0.0
             if len(items) < opts.batch_size:
                 wait = poll  # drained: wait for the polling timer
+            if items and self._try_optimistic(shard):
+                done = await self._optimistic(conn, shard, items)
+                if done is not None:
+                    return done[0], (wait if done[1] is None else done[1])
             for event, ack in items:
                 if not self._mine(shard, event):
                     await ack()
@@ -387,3 +405,61 @@ class ConnectorRunner(Generic[T, S]):
                 self.handled += 1
                 handled += 1
         return handled, wait
+
+    # -- the optimistic attempt (pgflow._batch_api) ---------------------------------
+
+    def _try_optimistic(self, shard: int) -> bool:
+        if any(key[0] == shard for key in self._attempts):
+            return False  # an event of this shard awaits its retry: per event, alone
+        return self._optimism[shard].should_try()
+
+    async def _optimistic(
+        self, conn: AsyncConnection[Any], shard: int, items: list[tuple[ConnectorEvent, Ack]]
+    ) -> tuple[int, float | None] | None:
+        """Handle ``items`` without per-event savepoints; returns (events handled,
+        seconds to wait or None) — or None when the batch fell back, leaving nothing
+        behind (its savepoint rolled back, nothing acked)."""
+        lag = self.spec.options.consume_lag.total_seconds()
+        batch = Batch(conn, self.wf.name)
+        api: API[T, S] = API(self.wf.engine, conn, batch)
+        acks: list[Ack] = []
+        handled: list[ConnectorEvent] = []
+        wait: float | None = None
+        try:
+            async with conn.transaction():  # undone as a whole if the attempt falls back
+                for event, ack in items:
+                    if not self._mine(shard, event):
+                        acks.append(ack)
+                        continue
+                    if lag > 0 and self._age(event) < lag:  # not ripe: stop, unacked
+                        wait = min(
+                            self.spec.options.polling_frequency.total_seconds(),
+                            lag - self._age(event),
+                        )
+                        break
+                    await self._call(conn, shard, event, api)
+                    if batch.fallback is not None:  # the function swallowed the signal
+                        raise NeedsPerEventPath(batch.fallback)
+                    acks.append(ack)
+                    handled.append(event)
+                await batch.flush()
+        except psycopg.OperationalError:
+            raise  # the connection is gone: the batch loop reconnects
+        except Exception as exc:
+            self._optimism[shard].fell_back()
+            self.fallbacks += 1
+            logger.debug(
+                "connector %s[%d]: optimistic batch falls back to per event: %s",
+                self.name,
+                shard,
+                batch.fallback or error_text(exc),
+            )
+            return None
+        self._optimism[shard].succeeded()
+        for ack in acks:  # in source order, after everything else succeeded
+            await ack()
+        for event in handled:
+            self._check_lag(shard, event)
+            metrics.success(self.name, shard)
+        self.handled += len(handled)
+        return len(handled), wait

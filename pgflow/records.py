@@ -314,7 +314,9 @@ async def insert_runs(
             "objects": [r.object_json for r in runs],
             "traceparents": [r.traceparent for r in runs],
             "headers": [
-                json.dumps({"run_state": str(r.run_state), "change": "trigger", **(r.headers or {})})
+                json.dumps(
+                    {"run_state": str(r.run_state), "change": "trigger", **(r.headers or {})}
+                )
                 for r in runs
             ],
         },

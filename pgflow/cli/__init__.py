@@ -18,6 +18,7 @@ from ..errors import PgflowError
 
 COMMAND_MODULES = [
     "pgflow.cli._migrate",
+    "pgflow.cli._embedded",
     "pgflow.cli._inspect",
     "pgflow.cli._runs",
     "pgflow.cli._demo",
