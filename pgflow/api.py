@@ -83,7 +83,10 @@ class API(Generic[T, S]):
 
     @property
     def conn(self) -> AsyncConnection[Any] | None:
-        """The bound connection (None for the pool-backed API)."""
+        """The bound connection (None for the pool-backed API).
+
+        In an optimistic connector batch, touching it sends the batch to the per-event
+        path, where the function runs again and gets the connection as usual."""
         if self._batch is not None:  # raw SQL would run before the buffered triggers
             raise self._batch.abandon("the connector function uses api.conn")
         return self._conn

@@ -265,12 +265,13 @@ class NewRun:
 
 # Many runs in one statement: records first (skipping any that hit a unique index:
 # an active run of the foreign id, or an existing run id), then one first event per
-# record actually inserted, in input order. Returns the inserted run ids.
+# record actually inserted, in input order. Returns the inserted run ids. The arrays
+# go in binary (%b): text arrays in text format cost a regex escape per element.
 _INSERT_RUNS = """
 WITH input AS (
-    SELECT * FROM unnest(%(run_ids)s::uuid[], %(foreign_ids)s::text[], %(statuses)s::text[],
-                         %(run_states)s::text[], %(objects)s::jsonb[], %(traceparents)s::text[],
-                         %(headers)s::jsonb[])
+    SELECT * FROM unnest(%(run_ids)b::uuid[], %(foreign_ids)b::text[], %(statuses)b::text[],
+                         %(run_states)b::text[], %(objects)b::text[]::jsonb[],
+                         %(traceparents)b::text[], %(headers)b::text[]::jsonb[])
         WITH ORDINALITY AS i (run_id, foreign_id, status, run_state, object, traceparent,
                               headers, ord)
 ), r AS (
