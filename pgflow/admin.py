@@ -13,7 +13,7 @@ re-emits the run's current status event, which is what makes its step run again.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 from uuid import UUID
 
@@ -57,6 +57,8 @@ _ALLOWED_FROM: dict[RunState, frozenset[RunState]] = {
         }
     ),
 }
+#: run states ``retry`` accepts (a paused run is resumed by it)
+_RETRYABLE = PROCESSABLE_STATES | {RunState.PAUSED}
 _VERB = {
     RunState.PAUSED: "pause",
     RunState.CANCELLED: "cancel",
@@ -72,6 +74,25 @@ async def _locked(
     if rec is None:
         which = f"run {run_id}" if run_id else "any run"
         raise NotFound(f"workflow {workflow!r}: no {which} for foreign id {foreign_id!r}")
+    return rec
+
+
+async def _locked_for(
+    conn: AsyncConnection[Any],
+    workflow: str,
+    foreign_id: str,
+    run_id: UUID | str | None,
+    verb: str,
+    allowed: Collection[RunState],
+) -> RawRecord:
+    """The locked run, or :class:`InvalidTransition` when its run state is not one of
+    ``allowed`` (the caller's transaction then changes nothing)."""
+    rec = await _locked(conn, workflow, foreign_id, run_id)
+    if rec.run_state not in allowed:
+        raise InvalidTransition(
+            f"workflow {workflow!r}: cannot {verb} run {rec.run_id} of {foreign_id!r}: "
+            f"it is {rec.run_state}"
+        )
     return rec
 
 
@@ -91,12 +112,7 @@ async def set_run_state(
     if allowed is None:
         raise InvalidTransition(f"run state {state} cannot be set directly")
     async with conn.transaction():
-        rec = await _locked(conn, workflow, foreign_id, run_id)
-        if rec.run_state not in allowed:
-            raise InvalidTransition(
-                f"workflow {workflow!r}: cannot {_VERB[state]} run {rec.run_id} of "
-                f"{foreign_id!r}: it is {rec.run_state}"
-            )
+        rec = await _locked_for(conn, workflow, foreign_id, run_id, _VERB[state], allowed)
         new = await write_change(
             conn,
             rec,
@@ -155,12 +171,7 @@ async def retry(
 ) -> RawRecord:
     """Run the current step again now: reset errors, unpause, re-emit its event."""
     async with conn.transaction():
-        rec = await _locked(conn, workflow, foreign_id, run_id)
-        if rec.run_state not in PROCESSABLE_STATES and rec.run_state is not RunState.PAUSED:
-            raise InvalidTransition(
-                f"workflow {workflow!r}: cannot retry run {rec.run_id} of {foreign_id!r}: "
-                f"it is {rec.run_state}"
-            )
+        rec = await _locked_for(conn, workflow, foreign_id, run_id, "retry", _RETRYABLE)
         state = RunState.RUNNING if rec.run_state is RunState.PAUSED else rec.run_state
         new = await write_change(conn, rec, change="retry", run_state=state, reset_errors=True)
         assert new is not None

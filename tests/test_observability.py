@@ -18,6 +18,10 @@ from opentelemetry.trace import SpanKind, StatusCode
 from pgflow import observability as obs
 from pgflow.cursors import CursorKey, ensure_cursor
 from pgflow.events import NewEvent, append
+from pgflow.observability import _config as obs_config
+from pgflow.observability import _metrics as obs_metrics
+from pgflow.observability import _state as obs_state
+from pgflow.observability import _tracing as obs_tracing
 from pgflow.streamer import Filter
 
 OTEL_VARS = (
@@ -67,13 +71,13 @@ def by_name(exporter: InMemorySpanExporter) -> dict[str, ReadableSpan]:
 
 # ------------------------------------------------------------------- off
 def test_off_by_default_creates_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(obs, "_global_tracer_provider", lambda: None)
-    monkeypatch.setattr(obs, "_global_meter_provider", lambda: None)
+    monkeypatch.setattr(obs_config, "_global_tracer_provider", lambda: None)
+    monkeypatch.setattr(obs_config, "_global_meter_provider", lambda: None)
 
     def no_spans(*a: Any, **k: Any) -> Any:
         raise AssertionError("a span was started while tracing is off")
 
-    monkeypatch.setattr(obs, "_Span", no_spans)
+    monkeypatch.setattr(obs_tracing, "_Span", no_spans)
     tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     with obs.trigger_span("orders", "o-1", {"run_id": "x"}) as got:
         assert got is None
@@ -88,7 +92,7 @@ def test_off_by_default_creates_nothing(monkeypatch: pytest.MonkeyPatch) -> None
     obs.metrics.lag("c", 0, 5, 1.0)
     assert obs.metrics._lag == {}
     # Off is decided once: later calls only read a module flag.
-    assert obs._resolved and obs._tracer is None
+    assert obs_state.state.resolved and obs_state.state.tracer is None
 
 
 def test_sdk_disabled_wins(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -211,11 +215,11 @@ def test_annotate_adds_to_the_active_span(spans: InMemorySpanExporter) -> None:
 
 # ------------------------------------------------------------ environment
 def test_env_console_and_otlp_selection(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(obs, "_global_tracer_provider", lambda: None)
+    monkeypatch.setattr(obs_config, "_global_tracer_provider", lambda: None)
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
     monkeypatch.setenv("OTEL_SERVICE_NAME", "billing-worker")
     assert obs.tracing_enabled()
-    provider = obs._owned[0]
+    provider = obs_state.state.owned[0]
     assert provider.resource.attributes["service.name"] == "billing-worker"
     obs.reset()
 
@@ -228,18 +232,18 @@ def test_env_console_and_otlp_selection(monkeypatch: pytest.MonkeyPatch) -> None
 
     monkeypatch.delenv("OTEL_TRACES_EXPORTER")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:1")
-    assert obs._exporters_wanted("traces") == ["otlp"]
-    assert isinstance(obs._span_exporter("otlp"), HttpExporter)
+    assert obs_config._exporters_wanted("traces") == ["otlp"]
+    assert isinstance(obs_config._span_exporter("otlp"), HttpExporter)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
-    assert isinstance(obs._span_exporter("otlp"), GrpcExporter)
+    assert isinstance(obs_config._span_exporter("otlp"), GrpcExporter)
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
-    assert obs._exporters_wanted("traces") == []
+    assert obs_config._exporters_wanted("traces") == []
 
 
 def test_bad_exporter_setting_disables_tracing_not_the_engine(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(obs, "_global_tracer_provider", lambda: None)
+    monkeypatch.setattr(obs_config, "_global_tracer_provider", lambda: None)
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
     with (
         caplog.at_level(logging.ERROR, logger="pgflow.observability"),
@@ -253,11 +257,11 @@ def test_an_apps_global_provider_is_used(monkeypatch: pytest.MonkeyPatch) -> Non
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(obs, "_global_tracer_provider", lambda: provider)
+    monkeypatch.setattr(obs_config, "_global_tracer_provider", lambda: provider)
     with obs.trigger_span("orders", "o-1") as tp:
         assert tp is not None
     assert [s.name for s in exporter.get_finished_spans()] == ["trigger orders"]
-    assert obs._owned == []  # not ours: reset() must not shut it down
+    assert obs_state.state.owned == []  # not ours: reset() must not shut it down
 
 
 # ---------------------------------------------------------------- metrics
@@ -334,7 +338,7 @@ def test_lag_alert_rearms_after_a_quiet_period(
     reader: InMemoryMetricReader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     now = [1000.0]
-    monkeypatch.setattr(obs.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(obs_metrics.time, "monotonic", lambda: now[0])
     obs.metrics.lag_alert("c", 0, 100.0)
     now[0] += obs.LAG_ALERT_REARM / 2
     obs.metrics.lag_alert("c", 0, 100.0)  # same crossing
@@ -365,7 +369,7 @@ async def test_sample_database_feeds_the_gauges(reader: InMemoryMetricReader, po
 
 
 async def test_sample_database_is_free_when_off(pool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(obs, "_global_meter_provider", lambda: None)
+    monkeypatch.setattr(obs_config, "_global_meter_provider", lambda: None)
 
     class Untouchable:
         def connection(self) -> Any:
