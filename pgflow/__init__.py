@@ -8,6 +8,8 @@ from __future__ import annotations
 from .api import API, run_id_for
 from .builder import Builder
 from .capture import capture, uncapture
+from .connectors import Connector, ConnectorConsumer, ConnectorEvent
+from .cursors import Consumer, CursorKey
 from .errors import (
     BuildError,
     ConfigError,
@@ -23,7 +25,7 @@ from .graph import Graph
 from .migrations import migrate
 from .records import Record, RunState
 from .run import Run
-from .streamer import Filter, Listener, Notifier
+from .streamer import Filter, Listener, Notifier, stream
 from .workflow import Workflow
 
 __version__ = "0.1.0"
@@ -33,6 +35,11 @@ __all__ = [
     "BuildError",
     "Builder",
     "ConfigError",
+    "Connector",
+    "ConnectorConsumer",
+    "ConnectorEvent",
+    "Consumer",
+    "CursorKey",
     "DatabaseUnavailable",
     "Event",
     "Filter",
@@ -53,5 +60,6 @@ __all__ = [
     "capture",
     "migrate",
     "run_id_for",
+    "stream",
     "uncapture",
 ]

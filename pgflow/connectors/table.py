@@ -400,6 +400,22 @@ class Connector:
 
 
 @dataclasses.dataclass(slots=True)
+class _TxBatch:
+    """One ``recv_batch_in`` batch: what it handed out, what is acked, what is written.
+
+    Acks only count here; the cursor row is written once per batch (by the last ack or
+    :meth:`TableConsumer.flush_in`), in the batch's transaction. Nothing here outlives
+    that transaction: the next batch re-reads the stored cursor, so a rollback leaves
+    no position advanced in memory.
+    """
+
+    conn: AsyncConnection[Any]
+    written: Position  #: the cursor row's position in this transaction
+    positions: list[Position]  #: of the events handed out, in order
+    acked: int = 0  #: how many of them (a prefix) are acked
+
+
+@dataclasses.dataclass(slots=True)
 class _Delivered:
     position: Position
     acked: bool = False
@@ -417,6 +433,7 @@ class TableConsumer:
         self._buffer: deque[tuple[Position, Row]] = deque()
         self._read_to: Position | None = None  # last position fetched (plain recv)
         self._delivered: deque[_Delivered] = deque()  # handed out, not yet committed
+        self._batch: _TxBatch | None = None  # the open recv_batch_in batch
         self._wake = asyncio.Event()
         self._closed = False
         connector._wakers.add(self._wake)
@@ -427,41 +444,74 @@ class TableConsumer:
         self, conn: AsyncConnection[Any], limit: int
     ) -> list[tuple[ConnectorEvent, Ack]]:
         """Read up to ``limit`` rows in the caller's transaction; acks move the cursor
-        in that transaction, in order (see the module doc).
+        in that transaction, in order (see the module doc and :meth:`flush_in`).
 
         A row the translator rejects ends the batch; when it is first, this raises
         :class:`MalformedEvent` whose ``ack`` (in this transaction) moves past it.
         """
+        self._batch = None  # an earlier batch's transaction is over: forget it
         store = self.connector.cursor_store
         if not await try_lock_shard(conn, store.key(self.cursor_name)):
             return []
+        # Always the stored position: a rolled-back batch leaves nothing behind here.
         start = await store.load(conn, self.cursor_name)
         rows = await self.connector.stream.read(conn, start, limit)
-        state = {"at": start}
-        stream = self.connector.cursor_stream
-
-        def ack_for(position: Position) -> Ack:
-            async def ack() -> None:
-                if position <= state["at"]:
-                    return
-                if not await store.compare_and_set(
-                    conn, self.cursor_name, state["at"], position, stream
-                ):
-                    raise LostCursor(str(store.key(self.cursor_name)))
-                state["at"] = position
-
-            return ack
-
-        out: list[tuple[ConnectorEvent, Ack]] = []
+        good: list[tuple[Position, ConnectorEvent]] = []
         for position, row in rows:
             try:
-                event = self.connector.translator(row)
+                good.append((position, self.connector.translator(row)))
             except (ValueError, KeyError, TypeError) as exc:
-                if out:
+                if good:
                     break
-                raise self._malformed(row, position, exc, ack_for(position)) from exc
-            out.append((event, ack_for(position)))
-        return out
+                batch = self._batch = _TxBatch(conn, start, [position])
+                raise self._malformed(row, position, exc, self._tx_ack(batch, 0)) from exc
+        batch = self._batch = _TxBatch(conn, start, [p for p, _ in good])
+        return [(event, self._tx_ack(batch, i)) for i, (_, event) in enumerate(good)]
+
+    def _tx_ack(self, batch: _TxBatch, index: int) -> Ack:
+        """The ack of event ``index`` of ``batch``: in memory, but the batch's last ack
+        writes the cursor (so a caller that acks everything needs no :meth:`flush_in`)."""
+
+        async def ack() -> None:
+            if batch is not self._batch:
+                raise RuntimeError(
+                    f"table consumer {self.name!r}: ack of a batch whose transaction is over"
+                )
+            if index < batch.acked:
+                return  # acked already
+            if index > batch.acked:
+                raise RuntimeError(
+                    f"table consumer {self.name!r}: acks must be called in order"
+                    f" (event {index} of the batch acked before event {batch.acked})"
+                )
+            batch.acked += 1
+            if batch.acked == len(batch.positions):
+                await self._write(batch)
+
+        return ack
+
+    async def flush_in(self, conn: AsyncConnection[Any]) -> None:
+        """Write the cursor for the acks given so far in ``conn``'s transaction (one
+        compare-and-set). The runner calls this before it commits; it raises
+        :class:`~pgflow.cursors.LostCursor` (roll back!) when someone else moved the
+        cursor since the batch was read."""
+        batch = self._batch
+        if batch is not None and batch.conn is conn:
+            await self._write(batch)
+
+    async def _write(self, batch: _TxBatch) -> None:
+        if batch.acked == 0:
+            return
+        target = batch.positions[batch.acked - 1]
+        if target <= batch.written:
+            return
+        store = self.connector.cursor_store
+        if not await store.compare_and_set(
+            batch.conn, self.cursor_name, batch.written, target, self.connector.cursor_stream
+        ):
+            self._batch = None
+            raise LostCursor(str(store.key(self.cursor_name)))
+        batch.written = target
 
     def _malformed(self, row: Row, position: Position, exc: Exception, ack: Ack) -> MalformedEvent:
         raw_id = row.get("id", position.id)
