@@ -47,7 +47,7 @@ import psycopg
 from psycopg import AsyncConnection
 
 from ._engine import Engine, maybe_await
-from .cursors import BatchOutcome, BatchResult, Consumer, CursorKey
+from .cursors import BatchOutcome, BatchResult, Consumer, CursorKey, RetryBatchNow
 from .errors import InvalidTransition
 from .events import Event
 from .graph import StepSpec
@@ -67,7 +67,7 @@ class _Stale(Exception):
     """The record moved while the step ran: its effects are rolled back, event skipped."""
 
 
-class RetryBatch(Exception):
+class RetryBatch(RetryBatchNow):
     """A step that wrote through ``run.tx`` failed outside a savepoint: the whole batch
     is rolled back and retried (now with savepoints for that step)."""
 
@@ -93,6 +93,7 @@ INSERT INTO pgflow.events (stream, type, foreign_id, run_id, version, headers, t
 SELECT u.workflow, u.status, u.foreign_id, u.run_id, u.version,
        jsonb_build_object('run_state', u.run_state, 'change', 'step'), u.traceparent
 FROM u
+RETURNING run_id
 """
 
 
@@ -158,6 +159,7 @@ class _Move:
     run_state: str
     object: str | None
     traceparent: str | None
+    wrote_tx: bool = False  #: the step wrote through run.tx: the move must not be lost
 
 
 class StepConsumer(Generic[T, S]):
@@ -270,7 +272,8 @@ class StepConsumer(Generic[T, S]):
                 raise RetryBatch(f"{spec.name} wrote through run.tx and failed") from exc
             await self._failed(conn, rec, exc)
             return
-        if run.tx_used:
+        wrote_tx = run.tx_used
+        if wrote_tx:
             self.isolate = True  # from now on: a savepoint per event for this step
         metrics.success(self.name, self.shard)
         if run.changed:
@@ -293,6 +296,7 @@ class StepConsumer(Generic[T, S]):
                 str(RunState.COMPLETED if terminal else RunState.RUNNING),
                 engine.objects.dump(run.object),
                 traceparent,
+                wrote_tx,
             )
         )
 
@@ -308,9 +312,15 @@ class StepConsumer(Generic[T, S]):
                 [m.traceparent for m in moves],
             ),
         )
-        # A record that moved concurrently (an API call won the race) simply did not
-        # match: its step wrote nothing, so there is nothing to undo (stale event).
-        if cur.rowcount:
+        moved = {row[0] for row in await cur.fetchall()}
+        # A record that moved concurrently (an API call won the race) did not match.
+        # If its step wrote nothing, there is nothing to undo (a stale event). If it
+        # wrote through run.tx, those writes must not commit without the transition:
+        # roll the whole batch back and redo it with a savepoint per event.
+        lost = [m for m in moves if m.wrote_tx and m.run_id not in moved]
+        if lost:
+            raise RetryBatch(f"run {lost[0].run_id} moved while its step wrote through run.tx")
+        if moved:
             self._wrote = True
 
     def _attributes(self, rec: RawRecord) -> dict[str, Any]:

@@ -49,6 +49,7 @@ __all__ = [
     "Consumer",
     "CursorKey",
     "LostCursor",
+    "RetryBatchNow",
     "advance_cursor",
     "consume_once",
     "ensure_cursor",
@@ -73,6 +74,15 @@ class CursorKey:
         if self.shard_count == 1:
             return self.consumer
         return f"{self.consumer}[{self.shard + 1}/{self.shard_count}]"
+
+
+class RetryBatchNow(Exception):
+    """Raised by a batch handler to roll its batch back and run it again at once.
+
+    Not an error: the handler learned something that changes how it must process the
+    batch (e.g. a step turned out to write through ``run.tx``). Logged at INFO, retried
+    without backoff.
+    """
 
 
 class LostCursor(Exception):
@@ -304,6 +314,9 @@ class Consumer:
                         batch_size=self.batch_size,
                         lag=self.lag,
                     )
+                except RetryBatchNow as exc:
+                    logger.info("%s: batch rolled back to run again (%s)", self.key, exc)
+                    continue
                 except (psycopg.OperationalError, OSError) as exc:
                     result = None
                     self.errors += 1
