@@ -23,16 +23,21 @@ Per event, ``fn(api, event)`` runs in one transaction on the workflow's pool wit
   ``run_id``) so a redelivery after a crash between commit and ack changes nothing.
 * :class:`~pgflow.connectors.TransactionalConsumer` (a source in the same database):
   ``recv_batch_in(conn, batch_size)``, each event's ``fn`` in a savepoint, its ``ack``
-  (the source cursor) in the same transaction, one commit — exactly-once. A batch is
-  first tried optimistically (:mod:`pgflow._batch_api`): no savepoints, the batch's
-  triggers written in one statement; anything unusual (a failing function, a trigger
-  that meets a run in progress, writes other than new runs, raw ``api.conn`` SQL)
-  rolls the attempt back and runs the batch per event as described here.
+  (the source cursor) in the same transaction, one commit — exactly-once. A consumer
+  with the optional ``flush_in(conn)`` (e.g. the table connector, whose acks are
+  in-memory) has it called once before the commit, to write its position in one
+  statement; a ``LostCursor`` from it rolls the batch back and the next batch re-reads
+  the cursor. A batch is first tried optimistically (:mod:`pgflow._batch_api`): no
+  savepoints, the batch's triggers written in one statement; anything unusual (a
+  failing function, a trigger that meets a run in progress, writes other than new
+  runs, raw ``api.conn`` SQL) rolls the attempt back and runs the batch per event as
+  described here.
 
 Failures are retried after ``err_backoff`` doubling each attempt, in order and without
 holding a transaction open while waiting (a transactional batch commits what succeeded
 before the failing event and re-reads from there). After ``max_retries`` attempts the
-event goes to ``pgflow.dead_letters`` with the reason and is acked: nothing is lost,
+event goes to ``pgflow.dead_letters`` (consumer ``"<workflow>--<connector>"``, see
+:func:`dead_letter_consumer`) with the reason and is acked: nothing is lost,
 nothing blocks its shard forever. ``consume_lag`` holds events back until they are that
 old; ``lag_alert`` logs a warning and emits the ``lag_alert`` metric when an event being
 processed is older than that.
@@ -45,6 +50,7 @@ import contextlib
 import enum
 import json
 import logging
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -56,6 +62,7 @@ from ._codec import to_jsonable
 from ._steps import error_text
 from .api import API
 from .connectors._base import Ack, ConnectorEvent, MalformedEvent, TransactionalConsumer
+from .cursors import LostCursor
 from .events import shard_hash
 from .graph import ConnectorSpec
 from .observability import connector_span, metrics
@@ -63,7 +70,7 @@ from .observability import connector_span, metrics
 if TYPE_CHECKING:  # pragma: no cover
     from .workflow import Workflow
 
-__all__ = ["ConnectorRunner", "consumer_name", "dead_letter"]
+__all__ = ["ConnectorRunner", "consumer_name", "dead_letter", "dead_letter_consumer"]
 
 logger = logging.getLogger("pgflow.connectors")
 
@@ -75,6 +82,18 @@ def consumer_name(workflow: str, connector: str, shard: int, count: int) -> str:
     """The consumer name of shard ``shard`` (0-based) of ``count`` of a workflow's
     connector: ``"<workflow>--<connector>-<shard+1>-of-<count>"`` (see the module doc)."""
     return f"{workflow}--{connector}-{shard + 1}-of-{count}"
+
+
+def dead_letter_consumer(workflow: str, connector: str) -> str:
+    """The ``pgflow.dead_letters.consumer`` of a workflow's connector:
+    ``"<workflow>--<connector>"`` (its consumer names without the shard suffix).
+
+    Scoped to the workflow like the consumer names, so same-named connectors of two
+    workflows keep separate dead letters (the table is ``UNIQUE (consumer,
+    event_id)``); one for all shards, as an event id names one event whichever shard
+    handled it. Step consumers' names (``"<workflow>/<STATUS>"``) cannot collide.
+    """
+    return f"{workflow}--{connector}"
 
 
 async def dead_letter(
@@ -116,6 +135,18 @@ def to_jsonable_safe(value: Any) -> Any:
         return repr(value)
 
 
+@contextlib.asynccontextmanager
+async def _flushed(consumer: Any, conn: AsyncConnection[Any]) -> AsyncIterator[None]:
+    """Around a transactional batch, inside its transaction: when the batch body ends
+    without an error, call the consumer's optional ``flush_in(conn)``
+    (:class:`~pgflow.connectors._base.FlushesAcks`) so its deferred acks are written before
+    the commit; if that raises (e.g. ``LostCursor``) the transaction rolls back."""
+    yield
+    flush = getattr(consumer, "flush_in", None)
+    if flush is not None:
+        await flush(conn)
+
+
 class ConnectorRunner(Generic[T, S]):
     """The consumers of one ``add_connector`` (see the module doc)."""
 
@@ -123,6 +154,8 @@ class ConnectorRunner(Generic[T, S]):
         self.wf = wf
         self.spec = spec
         self.name = spec.name
+        #: this connector's pgflow.dead_letters.consumer (see dead_letter_consumer)
+        self.dead_letter_consumer = dead_letter_consumer(wf.name, spec.name)
         self.count = spec.options.parallel_count
         self.consumers: list[Any] = []
         self.tasks: list[asyncio.Task[None]] = []
@@ -290,9 +323,9 @@ class ConnectorRunner(Generic[T, S]):
         if conn is None:
             pool = await self.wf.engine.pool()
             async with pool.connection() as c, c.transaction():
-                await dead_letter(c, self.name, bad, bad.reason, 1)
+                await dead_letter(c, self.dead_letter_consumer, bad, bad.reason, 1)
         else:
-            await dead_letter(conn, self.name, bad, bad.reason, 1)
+            await dead_letter(conn, self.dead_letter_consumer, bad, bad.reason, 1)
         await bad.ack()
         metrics.dead_letter(self.name, shard)
         self.dead += 1
@@ -310,7 +343,7 @@ class ConnectorRunner(Generic[T, S]):
         )
         pool = await self.wf.engine.pool()
         async with pool.connection() as conn, conn.transaction():
-            await dead_letter(conn, self.name, event, error_text(exc), attempts)
+            await dead_letter(conn, self.dead_letter_consumer, event, error_text(exc), attempts)
         metrics.dead_letter(self.name, shard)
         self.dead += 1
 
@@ -322,6 +355,13 @@ class ConnectorRunner(Generic[T, S]):
             try:
                 handled, wait = await self._transactional_batch(shard, consumer)
                 backoff = 0.05
+            except LostCursor as exc:  # rolled back; the next batch re-reads the cursor
+                logger.info(
+                    "connector %s[%d]: cursor moved concurrently (%s)", self.name, shard, exc
+                )
+                if await self._sleep(backoff):
+                    return
+                continue
             except (psycopg.OperationalError, OSError) as exc:
                 logger.warning("connector %s[%d]: database error (%s)", self.name, shard, exc)
                 if await self._sleep(backoff):
@@ -340,7 +380,7 @@ class ConnectorRunner(Generic[T, S]):
         pool = await self.wf.engine.pool()
         handled = 0
         wait = 0.0
-        async with pool.connection() as conn, conn.transaction():
+        async with pool.connection() as conn, conn.transaction(), _flushed(consumer, conn):
             try:
                 items = await consumer.recv_batch_in(conn, opts.batch_size)
             except MalformedEvent as bad:
@@ -380,7 +420,9 @@ class ConnectorRunner(Generic[T, S]):
                             attempt,
                             error_text(exc),
                         )
-                        await dead_letter(conn, self.name, event, error_text(exc), attempt)
+                        await dead_letter(
+                            conn, self.dead_letter_consumer, event, error_text(exc), attempt
+                        )
                         metrics.dead_letter(self.name, shard)
                         self.dead += 1
                         await ack()

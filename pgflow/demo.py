@@ -33,6 +33,7 @@ from typing import Any
 
 import psycopg
 
+from ._connector_runner import dead_letter_consumer
 from .api import API, run_id_for
 from .builder import Builder
 from .connectors._base import Connector, ConnectorEvent
@@ -44,6 +45,7 @@ from .workflow import Workflow
 
 __all__ = [
     "CONNECTOR",
+    "DEAD_LETTER_CONSUMER",
     "HIGH_VALUE_THRESHOLD",
     "WORKFLOW",
     "DemoResult",
@@ -59,6 +61,8 @@ __all__ = [
 
 WORKFLOW = "orders"
 CONNECTOR = "payment-processor"
+#: the demo connector's ``pgflow.dead_letters.consumer`` (scoped to the workflow)
+DEAD_LETTER_CONSUMER = dead_letter_consumer(WORKFLOW, CONNECTOR)
 #: Payments above this amount need a human: the connector skips them.
 HIGH_VALUE_THRESHOLD = Decimal("10000")
 
@@ -228,7 +232,7 @@ async def run_demo(dsn: str, *, timeout: float = 20.0, tag: str | None = None) -
         runs = [(r[0], r[1], r[2], ", ".join(r[3] or [])) for r in await cur.fetchall()]
         cur = await conn.execute(
             "SELECT event_id, reason FROM pgflow.dead_letter_queue WHERE consumer = %s ORDER BY id",
-            (CONNECTOR,),
+            (DEAD_LETTER_CONSUMER,),
         )
         dead = [(r[0], r[1]) for r in await cur.fetchall()]
     ran = {r[0] for r in runs}
@@ -243,7 +247,7 @@ async def _settled(dsn: str, finished: int, dead: int) -> bool:
             "SELECT (SELECT count(*) FROM pgflow.records WHERE workflow = %s"
             "        AND run_state = 'COMPLETED'),"
             "       (SELECT count(*) FROM pgflow.dead_letters WHERE consumer = %s)",
-            (WORKFLOW, CONNECTOR),
+            (WORKFLOW, DEAD_LETTER_CONSUMER),
         )
         row = await cur.fetchone()
     return row is not None and row[0] >= finished and row[1] >= dead
@@ -254,7 +258,9 @@ async def _reset(dsn: str) -> None:
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         await conn.execute("DELETE FROM pgflow.records WHERE workflow = %s", (WORKFLOW,))
         await conn.execute("DELETE FROM pgflow.timeouts WHERE workflow = %s", (WORKFLOW,))
-        await conn.execute("DELETE FROM pgflow.dead_letters WHERE consumer = %s", (CONNECTOR,))
+        await conn.execute(
+            "DELETE FROM pgflow.dead_letters WHERE consumer = %s", (DEAD_LETTER_CONSUMER,)
+        )
         await conn.commit()
 
 

@@ -309,7 +309,8 @@ def test_dead_letter_replay_through_the_connector_function(
     (ok_id,), (poison_id,), (malformed_id,) = query(
         dsn,
         "INSERT INTO pgflow.dead_letters (consumer, event_id, foreign_id, type, headers, reason)"
-        " VALUES ('payments--bank-1-of-1', 'e-1', 'o-7', 'paid', '{}', 'db was down'),"
+        # what the runner stores ("<workflow>--<connector>"); a full consumer name too
+        " VALUES ('payments--bank', 'e-1', 'o-7', 'paid', '{}', 'db was down'),"
         " ('payments--bank-1-of-1', 'e-2', 'o-8', 'paid', '{\"poison\": \"yes\"}', 'boom'),"
         " ('payments--bank-1-of-1', 'e-3', NULL, NULL, '{}', 'not json')"
         " RETURNING id",
@@ -340,3 +341,13 @@ def test_dead_letter_replay_through_the_connector_function(
         capsys, "dead-letters", "--dsn", dsn, "--replay", str(ok_id), "--target", target
     )
     assert code == 1 and "already replayed" in err
+    # Another workflow's connector of the same name is not this one.
+    ((other_id,),) = query(
+        dsn,
+        "INSERT INTO pgflow.dead_letters (consumer, event_id, foreign_id, type, headers, reason)"
+        " VALUES ('refunds--bank', 'e-1', 'o-7', 'paid', '{}', 'db was down') RETURNING id",
+    )
+    code, _, err = cli(
+        capsys, "dead-letters", "--dsn", dsn, "--replay", str(other_id), "--target", target
+    )
+    assert code == 1 and "belongs to 'refunds'" in err

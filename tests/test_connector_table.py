@@ -18,6 +18,7 @@ from _util import wait_until
 
 from pgflow.connectors import MalformedEvent, TransactionalConsumer, table
 from pgflow.connectors.table import CursorStore, TableStream, add_tx_column
+from pgflow.cursors import LostCursor
 
 PAYMENTS = """
 CREATE SCHEMA app;
@@ -100,6 +101,59 @@ async def test_transactional_ack_commits_with_effects(pgflow_dsn: str, pool: Any
         assert await consumer.recv_batch_in(conn, 10) == []
     pos = await _cursor(pgflow_dsn, "payments")
     assert pos is not None and pos[1] == 5
+
+
+async def _cursor_in(conn: Any, name: str) -> int | None:
+    cur = await conn.execute(
+        "SELECT id FROM pgflow.cursors WHERE consumer = %s", ("connector:app.payments:" + name,)
+    )
+    row = await cur.fetchone()
+    return int(row[0]) if row else None
+
+
+async def test_acks_write_the_cursor_once_per_batch(pgflow_dsn: str, pool: Any) -> None:
+    """Acks only count in memory; the last ack or flush_in writes one compare-and-set."""
+    await _setup(pgflow_dsn, rows=5)
+    consumer = await table.Connector(TableStream("app.payments"), CursorStore(pool)).make("f")
+    await take(consumer, pool, 5, commit=False)  # wait for the rows to be readable
+
+    async with pool.connection() as conn, conn.transaction():
+        batch = await consumer.recv_batch_in(conn, 5)
+        with pytest.raises(RuntimeError, match="in order"):
+            await batch[1][1]()  # skipping event 0 would pass it unhandled
+        await batch[0][1]()
+        await batch[0][1]()  # twice: harmless
+        await batch[1][1]()
+        assert await _cursor_in(conn, "f") is None  # nothing written yet
+        await consumer.flush_in(conn)  # the runner's hook before commit (stopped early)
+        assert await _cursor_in(conn, "f") == 2
+    # A rolled-back batch leaves nothing advanced: the next one starts at 3 again.
+    async with pool.connection() as conn, conn.transaction(force_rollback=True):
+        batch = await consumer.recv_batch_in(conn, 5)
+        assert [e.id for e, _ in batch] == ["3", "4", "5"]
+        for _, ack in batch:
+            await ack()
+        assert await _cursor_in(conn, "f") == 5  # the last ack wrote it
+    # Someone else moves the cursor: the flush fails, which rolls the batch back.
+    with pytest.raises(LostCursor):
+        async with pool.connection() as conn, conn.transaction():
+            batch = await consumer.recv_batch_in(conn, 5)
+            assert [e.id for e, _ in batch] == ["3", "4", "5"]
+            await conn.execute("INSERT INTO app.effects VALUES ('3', 'lost')")
+            await batch[0][1]()
+            async with pool.connection() as other:
+                await other.execute(
+                    "UPDATE pgflow.cursors SET id = 4 WHERE consumer = %s",
+                    ("connector:app.payments:f",),
+                )
+            await consumer.flush_in(conn)
+    with pytest.raises(RuntimeError, match="is over"):
+        await batch[1][1]()
+    pos = await _cursor(pgflow_dsn, "f")
+    assert pos is not None and pos[1] == 4  # where the other writer put it
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT count(*) FROM app.effects")
+        assert await cur.fetchone() == (0,)  # the batch's effects rolled back with it
 
 
 async def test_default_translator_fields_and_headers(pgflow_dsn: str, pool: Any) -> None:

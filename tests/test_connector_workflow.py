@@ -25,6 +25,7 @@ from pgflow.connectors.memory import Connector as MemoryConnector
 from pgflow.connectors.memory import event
 from pgflow.demo import (
     CONNECTOR,
+    DEAD_LETTER_CONSUMER,
     HIGH_VALUE_THRESHOLD,
     WORKFLOW,
     Order,
@@ -167,7 +168,7 @@ async def test_validation_errors_are_retried_then_dead_lettered(pgflow_dsn: str)
         )
         [(consumer, event_id, fid, kind, reason, attempts, headers)] = await cur.fetchall()
     assert (consumer, event_id, fid, kind, attempts) == (
-        CONNECTOR,
+        DEAD_LETTER_CONSUMER,  # "orders--payment-processor": scoped to the workflow
         "pay-1",
         "bad",
         "payment.completed",

@@ -137,8 +137,43 @@ async def test_retries_then_dead_letter_without_losing_or_skipping(pgflow_dsn: s
             "SELECT consumer, event_id, foreign_id, type, reason, attempts FROM pgflow.dead_letters"
         )
         assert await cur.fetchall() == [
-            ("pay", "e2", "x2", "t", "RuntimeError: downstream is down", 3)
+            ("conn--pay", "e2", "x2", "t", "RuntimeError: downstream is down", 3)
         ]
+
+
+async def test_dead_letters_are_scoped_to_the_workflow(pgflow_dsn: str) -> None:
+    """Same-named connectors of two workflows dead-letter the same event id: two rows,
+    one per workflow (a broker consumer in one, a transactional one in the other)."""
+    from pgflow.connectors.memory import Connector as MemoryConnector
+
+    async def fn(api: pgflow.API[dict[str, Any], S], event: ConnectorEvent) -> None:
+        raise RuntimeError(f"{api.name} rejects {event.id}")
+
+    same = ConnectorEvent(id="same-id", foreign_id="x", type="t")
+    broker = BroadcastConnector([same])
+    memory = MemoryConnector([same])
+    first = workflow(pgflow_dsn)
+    first.add_connector("pay", broker, fn, max_retries=1)
+    second = pgflow.Builder("other", dict, S, polling_frequency=0.1)
+    second.add_step(S.NEW, lambda run: S.DONE, S.DONE)
+    second.add_connector("pay", memory, fn, max_retries=1)
+
+    async def dead_letters() -> list[tuple[Any, ...]]:
+        async with await psycopg.AsyncConnection.connect(pgflow_dsn) as conn:
+            cur = await conn.execute(
+                "SELECT consumer, event_id, reason FROM pgflow.dead_letter_queue ORDER BY consumer"
+            )
+            return await cur.fetchall()
+
+    async def two() -> bool:
+        return len(await dead_letters()) == 2
+
+    async with first.build(pgflow_dsn), second.build(pgflow_dsn):
+        await wait_until(two, message="one dead letter per workflow")
+    assert await dead_letters() == [
+        ("conn--pay", "same-id", "RuntimeError: conn rejects same-id"),
+        ("other--pay", "same-id", "RuntimeError: other rejects same-id"),
+    ]
 
 
 async def test_consume_lag_and_lag_alert(pgflow_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -334,3 +369,48 @@ async def test_same_connector_name_in_two_workflows_each_sees_every_event(
             )
             cursors = [r[0].rsplit(":", 1)[1] for r in await cur.fetchall()]
         assert cursors == names
+
+
+async def test_table_batch_stopped_early_commits_its_prefix_exactly_once(
+    pgflow_dsn: str,
+) -> None:
+    """A failure mid-batch: the events before it commit with the cursor (one write by
+    the runner's flush_in), so they are not handled again; the failed one is retried."""
+    from pgflow.connectors import table
+
+    async with await psycopg.AsyncConnection.connect(pgflow_dsn, autocommit=True) as conn:
+        await conn.execute(
+            "CREATE TABLE src (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+            " tx xid8 NOT NULL DEFAULT pg_current_xact_id(), foreign_id text, type text);"
+            " CREATE TABLE effects (event_id text NOT NULL);"
+            " INSERT INTO src (foreign_id, type) SELECT 'f' || g, 't' FROM generate_series(1, 6) g"
+        )
+    failed: set[str] = set()
+
+    async def fn(api: pgflow.API[dict[str, Any], S], event: ConnectorEvent) -> None:
+        await api.conn.execute("INSERT INTO effects VALUES (%s)", (event.id,))
+        if event.id == "4" and "4" not in failed:
+            failed.add("4")
+            raise RuntimeError("flaky")
+
+    connector = table.Connector(table.TableStream("src"), table.CursorStore(pgflow_dsn))
+    b = workflow(pgflow_dsn)
+    b.add_connector("src", connector, fn, err_backoff=timedelta(milliseconds=10))
+
+    async def effects() -> list[tuple[Any, ...]]:
+        async with await psycopg.AsyncConnection.connect(pgflow_dsn) as conn:
+            cur = await conn.execute(
+                "SELECT event_id, count(*) FROM effects GROUP BY event_id ORDER BY event_id"
+            )
+            return await cur.fetchall()
+
+    async def all_six() -> bool:
+        return len(await effects()) == 6
+
+    try:
+        async with b.build(pgflow_dsn):
+            await wait_until(all_six, message="every row handled")
+    finally:
+        await connector.close()
+    assert failed == {"4"}
+    assert await effects() == [(str(i), 1) for i in range(1, 7)]  # each once

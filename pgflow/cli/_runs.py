@@ -474,7 +474,22 @@ class ReplayFailed(PgflowError):
     """The connector function raised again while replaying a dead letter."""
 
 
-_CONNECTOR_CONSUMER = re.compile(r"^(?P<workflow>.+)--(?P<connector>.+)-\d+-of-\d+$")
+_SHARD_SUFFIX = re.compile(r"-\d+-of-\d+$")
+
+
+def _connector_of(consumer: str, workflow: str) -> str | None:
+    """The connector name in a dead letter's ``consumer`` if it belongs to ``workflow``.
+
+    The runner stores ``"<workflow>--<connector>"``
+    (:func:`pgflow._connector_runner.dead_letter_consumer`); a consumer name with its
+    shard suffix (``"<workflow>--<connector>-1-of-2"``) is accepted too. Matching the
+    known workflow name, rather than splitting at a ``--``, stays right when a name
+    itself contains ``--``.
+    """
+    prefix = f"{workflow}--"
+    if not consumer.startswith(prefix) or len(consumer) == len(prefix):
+        return None
+    return consumer[len(prefix) :]
 
 
 async def _replay_through_connector(
@@ -500,8 +515,7 @@ async def _replay_through_connector(
     consumer, event_id, foreign_id, type_, headers, replayed_at = row
     if replayed_at is not None:
         raise InvalidTransition(f"dead letter {dead_letter_id} was already replayed")
-    match = _CONNECTOR_CONSUMER.match(consumer)
-    if match is None:
+    if "--" not in consumer:
         raise ConfigError(
             f"dead letter {dead_letter_id} is not a connector's (consumer {consumer!r}); "
             "replay it without --target"
@@ -513,14 +527,17 @@ async def _replay_through_connector(
         )
     wf = build_workflow(target, dsn or _db.resolve_dsn(None))
     try:
-        if wf.name != match["workflow"]:
+        connector = _connector_of(consumer, wf.name)
+        if connector is None:
             raise ConfigError(
                 f"{target} is workflow {wf.name!r}, but the dead letter belongs to "
-                f"{match['workflow']!r}"
+                f"{consumer.split('--', 1)[0]!r} (consumer {consumer!r})"
             )
-        spec = wf.graph.connectors.get(match["connector"])
+        spec = wf.graph.connectors.get(connector) or wf.graph.connectors.get(
+            _SHARD_SUFFIX.sub("", connector)
+        )
         if spec is None:
-            raise ConfigError(f"workflow {wf.name!r} has no connector {match['connector']!r}")
+            raise ConfigError(f"workflow {wf.name!r} has no connector {connector!r}")
         event = ConnectorEvent(
             id=event_id,
             foreign_id=foreign_id,

@@ -27,6 +27,7 @@ __all__ = [
     "ConnectorConsumer",
     "ConnectorEvent",
     "ConnectorFunc",
+    "FlushesAcks",
     "MalformedEvent",
     "TransactionalConsumer",
 ]
@@ -94,6 +95,13 @@ class TransactionalConsumer(Protocol):
     caller's open transaction (taking whatever shard lock it needs) and returns them
     with acks that advance its cursor *in that same transaction*. It returns ``[]``
     when nothing is ready or another process owns the shard right now.
+
+    Optional: ``async def flush_in(self, conn) -> None`` (see :class:`FlushesAcks`).
+    A consumer that has it may keep acks in memory and write its position only when
+    ``flush_in(conn)`` is called (or on its own, e.g. at the batch's last ack); the
+    runner calls it once per batch, after the last ack and before committing. It is
+    not a member of this protocol so that ``isinstance`` checks keep accepting
+    consumers without it; callers look it up with ``getattr``.
     """
 
     async def recv_batch_in(
@@ -101,6 +109,18 @@ class TransactionalConsumer(Protocol):
     ) -> list[tuple[ConnectorEvent, Ack]]: ...
 
     async def close(self) -> None: ...
+
+
+class FlushesAcks(Protocol):
+    """The optional half of :class:`TransactionalConsumer`: deferred acks.
+
+    ``flush_in(conn)`` writes, in ``conn``'s open transaction, the position reached by
+    the acks given so far (one write per batch instead of one per ack). It raises when
+    the write cannot be made (e.g. :class:`~pgflow.cursors.LostCursor`: someone else
+    moved the position), and the caller must then roll the transaction back.
+    """
+
+    async def flush_in(self, conn: AsyncConnection[Any]) -> None: ...
 
 
 @runtime_checkable

@@ -38,11 +38,22 @@ The cursor is a row of ``pgflow.cursors`` named ``connector:<source label>:<cons
 name>`` (e.g. ``connector:app.payments:orders--payments-1-of-1``) in the
 :class:`CursorStore`'s database, which is also where the source is read. The
 consumer implements :class:`~pgflow.connectors.TransactionalConsumer`: the workflow
-runner calls ``recv_batch_in(conn, limit)`` inside its transaction and each ``ack``
-advances the cursor in that same transaction (compare-and-set, under a per-consumer
+runner calls ``recv_batch_in(conn, limit)`` inside its transaction and the acks
+advance the cursor in that same transaction (compare-and-set, under a per-consumer
 advisory lock that assigns no xid), so triggering the workflow and moving past the row
 commit together: exactly-once, across crashes. Plain ``recv()`` (for other uses) acks
 in a transaction of its own after the caller's effects: at-least-once.
+
+One cursor write per batch: a transactional ``ack`` only records, in memory, that the
+consumer may move past its row (acks go in order, each one event further; acking twice
+is harmless, skipping one raises). The cursor row is written once, by a single
+compare-and-set to the last acked row, when the batch's last event is acked or when
+the caller calls :meth:`TableConsumer.flush_in` (the runner does, before it commits a
+batch it stopped early). A failed compare-and-set raises
+:class:`~pgflow.cursors.LostCursor` inside the transaction, which must roll back. A
+caller that stops acking part-way must call ``flush_in`` before committing, or the
+acked rows are delivered again. Each batch starts from the stored cursor, so a
+rolled-back batch leaves nothing advanced in memory; read one batch per transaction.
 
 Rows become events through a translator (:data:`RowTranslator`); a translator raises
 ``ValueError`` for a row it cannot use, which surfaces as
@@ -449,10 +460,10 @@ class TableConsumer:
         A row the translator rejects ends the batch; when it is first, this raises
         :class:`MalformedEvent` whose ``ack`` (in this transaction) moves past it.
         """
-        self._batch = None  # an earlier batch's transaction is over: forget it
         store = self.connector.cursor_store
         if not await try_lock_shard(conn, store.key(self.cursor_name)):
             return []
+        self._batch = None  # an earlier batch's transaction is over: forget it
         # Always the stored position: a rolled-back batch leaves nothing behind here.
         start = await store.load(conn, self.cursor_name)
         rows = await self.connector.stream.read(conn, start, limit)
