@@ -233,7 +233,9 @@ async def drive(kind: str, dsn: str, runs: int, workflow: str, steps: int) -> di
     wf = make_workflow(steps, dsn) if kind == "pgflow" else None
     pool: AsyncConnectionPool[Any] | None = None
     if kind == "hand":
-        pool = AsyncConnectionPool(dsn, min_size=8, max_size=8, kwargs={"autocommit": True})
+        pool = AsyncConnectionPool(
+            dsn, min_size=8, max_size=8, kwargs={"autocommit": True}, open=False
+        )
         await pool.open(wait=True)
 
     async def trigger_loop() -> None:
