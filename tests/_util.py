@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 
 async def wait_until(
-    predicate: Callable[[], Awaitable[T]], *, timeout: float = 10.0, interval: float = 0.02,
+    predicate: Callable[[], Awaitable[T]],
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.02,
     message: str = "condition",
 ) -> T:
     """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` s."""
@@ -23,3 +26,21 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         await asyncio.sleep(interval)
+
+
+async def events_settled(pool: Any) -> None:
+    """Wait until every committed event is below the xid horizon (deliverable).
+
+    The horizon is cluster-wide: on a shared server other clients' transactions hold
+    it back for a moment, and a single-shot read right after a commit may see nothing.
+    """
+
+    async def check() -> bool:
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT NOT EXISTS (SELECT FROM pgflow.events"
+                " WHERE tx >= pg_snapshot_xmin(pg_current_snapshot()))"
+            )
+            return bool((await cur.fetchone() or [False])[0])
+
+    await wait_until(check, timeout=30, message="events below the xid horizon")

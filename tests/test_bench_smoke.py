@@ -1,5 +1,8 @@
-"""``bench/stream.py --quick`` runs end to end and writes valid JSON (no timing asserts:
-performance claims come from the benchmark's own output, never from unit tests)."""
+"""Every benchmark's ``--quick`` mode runs end to end and writes valid JSON.
+
+No timing asserts: performance claims come from the benchmarks' own output, never from
+unit tests. This only keeps the scripts anyone can run from rotting.
+"""
 
 from __future__ import annotations
 
@@ -7,28 +10,72 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from pgflow.testing import TestDatabases
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "stream.py"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run_bench(
+    name: str, server: TestDatabases, tmp_path: Path, *extra: str
+) -> tuple[dict[str, Any], str]:
+    out = tmp_path / f"{name}.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / f"{name}.py"),
+            "--quick",
+            "--dsn",
+            server.server,
+            "--out",
+            str(out),
+            *extra,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    doc: dict[str, Any] = json.loads(out.read_text())
+    assert doc["benchmark"] == name and doc["quick"] is True
+    return doc, result.stdout
 
 
 def test_stream_bench_quick(pgflow_server: TestDatabases, tmp_path: Path) -> None:
-    out = tmp_path / "stream.json"
-    result = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--dsn", pgflow_server.server, "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    doc = json.loads(out.read_text())
-    assert doc["benchmark"] == "stream" and doc["quick"] is True
+    doc, stdout = _run_bench("stream", pgflow_server, tmp_path)
     assert doc["tail"]["events"] == 20_000
     assert doc["tail"]["pgflow_events_per_s"] > 0
     assert [lat["mode"] for lat in doc["latency"]] == ["notify", "poke", "poll"]
     assert all(lat["received"] > 0 for lat in doc["latency"])
     assert doc["writers"]["alone"]["commits"] > 0
+    assert doc["writers"]["with_listener"]["batches"].get("wakeups", 0) > 0
     assert doc["writers"]["with_listener_consumer"]["consumed"] > 0
-    assert "(c) ratio with/without" in result.stdout
+    assert "(c) ratio listener/without" in stdout
+
+
+def test_workflow_bench_quick(pgflow_server: TestDatabases, tmp_path: Path) -> None:
+    doc, stdout = _run_bench("workflow", pgflow_server, tmp_path, "--no-dbos", "--runs", "300")
+    assert "runs_per_s" in stdout
+    systems = {(r["system"], r["steps"], r["workers"]) for r in doc["rows"]}
+    assert ("pgflow", 1, 1) in systems and ("pgflow", 3, 2) in systems
+    assert ("hand-written", 1, 1) in systems
+    assert all(r["runs_per_s"] > 0 for r in doc["rows"])
+
+
+def test_connectors_bench_quick(pgflow_server: TestDatabases, tmp_path: Path) -> None:
+    doc, stdout = _run_bench("connectors", pgflow_server, tmp_path)
+    names = [row["scenario"] for row in doc["scenarios"]]
+    assert names[:3] == ["memory p1", "memory p4", "table p1"]
+    assert any(n.startswith("webhook accept") for n in names)
+    assert all(row["events_per_s"] > 0 for row in doc["scenarios"])
+    assert "memory connector -> trigger" in stdout
+
+
+def test_tracing_bench_quick(pgflow_server: TestDatabases, tmp_path: Path) -> None:
+    doc, stdout = _run_bench("tracing", pgflow_server, tmp_path)
+    assert {row["tracing"] for row in doc["rows"]} >= {"off", "on"}
+    assert all(row["runs_per_s"] > 0 for row in doc["rows"])
+    assert "on / off" in stdout

@@ -20,7 +20,7 @@ from pgflow.cursors import (
 )
 from pgflow.events import Event, NewEvent, Position, append
 from pgflow.streamer import Filter, read_batch
-from tests._util import wait_until
+from tests._util import events_settled, wait_until
 
 Conn = AsyncConnection[Any]
 Pool = AsyncConnectionPool[Conn]
@@ -30,26 +30,8 @@ async def _seed(pool: Pool, n: int, stream: str = "s", settle: bool = True) -> l
     async with pool.connection() as conn:
         ids = await append(conn, [NewEvent(stream, "t", f"f{i}") for i in range(n)])
     if settle:
-        await _settled(pool)
+        await events_settled(pool)
     return ids
-
-
-async def _settled(pool: Pool) -> None:
-    """Wait until every committed event is below the xid horizon (deliverable).
-
-    The horizon is cluster-wide: on a shared server other clients' transactions hold
-    it back for a moment, and a single-shot read right after a commit may see nothing.
-    """
-
-    async def check() -> bool:
-        async with pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT NOT EXISTS (SELECT FROM pgflow.events"
-                " WHERE tx >= pg_snapshot_xmin(pg_current_snapshot()))"
-            )
-            return bool((await cur.fetchone() or [False])[0])
-
-    await wait_until(check, timeout=30, message="events below the xid horizon")
 
 
 async def test_second_consumer_of_a_shard_gets_locked(pool: Pool) -> None:
@@ -235,7 +217,7 @@ async def test_consume_once_filter_shapes(pool: Pool) -> None:
             await append(conn, [NewEvent("s", kind, f"f{i % 5}")])
             await conn.commit()
         await append(conn, [NewEvent("other", "a", "x")])
-    await _settled(pool)
+    await events_settled(pool)
     async with pool.connection() as conn:
         everything = await read_batch(conn, Filter("s"), Position.start())
     for types in (None, ("a",), ("a", "c")):

@@ -20,7 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 from pgflow.cursors import Consumer, CursorKey
 from pgflow.events import Event, NewEvent, Position, append, shard_hash
 from pgflow.streamer import Filter, Listener, Notifier, read_batch, stream
-from tests._util import wait_until
+from tests._util import events_settled, wait_until
 
 Conn = AsyncConnection[Any]
 Pool = AsyncConnectionPool[Conn]
@@ -62,24 +62,6 @@ async def _terminate(dsn: str, app: str) -> int:
 async def _write(pool: Pool, *foreign_ids: str, stream_: str = "s") -> list[int]:
     async with pool.connection() as conn:
         return await append(conn, [NewEvent(stream_, "t", f) for f in foreign_ids])
-
-
-async def _settled(pool: Pool) -> None:
-    """Wait until every committed event is below the xid horizon (deliverable).
-
-    The horizon is cluster-wide: on a shared server other clients' transactions hold
-    it back for a moment, and a single-shot read right after a commit may see nothing.
-    """
-
-    async def check() -> bool:
-        async with pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT NOT EXISTS (SELECT FROM pgflow.events"
-                " WHERE tx >= pg_snapshot_xmin(pg_current_snapshot()))"
-            )
-            return bool((await cur.fetchone() or [False])[0])
-
-    await wait_until(check, timeout=30, message="events below the xid horizon")
 
 
 class _Sink:
@@ -208,7 +190,7 @@ async def test_listener_and_pool_connections_killed(pgflow_dsn: str) -> None:
 
 async def test_stream_from_head_and_to_head(pool: Pool) -> None:
     old = await _write(pool, "a", "b", "c")
-    await _settled(pool)
+    await events_settled(pool)
     # to_head from the start: everything, then the iterator ends.
     got = [e.id async for batch in stream(pool, Filter("s"), to_head=True) for e in batch]
     assert got == old
@@ -243,7 +225,7 @@ async def test_lag_delays_but_never_skips(pool: Pool) -> None:
             "UPDATE pgflow.events SET created_at = now() - interval '1 hour' WHERE id = %s",
             (old,),
         )
-    await _settled(pool)
+    await events_settled(pool)
     lag = timedelta(minutes=5)
     # The young event comes first in (tx, id) order, so nothing is ripe "in order":
     # the old one must wait too rather than be delivered past the young one.
@@ -261,7 +243,7 @@ async def test_lag_delays_but_never_skips(pool: Pool) -> None:
 async def test_shards_partition_the_stream(pool: Pool) -> None:
     fids = [f"order-{i}" for i in range(25)]
     ids = await _write(pool, *(fids * 3))
-    await _settled(pool)
+    await events_settled(pool)
     n = 3
     by_shard: dict[int, list[Event]] = {}
     for shard in range(n):
@@ -290,7 +272,7 @@ async def test_type_filters_keep_tx_id_order(pool: Pool) -> None:
             await append(conn, [NewEvent("s", kind, f"f{i % 4}")])
             await conn.commit()
         await append(conn, [NewEvent("other", "a", "x")])
-    await _settled(pool)
+    await events_settled(pool)
     async with pool.connection() as conn:
         everything = await read_batch(conn, Filter("s"), Position.start())
         for types in (("a",), ("a", "b"), ("b", "a", "a"), ("a", "b", "c")):
