@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "pgflow.cli._demo",
     "pgflow.cli._worker",
     "pgflow.cli._graph",
+    "pgflow.cli._prune",
 ]
 
 

@@ -1,0 +1,119 @@
+"""``pgflow prune``: delete old events, fired timeouts and replayed dead letters.
+
+The rules (what is never deleted) live in :mod:`pgflow.retention`; this module only
+parses arguments and prints what was (or would be) deleted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+
+from .. import _db
+from ..errors import SchemaError
+from ..retention import PruneResult, prune
+
+__all__ = ["parse_age", "register"]
+
+_AGE = re.compile(r"(\d+)([dhm])")
+_UNITS = {"d": "days", "h": "hours", "m": "minutes"}
+
+
+def parse_age(text: str) -> timedelta:
+    """``30d``, ``12h`` or ``90m`` as a timedelta; anything else is an argparse error."""
+    match = _AGE.fullmatch(text.strip())
+    if match is None or int(match.group(1)) == 0:
+        raise argparse.ArgumentTypeError(
+            f"invalid age {text!r}: use a positive number followed by d, h or m "
+            "(e.g. 30d, 12h, 90m)"
+        )
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid batch size {text!r}: use a positive integer")
+    return value
+
+
+def register(subparsers: Any) -> None:
+    from . import add_dsn_argument
+
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "prune",
+        help="delete old events nobody needs any more",
+        description=(
+            "Delete events older than --older-than that every cursor of their stream has "
+            "passed, that are below the xid horizon and whose run (if any) is finished; "
+            "also completed timeouts and replayed dead letters older than it. Streams "
+            "without any cursor are kept unless --include-unconsumed. Pruned runs lose "
+            "their history in pgflow.run_history."
+        ),
+    )
+    add_dsn_argument(parser)
+    parser.add_argument(
+        "--older-than",
+        required=True,
+        type=parse_age,
+        metavar="AGE",
+        help="minimum age of what is deleted: 30d, 12h or 90m",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="count what would be deleted; delete nothing"
+    )
+    parser.add_argument(
+        "--include-unconsumed",
+        action="store_true",
+        help="also prune streams that have no cursor at all (no consumer reads them)",
+    )
+    parser.add_argument(
+        "--batch",
+        type=_positive_int,
+        default=10_000,
+        help="rows per DELETE transaction (default 10000)",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = asyncio.run(_run(args))
+    print(_report(result))
+    return 0
+
+
+async def _run(args: argparse.Namespace) -> PruneResult:
+    conn = await _db.connect(_db.resolve_dsn(args.dsn), autocommit=True)
+    try:
+        return await prune(
+            conn,
+            older_than=args.older_than,
+            dry_run=args.dry_run,
+            batch=args.batch,
+            include_unconsumed=args.include_unconsumed,
+        )
+    except psycopg.errors.UndefinedTable as exc:
+        raise SchemaError(
+            f"{_db.first_line(exc)}: is the pgflow schema installed? run `pgflow migrate`"
+        ) from None
+    finally:
+        await conn.close()
+
+
+def _report(result: PruneResult) -> str:
+    verb = "would delete" if result.dry_run else "deleted"
+    lines = [f"{verb} (older than {result.cutoff.isoformat(timespec='seconds')}):"]
+    for stream, count in result.events_by_stream.items():
+        lines.append(f"  events  {stream}: {count}")
+    lines.append(f"  events total: {result.events}")
+    lines.append(f"  timeouts: {result.timeouts}")
+    lines.append(f"  dead letters: {result.dead_letters}")
+    return "\n".join(lines)

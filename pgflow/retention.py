@@ -1,0 +1,248 @@
+"""Retention: delete old events nobody needs any more (``pgflow prune``).
+
+``pgflow.events`` is append-only and grows forever unless pruned. Pruning must never
+delete something a reader still needs, so an event is deleted only when ALL of these
+hold (checked inside each DELETE statement, never from an earlier read):
+
+1. **Old**: ``created_at < now() - older_than`` (``now()`` of the database, taken
+   once at the start, so every batch uses the same cutoff).
+2. **Final**: ``tx < pg_snapshot_xmin(pg_current_snapshot())`` — below the xid
+   horizon. Above it a transaction that started earlier may still commit events that
+   sort before it; such events are not even delivered yet (see DESIGN.md §1).
+3. **Consumed**: ``(tx, id) <= (cursor.tx, cursor.id)`` for EVERY cursor of the
+   event's stream (``pgflow.cursors.stream``); a cursor with a NULL stream counts as
+   reading every stream. Shard and type filters are ignored on purpose: the event must
+   be behind the slowest cursor of the stream, which is stricter than (and so as safe
+   as) checking only the cursors whose filter matches it. Cursors only move forwards,
+   so an event behind all of them stays behind them.
+   A stream with **no cursor at all is kept** (nothing is pruned): a consumer may be
+   deployed later and start from the beginning. ``include_unconsumed=True``
+   (``--include-unconsumed``) prunes such streams by age and horizon alone.
+4. **Run finished**: an event of a workflow run (``run_id`` set and the record
+   exists) is deleted only when the run is ``COMPLETED``, ``CANCELLED`` or
+   ``DATA_DELETED``; the history of runs in progress (and of runs whose erasure was
+   requested but is not done) is kept. Events whose record no longer exists are
+   prunable.
+
+Consequences, by design:
+
+* **Pruned runs lose their history**: ``pgflow.run_history`` is built from the event
+  log, so a finished run older than the cutoff shows no steps (its record stays in
+  ``pgflow.runs``), and ``Workflow.wait_for`` on such a run can no longer tell that it
+  passed an earlier status.
+* Stale cursor rows (a consumer that was removed, an old ``shard_count`` layout) hold
+  their stream back forever — delete those rows to let pruning proceed;
+  ``pgflow.consumer_lag`` shows them.
+* Readers that keep their own position (:func:`pgflow.streamer.stream` with
+  ``after=``) are not protected: they have no cursor row.
+* A consumer created after a prune starts from the oldest event still retained.
+
+Deletion runs in batches, each its own short transaction (a long DELETE would hold the
+xid horizon back for every consumer in the cluster). Batches walk the log in
+``(tx, id)`` order through the ``events_tx_id`` index and stop at the first batch with
+nothing older than the cutoff; ``(tx, id)`` order is close to, not exactly, time order,
+so an old event behind a batch of young ones waits for a later prune (never deleted
+too early, at worst later).
+
+Also pruned, older than the same cutoff: ``pgflow.timeouts`` rows that are completed
+(fired) — only when their run is no longer in progress, since a live run's completed
+row is what stops the same timer being armed twice — and ``pgflow.dead_letters`` that
+were replayed before the cutoff. Pending dead letters are never pruned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg.pq import TransactionStatus
+
+from . import _db
+
+__all__ = ["PruneResult", "prune"]
+
+#: Run states whose events may be pruned (the run will not move again).
+_FINISHED = ("COMPLETED", "CANCELLED", "DATA_DELETED")
+
+# Rules 1-4 for an event row `e`; %(cutoff)s and %(include_unconsumed)s are parameters.
+_ELIGIBLE = """
+    e.created_at < %(cutoff)s
+    AND e.tx < pg_snapshot_xmin(pg_current_snapshot())
+    AND NOT EXISTS (
+        SELECT 1 FROM pgflow.cursors c
+        WHERE (c.stream = e.stream OR c.stream IS NULL) AND (e.tx, e.id) > (c.tx, c.id))
+    AND (%(include_unconsumed)s OR EXISTS (
+        SELECT 1 FROM pgflow.cursors c WHERE c.stream = e.stream OR c.stream IS NULL))
+    AND NOT EXISTS (
+        SELECT 1 FROM pgflow.records r
+        WHERE r.run_id = e.run_id AND r.run_state <> ALL (%(finished)s::text[]))
+"""
+
+# The next window of the walk: its last position and whether anything in it is old.
+_WINDOW = """
+SELECT w.tx::text, w.id, bool_or(w.old) OVER () FROM (
+    SELECT e.tx, e.id, e.created_at < %(cutoff)s AS old FROM pgflow.events e
+    WHERE (e.tx, e.id) > (%(tx)s::xid8, %(id)s::bigint)
+      AND e.tx < pg_snapshot_xmin(pg_current_snapshot())
+    ORDER BY e.tx, e.id LIMIT %(batch)s
+) w ORDER BY w.tx DESC, w.id DESC LIMIT 1
+"""
+
+_IN_WINDOW = (
+    "(e.tx, e.id) > (%(tx)s::xid8, %(id)s::bigint)"
+    " AND (e.tx, e.id) <= (%(hi_tx)s::xid8, %(hi_id)s::bigint)"
+)
+
+_DELETE_EVENTS = (
+    "WITH gone AS (DELETE FROM pgflow.events e WHERE "
+    + _IN_WINDOW
+    + " AND "
+    + _ELIGIBLE
+    + " RETURNING e.stream) SELECT stream, count(*) FROM gone GROUP BY stream"
+)
+_COUNT_EVENTS = (
+    "SELECT e.stream, count(*) FROM pgflow.events e WHERE "
+    + _IN_WINDOW
+    + " AND "
+    + _ELIGIBLE
+    + " GROUP BY e.stream"
+)
+
+_TIMEOUTS = """
+    t.completed AND t.created_at < %(cutoff)s AND t.expire_at < %(cutoff)s
+    AND NOT EXISTS (
+        SELECT 1 FROM pgflow.records r
+        WHERE r.run_id = t.run_id AND r.run_state <> ALL (%(finished)s::text[]))
+"""
+_DELETE_TIMEOUTS = (
+    "DELETE FROM pgflow.timeouts WHERE id IN (SELECT t.id FROM pgflow.timeouts t WHERE "
+    + _TIMEOUTS
+    + " LIMIT %(batch)s)"
+)
+_COUNT_TIMEOUTS = "SELECT count(*) FROM pgflow.timeouts t WHERE " + _TIMEOUTS
+
+_DEAD = "d.replayed_at IS NOT NULL AND d.replayed_at < %(cutoff)s"
+_DELETE_DEAD = (
+    "DELETE FROM pgflow.dead_letters WHERE id IN (SELECT d.id FROM pgflow.dead_letters d"
+    " WHERE " + _DEAD + " LIMIT %(batch)s)"
+)
+_COUNT_DEAD = "SELECT count(*) FROM pgflow.dead_letters d WHERE " + _DEAD
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    """What :func:`prune` deleted (or, with ``dry_run``, would delete)."""
+
+    cutoff: datetime  #: rows older than this (database clock) were considered
+    dry_run: bool
+    events_by_stream: dict[str, int] = field(default_factory=dict)
+    timeouts: int = 0
+    dead_letters: int = 0
+    batches: int = 0  #: DELETE transactions run (0 for a dry run)
+
+    @property
+    def events(self) -> int:
+        return sum(self.events_by_stream.values())
+
+
+async def prune(
+    conn_or_dsn: AsyncConnection[Any] | str | None,
+    *,
+    older_than: timedelta,
+    dry_run: bool = False,
+    batch: int = 10_000,
+    include_unconsumed: bool = False,
+) -> PruneResult:
+    """Delete events, fired timeouts and replayed dead letters older than ``older_than``
+    that nothing needs any more (the rules are in the module doc).
+
+    Commits after every batch, so a connection must not be inside a transaction
+    (``None`` or a DSN opens a connection of its own). ``dry_run`` only counts.
+    """
+    if older_than <= timedelta(0):
+        raise ValueError("older_than must be positive")
+    if batch < 1:
+        raise ValueError("batch must be at least 1")
+    if isinstance(conn_or_dsn, AsyncConnection):
+        return await _prune(conn_or_dsn, older_than, dry_run, batch, include_unconsumed)
+    conn = await _db.connect(_db.resolve_dsn(conn_or_dsn), autocommit=True)
+    try:
+        return await _prune(conn, older_than, dry_run, batch, include_unconsumed)
+    finally:
+        await conn.close()
+
+
+async def _prune(
+    conn: AsyncConnection[Any],
+    older_than: timedelta,
+    dry_run: bool,
+    batch: int,
+    include_unconsumed: bool,
+) -> PruneResult:
+    if conn.info.transaction_status != TransactionStatus.IDLE:
+        raise ValueError(
+            "prune commits after every batch: pass a connection that is not inside a "
+            "transaction (or a DSN)"
+        )
+    async with conn.transaction():
+        cur = await conn.execute("SELECT now() - %s::interval", (older_than,))
+        row = await cur.fetchone()
+    assert row is not None
+    cutoff: datetime = row[0]
+    params: dict[str, Any] = {
+        "cutoff": cutoff,
+        "include_unconsumed": include_unconsumed,
+        "finished": list(_FINISHED),
+        "batch": batch,
+        "tx": "0",
+        "id": 0,
+    }
+    by_stream: dict[str, int] = {}
+    batches = 0
+    while True:
+        # Each statement in its own transaction: no xid is held between batches.
+        async with conn.transaction():
+            cur = await conn.execute(_WINDOW, params)
+            window = await cur.fetchone()
+        if window is None:
+            break  # nothing (more) below the horizon
+        hi_tx, hi_id, any_old = window
+        if not any_old:
+            break  # the walk reached young events: the rest is younger still
+        params.update(hi_tx=hi_tx, hi_id=hi_id)
+        async with conn.transaction():
+            cur = await conn.execute(_COUNT_EVENTS if dry_run else _DELETE_EVENTS, params)
+            for stream, count in await cur.fetchall():
+                by_stream[stream] = by_stream.get(stream, 0) + int(count)
+        batches += 0 if dry_run else 1
+        params.update(tx=hi_tx, id=hi_id)
+    timeouts = await _prune_table(conn, params, dry_run, _COUNT_TIMEOUTS, _DELETE_TIMEOUTS)
+    dead = await _prune_table(conn, params, dry_run, _COUNT_DEAD, _DELETE_DEAD)
+    return PruneResult(
+        cutoff=cutoff,
+        dry_run=dry_run,
+        events_by_stream=dict(sorted(by_stream.items())),
+        timeouts=timeouts,
+        dead_letters=dead,
+        batches=batches,
+    )
+
+
+async def _prune_table(
+    conn: AsyncConnection[Any], params: dict[str, Any], dry_run: bool, count: str, delete: str
+) -> int:
+    """Count (dry run) or delete in batches of ``params["batch"]``, one transaction each."""
+    if dry_run:
+        async with conn.transaction():
+            cur = await conn.execute(count, params)
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+    total = 0
+    while True:
+        async with conn.transaction():
+            cur = await conn.execute(delete, params)
+        total += cur.rowcount
+        if cur.rowcount < params["batch"]:
+            return total
