@@ -61,7 +61,7 @@ from ._batch_api import Batch, NeedsPerEventPath, Optimism
 from ._codec import to_jsonable
 from ._steps import error_text
 from .api import API
-from .connectors._base import Ack, ConnectorEvent, MalformedEvent, TransactionalConsumer
+from .connectors._base import Ack, ConnectorEvent, MalformedEvent, Reject, TransactionalConsumer
 from .cursors import LostCursor
 from .events import shard_hash
 from .graph import ConnectorSpec
@@ -189,6 +189,8 @@ class ConnectorRunner(Generic[T, S]):
             with contextlib.suppress(Exception):
                 await consumer.close()
         self.consumers.clear()
+        # The connector itself is the caller's (it may feed other workflows, or publish):
+        # whoever made it closes it.
 
     def _mine(self, shard: int, event: ConnectorEvent) -> bool:
         return self.count == 1 or shard_hash(event.foreign_id) % self.count == shard
@@ -294,8 +296,9 @@ class ConnectorRunner(Generic[T, S]):
                     break
                 except Exception as exc:
                     metrics.error(self.name, shard)
-                    if attempt >= opts.max_retries and not isinstance(
-                        exc, psycopg.OperationalError
+                    if isinstance(exc, Reject) or (
+                        attempt >= opts.max_retries
+                        and not isinstance(exc, psycopg.OperationalError)
                     ):
                         await self._dead_letter(shard, event, exc, attempt)
                         break
@@ -410,7 +413,7 @@ class ConnectorRunner(Generic[T, S]):
                 except Exception as exc:
                     metrics.error(self.name, shard)
                     attempt = self._attempts.get(key, 0) + 1
-                    if attempt >= opts.max_retries:
+                    if attempt >= opts.max_retries or isinstance(exc, Reject):
                         self._attempts.pop(key, None)
                         logger.error(
                             "connector %s[%d]: event %s dead-lettered after %d attempts: %s",

@@ -414,3 +414,45 @@ async def test_table_batch_stopped_early_commits_its_prefix_exactly_once(
         await connector.close()
     assert failed == {"4"}
     assert await effects() == [(str(i), 1) for i in range(1, 7)]  # each once
+
+
+@pytest.mark.parametrize("path", ["broker", "transactional"])
+async def test_reject_dead_letters_at_once_without_retries(pgflow_dsn: str, path: str) -> None:
+    """A function that raises ``Reject`` (the event can never succeed) is dead-lettered
+    on its first attempt, its batch-mates still processed, and nothing is retried."""
+    from pgflow.connectors import Reject
+    from pgflow.connectors.memory import Connector as MemoryConnector
+
+    events = [ConnectorEvent(id=f"r{i}", foreign_id=f"y{i}", type="t") for i in range(4)]
+    connector: Any = BroadcastConnector(events) if path == "broker" else MemoryConnector(events)
+    calls: dict[str, int] = defaultdict(int)
+
+    async def fn(api: pgflow.API[dict[str, Any], S], event: ConnectorEvent) -> None:
+        calls[event.id] += 1
+        if event.id == "r1":
+            raise Reject("amount must be positive")
+        await api.trigger(event.foreign_id)
+
+    b = workflow(pgflow_dsn)
+    b.add_connector("pay", connector, fn, max_retries=5, err_backoff=timedelta(seconds=30))
+
+    async def dead_letters() -> list[tuple[Any, ...]]:
+        async with await psycopg.AsyncConnection.connect(pgflow_dsn) as conn:
+            cur = await conn.execute("SELECT event_id, reason, attempts FROM pgflow.dead_letters")
+            return await cur.fetchall()
+
+    async with b.build(pgflow_dsn) as wf:
+
+        async def all_triggered() -> bool:
+            return all([await wf.exists(f"y{i}") for i in (0, 2, 3)])
+
+        # err_backoff is 30 s: finishing well within the deadline proves no retry ran.
+        await wait_until(all_triggered, timeout=10, message="the other events processed")
+        await wait_until(lambda: _true(bool(calls["r1"])), message="r1 seen")
+        letters = await wait_until(dead_letters, timeout=10, message="r1 dead-lettered")
+        assert not await wf.exists("y1")
+    assert letters == [("r1", "Reject: amount must be positive", 1)]
+    # One attempt. A transactional batch is first tried optimistically (no savepoints):
+    # when a function raises there, the batch is redone per event, so the function may
+    # run once more — its database effects still happen once (documented).
+    assert calls["r1"] == (1 if path == "broker" else 2)

@@ -14,6 +14,7 @@ from ._base import (
     ConnectorEvent,
     ConnectorFunc,
     MalformedEvent,
+    Reject,
     TransactionalConsumer,
 )
 
@@ -24,5 +25,6 @@ __all__ = [
     "ConnectorEvent",
     "ConnectorFunc",
     "MalformedEvent",
+    "Reject",
     "TransactionalConsumer",
 ]

@@ -29,6 +29,7 @@ __all__ = [
     "ConnectorFunc",
     "FlushesAcks",
     "MalformedEvent",
+    "Reject",
     "TransactionalConsumer",
 ]
 
@@ -45,6 +46,19 @@ class ConnectorEvent:
 
 
 Ack = Callable[[], Awaitable[None]]
+
+
+class Reject(Exception):
+    """Raised by a connector function: this event can never succeed (invalid data).
+
+    The runner dead-letters it at once in ``pgflow.dead_letters`` with ``reason``,
+    without the retries an ordinary exception gets, and moves on. For transient
+    failures (a network error, a lock timeout) raise anything else: those are retried.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class MalformedEvent(Exception):
