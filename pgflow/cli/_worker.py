@@ -53,13 +53,27 @@ def resolve_workflow(target: Any, dsn: str | None) -> Workflow[Any, Any] | Build
     raise ConfigError(f"{target!r} is not a pgflow.Builder, a pgflow.Workflow, or a factory of one")
 
 
-def build_workflow(spec: str, dsn: str | None) -> Workflow[Any, Any]:
+def build_workflow(spec: str, dsn: str | None, pool_size: int | None = None) -> Workflow[Any, Any]:
     target = resolve_workflow(load_target(spec), dsn)
     if isinstance(target, Builder):
-        return target.build(dsn)
+        return target.build(dsn) if pool_size is None else target.build(dsn, pool_size=pool_size)
     if dsn is not None:
         target.engine.set_dsn(dsn)
+    if pool_size is not None:
+        if pool_size < 2:
+            raise ConfigError("--pool-size must be at least 2")
+        target.engine.pool_size = pool_size  # used when the worker opens its pool
     return target
+
+
+def _pool_size_default() -> int | None:
+    raw = os.environ.get("PGFLOW_POOL_SIZE")
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"PGFLOW_POOL_SIZE must be a whole number, not {raw!r}") from None
 
 
 def register(subparsers: Any) -> None:
@@ -76,11 +90,19 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("target", metavar="MODULE:ATTR")
     add_dsn_argument(parser)
+    parser.add_argument(
+        "--pool-size",
+        type=int,
+        default=None,
+        help="connections in the worker's pool (default: $PGFLOW_POOL_SIZE, else the "
+        "workflow's own, 10); the worker also holds one LISTEN connection",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    wf = build_workflow(args.target, args.dsn)
+    pool_size = args.pool_size if args.pool_size is not None else _pool_size_default()
+    wf = build_workflow(args.target, args.dsn, pool_size)
     asyncio.run(serve(wf))
     return 0
 
