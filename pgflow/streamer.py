@@ -37,10 +37,12 @@ __all__ = [
     "Listener",
     "Notifier",
     "Subscription",
+    "acquire_listener",
     "head_position",
     "held_back",
     "horizon_age",
     "read_batch",
+    "release_listener",
     "stream",
 ]
 
@@ -367,6 +369,40 @@ class Listener:
                     )
                 except TimeoutError:
                     raise psycopg.OperationalError("listener health check timed out") from None
+
+
+# One Listener per process (per event loop, DSN and channel), shared by every workflow
+# and reader in it: the fixed connection budget is one LISTEN connection, however many
+# workflows a process runs.
+_shared_listeners: dict[tuple[int, str, str], tuple[Listener, int]] = {}
+
+
+async def acquire_listener(dsn: str, *, channel: str = CHANNEL) -> Listener:
+    """The process's shared, started :class:`Listener` for ``dsn`` (reference-counted)."""
+    key = (id(asyncio.get_running_loop()), dsn, channel)
+    entry = _shared_listeners.get(key)
+    if entry is not None:
+        _shared_listeners[key] = (entry[0], entry[1] + 1)
+        return entry[0]
+    listener = Listener(dsn, channel=channel)
+    await listener.start()
+    if key in _shared_listeners:  # another task started one meanwhile: use that one
+        await listener.stop()
+        return await acquire_listener(dsn, channel=channel)
+    _shared_listeners[key] = (listener, 1)
+    return listener
+
+
+async def release_listener(listener: Listener) -> None:
+    """Drop one reference to a listener from :func:`acquire_listener`; stop it at zero."""
+    for key, (shared, refs) in list(_shared_listeners.items()):
+        if shared is listener:
+            if refs > 1:
+                _shared_listeners[key] = (shared, refs - 1)
+                return
+            del _shared_listeners[key]
+            break
+    await listener.stop()
 
 
 class Notifier:

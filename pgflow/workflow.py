@@ -32,7 +32,7 @@ from .api import API
 from .cursors import Consumer
 from .graph import Graph
 from .observability import metrics, sample_forever, tracing_enabled
-from .streamer import Listener
+from .streamer import acquire_listener, release_listener
 
 __all__ = ["Workflow"]
 
@@ -80,8 +80,7 @@ class Workflow(API[T, S], Generic[T, S]):
         if self._running:
             return
         engine = self._engine
-        listener = Listener(engine.dsn)
-        await listener.start()
+        listener = await acquire_listener(engine.dsn)  # shared by the process's workflows
         engine.listener = listener
         pool = await engine.pool()
         if engine.notifier is not None:
@@ -153,7 +152,7 @@ class Workflow(API[T, S], Generic[T, S]):
         self.poller = None
         engine = self._engine
         if engine.listener is not None:
-            await engine.listener.stop()
+            await release_listener(engine.listener)
             engine.listener = None
         await engine.close()
         self._running = False

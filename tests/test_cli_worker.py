@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from pgflow.cli._worker import build_workflow
@@ -41,3 +44,45 @@ def test_bad_pool_size_env_is_a_one_line_error() -> None:
     assert result.stderr.strip() == (
         "pgflow: error: PGFLOW_POOL_SIZE must be a whole number, not 'lots'"
     )
+
+
+async def test_one_worker_process_runs_several_workflows(pgflow_dsn: str) -> None:
+    from pgflow.testing import require
+    from tests._util import wait_until
+    from tests.two_workflows_app import S, billing, shipping
+
+    proc = await asyncio.create_subprocess_exec(
+        PGFLOW,
+        "worker",
+        "tests.two_workflows_app:billing",
+        "tests.two_workflows_app:shipping",
+        "--dsn",
+        pgflow_dsn,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        clients = [billing.build(pgflow_dsn), shipping.build(pgflow_dsn)]
+        for i, client in enumerate(clients):
+            await client.trigger(f"order-{i}")
+        for i, client in enumerate(clients):
+            assert (await require(client, f"order-{i}", S.DONE, timeout=20)).status is S.DONE
+
+        async def one_listener() -> bool:
+            with psycopg.connect(pgflow_dsn) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND query ILIKE 'LISTEN%%'"
+                ).fetchone()
+            return row == (1,)
+
+        await wait_until(one_listener, timeout=10, message="exactly one LISTEN connection")
+        for client in clients:
+            await client.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out_b, err_b = await asyncio.wait_for(proc.communicate(), 30)
+    out, err = out_b.decode(), err_b.decode()
+    assert proc.returncode == 0, err
+    assert "billing, shipping running" in out and "stopping" in out

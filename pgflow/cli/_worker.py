@@ -88,7 +88,12 @@ def register(subparsers: Any) -> None:
             "flight finish before it exits."
         ),
     )
-    parser.add_argument("target", metavar="MODULE:ATTR")
+    parser.add_argument(
+        "targets",
+        metavar="MODULE:ATTR",
+        nargs="+",
+        help="one or more workflows; one process runs them all on one LISTEN connection",
+    )
     add_dsn_argument(parser)
     parser.add_argument(
         "--pool-size",
@@ -102,23 +107,27 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     pool_size = args.pool_size if args.pool_size is not None else _pool_size_default()
-    wf = build_workflow(args.target, args.dsn, pool_size)
-    asyncio.run(serve(wf))
+    workflows = [build_workflow(target, args.dsn, pool_size) for target in args.targets]
+    asyncio.run(serve(*workflows))
     return 0
 
 
-async def serve(wf: Workflow[Any, Any], stop: asyncio.Event | None = None) -> None:
-    """Run ``wf`` until ``stop`` is set or SIGINT/SIGTERM arrives, then stop cleanly."""
+async def serve(*workflows: Workflow[Any, Any], stop: asyncio.Event | None = None) -> None:
+    """Run ``workflows`` until ``stop`` is set or SIGINT/SIGTERM arrives, then stop them
+    cleanly (batches in flight commit or roll back)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    names = ", ".join(wf.name for wf in workflows)
     try:
-        await wf.run()
-        print(f"pgflow worker: {wf.name} running (Ctrl-C to stop)", flush=True)
+        for wf in workflows:
+            await wf.run()
+        print(f"pgflow worker: {names} running (Ctrl-C to stop)", flush=True)
         await stop.wait()
-        print(f"pgflow worker: {wf.name} stopping", flush=True)
+        print(f"pgflow worker: {names} stopping", flush=True)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        await wf.stop()
+        for wf in workflows:
+            await wf.stop()
