@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import enum
-from typing import Any
-
 import psycopg
 
-import pgflow
 from pgflow.testing import require
 from tests._util import wait_until
-
-
-class S(enum.IntEnum):
-    NEW = 1
-    DONE = 2
-
-
-def _builder(name: str) -> pgflow.Builder[dict[str, Any], S]:
-    b = pgflow.Builder(name, dict, S, polling_frequency=0.05)
-    b.add_step(S.NEW, lambda run: S.DONE, S.DONE)
-    return b
+from tests.two_workflows_app import S, billing, shipping
 
 
 def _listen_connections(dsn: str) -> int:
@@ -33,8 +19,8 @@ def _listen_connections(dsn: str) -> int:
 
 
 async def test_workflows_in_one_process_share_the_listener(pgflow_dsn: str) -> None:
-    async with _builder("first").build(pgflow_dsn) as one:
-        async with _builder("second").build(pgflow_dsn) as two:
+    async with billing.build(pgflow_dsn) as one:
+        async with shipping.build(pgflow_dsn) as two:
             assert one.engine.listener is two.engine.listener
             assert _listen_connections(pgflow_dsn) == 1
             await one.trigger("a")
