@@ -12,9 +12,16 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
-from ..errors import PgflowError
+import psycopg
+from psycopg import AsyncConnection
+
+from .. import _db
+from ..errors import PgflowError, SchemaError
+
+T = TypeVar("T")
 
 COMMAND_MODULES = [
     "pgflow.cli._migrate",
@@ -56,6 +63,22 @@ def add_dsn_argument(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="PostgreSQL connection string (default: $PGFLOW_DATABASE_URL or $DATABASE_URL)",
     )
+
+
+async def with_connection(
+    dsn: str | None, work: Callable[[AsyncConnection[Any]], Awaitable[T]]
+) -> T:
+    """Run ``work`` on one autocommit connection to ``dsn`` (or $PGFLOW_DATABASE_URL),
+    turning a missing pgflow schema into a one-line :class:`SchemaError`."""
+    conn = await _db.connect(_db.resolve_dsn(dsn), autocommit=True)
+    try:
+        return await work(conn)
+    except psycopg.errors.UndefinedTable as exc:
+        raise SchemaError(
+            f"{_db.first_line(exc)}: is the pgflow schema installed? run `pgflow migrate`"
+        ) from None
+    finally:
+        await conn.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

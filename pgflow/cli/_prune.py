@@ -12,11 +12,8 @@ import re
 from datetime import timedelta
 from typing import Any
 
-import psycopg
-
-from .. import _db
-from ..errors import SchemaError
 from ..retention import PruneResult, prune
+from . import with_connection
 
 __all__ = ["parse_age", "register"]
 
@@ -91,21 +88,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> PruneResult:
-    conn = await _db.connect(_db.resolve_dsn(args.dsn), autocommit=True)
-    try:
-        return await prune(
+    return await with_connection(
+        args.dsn,
+        lambda conn: prune(
             conn,
             older_than=args.older_than,
             dry_run=args.dry_run,
             batch=args.batch,
             include_unconsumed=args.include_unconsumed,
-        )
-    except psycopg.errors.UndefinedTable as exc:
-        raise SchemaError(
-            f"{_db.first_line(exc)}: is the pgflow schema installed? run `pgflow migrate`"
-        ) from None
-    finally:
-        await conn.close()
+        ),
+    )
 
 
 def _report(result: PruneResult) -> str:

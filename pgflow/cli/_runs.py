@@ -32,7 +32,8 @@ from .._table import (
     render_table,
     selected_format,
 )
-from ..errors import ConfigError, InvalidTransition, NotFound, PgflowError, SchemaError
+from ..errors import ConfigError, InvalidTransition, NotFound, PgflowError
+from . import with_connection
 
 __all__ = ["ReplayFailed", "register", "replay_dead_letter", "resolve_run"]
 
@@ -158,21 +159,9 @@ def _sync(handler: Handler) -> Callable[[argparse.Namespace], int]:
         limit = getattr(args, "limit", 1)
         if limit is not None and limit < 1:
             raise ConfigError("--limit must be positive")
-        return asyncio.run(_with_connection(handler, args))
+        return asyncio.run(with_connection(args.dsn, lambda conn: handler(conn, args)))
 
     return run
-
-
-async def _with_connection(handler: Handler, args: argparse.Namespace) -> int:
-    conn = await _db.connect(_db.resolve_dsn(args.dsn), autocommit=True)
-    try:
-        return await handler(conn, args)
-    except psycopg.errors.UndefinedTable as exc:
-        raise SchemaError(
-            f"{_db.first_line(exc)}: is the pgflow schema installed? run `pgflow migrate`"
-        ) from None
-    finally:
-        await conn.close()
 
 
 async def _fetch(
