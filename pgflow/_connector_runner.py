@@ -302,18 +302,8 @@ class ConnectorRunner(Generic[T, S]):
                     ):
                         await self._dead_letter(shard, event, exc, attempt)
                         break
-                    metrics.retry(self.name, shard)
                     delay = opts.backoff(attempt)
-                    logger.warning(
-                        "connector %s[%d]: event %s failed (attempt %d/%d): %s; retry in %s",
-                        self.name,
-                        shard,
-                        event.id,
-                        attempt,
-                        opts.max_retries,
-                        error_text(exc),
-                        delay,
-                    )
+                    self._retrying(shard, event, exc, attempt, delay.total_seconds())
                     if await self._sleep(delay.total_seconds()):
                         return  # stopping: not acked, redelivered later
             await ack()
@@ -323,19 +313,19 @@ class ConnectorRunner(Generic[T, S]):
     ) -> None:
         """Bad input: dead-letter it with the reason and payload, then ack it."""
         logger.error("connector %s[%d]: %s (dead-lettered)", self.name, shard, bad)
-        if conn is None:
-            pool = await self.wf.engine.pool()
-            async with pool.connection() as c, c.transaction():
-                await dead_letter(c, self.dead_letter_consumer, bad, bad.reason, 1)
-        else:
-            await dead_letter(conn, self.dead_letter_consumer, bad, bad.reason, 1)
+        await self._store_dead_letter(shard, bad, bad.reason, 1, conn)
         await bad.ack()
-        metrics.dead_letter(self.name, shard)
-        self.dead += 1
 
     async def _dead_letter(
-        self, shard: int, event: ConnectorEvent, exc: BaseException, attempts: int
+        self,
+        shard: int,
+        event: ConnectorEvent,
+        exc: BaseException,
+        attempts: int,
+        conn: AsyncConnection[Any] | None = None,
     ) -> None:
+        """Record ``event`` in ``pgflow.dead_letters`` — in ``conn``'s transaction when
+        given (the transactional path acks it there too), else in a transaction of its own."""
         logger.error(
             "connector %s[%d]: event %s dead-lettered after %d attempts: %s",
             self.name,
@@ -344,11 +334,39 @@ class ConnectorRunner(Generic[T, S]):
             attempts,
             error_text(exc),
         )
-        pool = await self.wf.engine.pool()
-        async with pool.connection() as conn, conn.transaction():
-            await dead_letter(conn, self.dead_letter_consumer, event, error_text(exc), attempts)
+        await self._store_dead_letter(shard, event, error_text(exc), attempts, conn)
+
+    async def _store_dead_letter(
+        self,
+        shard: int,
+        event: ConnectorEvent | MalformedEvent,
+        reason: str,
+        attempts: int,
+        conn: AsyncConnection[Any] | None,
+    ) -> None:
+        if conn is None:
+            pool = await self.wf.engine.pool()
+            async with pool.connection() as own, own.transaction():
+                await dead_letter(own, self.dead_letter_consumer, event, reason, attempts)
+        else:
+            await dead_letter(conn, self.dead_letter_consumer, event, reason, attempts)
         metrics.dead_letter(self.name, shard)
         self.dead += 1
+
+    def _retrying(
+        self, shard: int, event: ConnectorEvent, exc: BaseException, attempt: int, wait: float
+    ) -> None:
+        metrics.retry(self.name, shard)
+        logger.warning(
+            "connector %s[%d]: event %s failed (attempt %d/%d): %s; retry in %.2fs",
+            self.name,
+            shard,
+            event.id,
+            attempt,
+            self.spec.options.max_retries,
+            error_text(exc),
+            wait,
+        )
 
     # -- transactional sources: effects and cursor in one transaction ----------------
 
@@ -415,34 +433,12 @@ class ConnectorRunner(Generic[T, S]):
                     attempt = self._attempts.get(key, 0) + 1
                     if attempt >= opts.max_retries or isinstance(exc, Reject):
                         self._attempts.pop(key, None)
-                        logger.error(
-                            "connector %s[%d]: event %s dead-lettered after %d attempts: %s",
-                            self.name,
-                            shard,
-                            event.id,
-                            attempt,
-                            error_text(exc),
-                        )
-                        await dead_letter(
-                            conn, self.dead_letter_consumer, event, error_text(exc), attempt
-                        )
-                        metrics.dead_letter(self.name, shard)
-                        self.dead += 1
+                        await self._dead_letter(shard, event, exc, attempt, conn)
                         await ack()
                         continue
                     self._attempts[key] = attempt
-                    metrics.retry(self.name, shard)
                     wait = opts.backoff(attempt).total_seconds()
-                    logger.warning(
-                        "connector %s[%d]: event %s failed (attempt %d/%d): %s; retry in %.2fs",
-                        self.name,
-                        shard,
-                        event.id,
-                        attempt,
-                        opts.max_retries,
-                        error_text(exc),
-                        wait,
-                    )
+                    self._retrying(shard, event, exc, attempt, wait)
                     break  # commit what succeeded; re-read from this event later
                 self._attempts.pop(key, None)
                 await ack()
