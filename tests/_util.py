@@ -44,3 +44,22 @@ async def events_settled(pool: Any) -> None:
             return bool((await cur.fetchone() or [False])[0])
 
     await wait_until(check, timeout=30, message="events below the xid horizon")
+
+
+async def take_batch(
+    consumer: Any, pool: Any, expect: int = 0, *, limit: int = 100, commit: bool = True
+) -> list[Any]:
+    """Ack and commit (or, with ``commit=False``, roll back) the next ``recv_batch_in``
+    batch of a transactional consumer; poll until it has ``expect`` events (concurrent
+    sessions in the cluster may hold the xid horizon back for a moment). Returns the
+    events."""
+    deadline = time.monotonic() + 30
+    while True:
+        async with pool.connection() as conn, conn.transaction(force_rollback=not commit):
+            batch = await consumer.recv_batch_in(conn, limit)
+            if len(batch) >= expect:
+                for _, ack in batch:
+                    await ack()
+                return [e for e, _ in batch]
+        assert time.monotonic() < deadline, f"no batch of {expect}"
+        await asyncio.sleep(0.02)

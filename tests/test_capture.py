@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 import psycopg
@@ -12,21 +10,7 @@ import pytest
 import pgflow
 from pgflow.capture import Change, change_translator, changes_stream, make_change_translator
 from pgflow.connectors import table
-
-
-async def _drain(consumer: Any, pool: Any, expect: int = 0) -> list[Any]:
-    """Ack and commit the next batch; poll until it has ``expect`` events (concurrent
-    sessions in the cluster may hold the xid horizon back for a moment)."""
-    deadline = time.monotonic() + 30
-    while True:
-        async with pool.connection() as conn, conn.transaction():
-            batch = await consumer.recv_batch_in(conn, 100)
-            if len(batch) >= expect:
-                for _, ack in batch:
-                    await ack()
-                return [e for e, _ in batch]
-        assert time.monotonic() < deadline, f"no batch of {expect}"
-        await asyncio.sleep(0.02)
+from tests._util import take_batch
 
 
 async def test_capture_inserts_updates_deletes(pgflow_dsn: str, pool: Any) -> None:
@@ -46,7 +30,7 @@ async def test_capture_inserts_updates_deletes(pgflow_dsn: str, pool: Any) -> No
         changes_stream("app.orders"), table.CursorStore(pool), change_translator
     )
     consumer = await connector.make("orders-cdc")
-    events = await _drain(consumer, pool, 4)
+    events = await take_batch(consumer, pool, 4)
     assert [(e.type, e.foreign_id) for e in events] == [
         ("insert", "o1"),
         ("insert", "o2"),
@@ -59,12 +43,12 @@ async def test_capture_inserts_updates_deletes(pgflow_dsn: str, pool: Any) -> No
         update.headers["pgflow.table"] == "app.orders" and update.headers["pgflow.op"] == "UPDATE"
     )
     assert delete.headers["total"] == "5"  # the row as it was
-    assert await _drain(consumer, pool) == []
+    assert await take_batch(consumer, pool) == []
 
     await pgflow.uncapture(pgflow_dsn, "app.orders")
     async with pool.connection() as conn:
         await conn.execute("INSERT INTO app.orders VALUES ('o3', 'new', 1)")
-    assert await _drain(consumer, pool) == []
+    assert await take_batch(consumer, pool) == []
 
 
 async def test_capture_in_callers_transaction_and_composite_keys(
@@ -82,7 +66,7 @@ async def test_capture_in_callers_transaction_and_composite_keys(
     consumer = await table.Connector(
         changes_stream(["public.lines"], ops=["INSERT"]), table.CursorStore(pool), translate
     ).make("l")
-    [ev] = await _drain(consumer, pool, 1)
+    [ev] = await take_batch(consumer, pool, 1)
     assert (ev.type, ev.foreign_id, ev.headers["sku"]) == ("line.insert", "o1", "abc")
     async with pool.connection() as conn:
         cur = await conn.execute("SELECT pk FROM pgflow.changes")

@@ -9,12 +9,12 @@ from datetime import timedelta
 from typing import Any
 
 import psycopg
-from _util import wait_until
 
 import pgflow
 from pgflow.connectors import ConnectorEvent
 from pgflow.connectors.memory import Connector as MemoryConnector
 from pgflow.connectors.memory import event
+from tests._util import wait_until
 
 
 class S(enum.IntEnum):

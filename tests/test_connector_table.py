@@ -9,16 +9,15 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from typing import Any
 
 import psycopg
 import pytest
-from _util import wait_until
 
 from pgflow.connectors import MalformedEvent, TransactionalConsumer, table
 from pgflow.connectors.table import CursorStore, TableStream, add_tx_column
 from pgflow.cursors import LostCursor
+from tests._util import take_batch, wait_until
 
 PAYMENTS = """
 CREATE SCHEMA app;
@@ -46,26 +45,6 @@ async def _setup(dsn: str, rows: int = 0) -> None:
             )
 
 
-async def take(
-    consumer: Any, pool: Any, expect: int, *, commit: bool = True, limit: int = 10
-) -> list[Any]:
-    """A batch of at least ``expect`` events, all acked, committed (or rolled back).
-
-    Polls: any session in the cluster holding an xid (other tests run concurrently)
-    holds the horizon back, so fresh rows may take a moment to become readable.
-    """
-    deadline = time.monotonic() + 30
-    while True:
-        async with pool.connection() as conn, conn.transaction(force_rollback=not commit):
-            batch = await consumer.recv_batch_in(conn, limit)
-            if len(batch) >= expect:
-                for _, ack in batch:
-                    await ack()
-                return [e for e, _ in batch]
-        assert time.monotonic() < deadline, f"no batch of {expect} events"
-        await asyncio.sleep(0.02)
-
-
 async def _cursor(dsn: str, name: str) -> tuple[int, int] | None:
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         cur = await conn.execute(
@@ -83,7 +62,7 @@ async def test_transactional_ack_commits_with_effects(pgflow_dsn: str, pool: Any
     assert isinstance(consumer, TransactionalConsumer)
 
     # A rolled-back batch leaves the cursor where it was.
-    batch = await take(consumer, pool, 3, commit=False, limit=3)
+    batch = await take_batch(consumer, pool, 3, commit=False, limit=3)
     assert [e.foreign_id for e in batch] == ["order-1", "order-2", "order-3"]
     assert await _cursor(pgflow_dsn, "payments") is None
 
@@ -115,7 +94,7 @@ async def test_acks_write_the_cursor_once_per_batch(pgflow_dsn: str, pool: Any) 
     """Acks only count in memory; the last ack or flush_in writes one compare-and-set."""
     await _setup(pgflow_dsn, rows=5)
     consumer = await table.Connector(TableStream("app.payments"), CursorStore(pool)).make("f")
-    await take(consumer, pool, 5, commit=False)  # wait for the rows to be readable
+    await take_batch(consumer, pool, 5, commit=False, limit=10)  # wait for the rows to be readable
 
     async with pool.connection() as conn, conn.transaction():
         batch = await consumer.recv_batch_in(conn, 5)
@@ -159,7 +138,7 @@ async def test_acks_write_the_cursor_once_per_batch(pgflow_dsn: str, pool: Any) 
 async def test_default_translator_fields_and_headers(pgflow_dsn: str, pool: Any) -> None:
     await _setup(pgflow_dsn, rows=1)
     consumer = await table.Connector(TableStream("app.payments"), CursorStore(pool)).make("t")
-    [ev] = await take(consumer, pool, 1, commit=False)
+    [ev] = await take_batch(consumer, pool, 1, commit=False, limit=10)
     assert (ev.id, ev.foreign_id, ev.type) == ("1", "order-1", "payment.completed")
     assert ev.headers == {"amount": "1"}  # not id/tx/foreign_id/type/created_at
     assert ev.created_at.tzinfo is not None
@@ -169,7 +148,7 @@ async def test_one_owner_per_consumer_name(pgflow_dsn: str, pool: Any) -> None:
     await _setup(pgflow_dsn, rows=2)
     connector = table.Connector(TableStream("app.payments"), CursorStore(pool))
     a, b = await connector.make("same"), await connector.make("same")
-    await take(a, pool, 2, commit=False)
+    await take_batch(a, pool, 2, commit=False, limit=10)
     async with pool.connection() as c1, c1.transaction():
         assert len(await a.recv_batch_in(c1, 10)) == 2
         async with pool.connection() as c2, c2.transaction():
@@ -188,7 +167,7 @@ async def test_late_commit_is_not_skipped(pgflow_dsn: str, pool: Any) -> None:
         async with pool.connection() as conn, conn.transaction():
             assert await consumer.recv_batch_in(conn, 10) == []  # 'fast' waits: the horizon
         await slow.commit()
-        got = await take(consumer, pool, 2)
+        got = await take_batch(consumer, pool, 2, limit=10)
         assert sorted(e.foreign_id for e in got) == ["fast", "slow"]
     finally:
         await slow.close()
@@ -201,7 +180,7 @@ async def test_malformed_row_is_reported_with_an_ack(pgflow_dsn: str, pool: Any)
             "INSERT INTO app.payments (foreign_id) VALUES ('ok-1'), (NULL), ('ok-2')"
         )
     consumer = await table.Connector(TableStream("app.payments"), CursorStore(pool)).make("m")
-    got = await take(consumer, pool, 1)  # the batch stops before the bad row
+    got = await take_batch(consumer, pool, 1, limit=10)  # the batch stops before the bad row
     assert [e.foreign_id for e in got] == ["ok-1"]
     async with pool.connection() as conn, conn.transaction():
         with pytest.raises(MalformedEvent) as info:
@@ -209,7 +188,7 @@ async def test_malformed_row_is_reported_with_an_ack(pgflow_dsn: str, pool: Any)
         assert "foreign_id" in info.value.reason and info.value.event_id == "app.payments:2"
         assert info.value.payload["amount"] == "10"
         await info.value.ack()  # the runner dead-letters it, then acks in its transaction
-    assert [e.foreign_id for e in await take(consumer, pool, 1)] == ["ok-2"]
+    assert [e.foreign_id for e in await take_batch(consumer, pool, 1, limit=10)] == ["ok-2"]
 
 
 async def test_plain_recv_is_at_least_once(pgflow_dsn: str, pool: Any) -> None:
@@ -260,7 +239,7 @@ async def test_query_stream_with_where_and_custom_translator(pgflow_dsn: str, po
         )
 
     consumer = await table.Connector(stream, CursorStore(pool), translate).make("q")
-    batch = await take(consumer, pool, 3, commit=False)
+    batch = await take_batch(consumer, pool, 3, commit=False, limit=10)
     assert [(e.id, e.type, e.headers["amt"]) for e in batch] == [
         ("p4", "big", "4"),
         ("p5", "big", "5"),
@@ -287,7 +266,7 @@ async def test_id_only_source_and_add_tx_column(pgflow_dsn: str, pool: Any) -> N
     async with pool.connection() as conn:
         await conn.execute("INSERT INTO legacy VALUES (3, 'c', 't')")
     gap_free = await table.Connector(TableStream("public.legacy"), CursorStore(pool)).make("g")
-    batch = await take(gap_free, pool, 3, commit=False)
+    batch = await take_batch(gap_free, pool, 3, commit=False, limit=10)
     assert [e.foreign_id for e in batch] == ["a", "b", "c"]
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 
 import psycopg
 from psycopg.conninfo import make_conninfo
 
 from pgflow.connectors import TransactionalConsumer, webhook
+from tests._util import take_batch
 
 
 async def _post(
@@ -35,21 +35,6 @@ async def _post(
         writer.close()
     status = int(raw.split(b" ", 2)[1])
     return status, json.loads(raw.split(b"\r\n\r\n", 1)[1] or b"{}")
-
-
-async def _take(consumer: Any, pool: Any, expect: int) -> list[Any]:
-    """Ack and commit a batch of ``expect`` events; polls, because concurrent sessions
-    in the cluster may hold the xid horizon back for a moment."""
-    deadline = time.monotonic() + 30
-    while True:
-        async with pool.connection() as conn, conn.transaction():
-            batch = await consumer.recv_batch_in(conn, 10)
-            if len(batch) >= expect:
-                for _, ack in batch:
-                    await ack()
-                return [e for e, _ in batch]
-        assert time.monotonic() < deadline, f"no batch of {expect}"
-        await asyncio.sleep(0.02)
 
 
 def _event(i: int, **extra: Any) -> bytes:
@@ -89,7 +74,7 @@ async def test_good_post_is_durable_before_200_and_consumed_exactly_once(
         ]
         consumer = await hook.make("pay-consumer")
         assert isinstance(consumer, TransactionalConsumer)
-        [ev] = await _take(consumer, pool, 1)
+        [ev] = await take_batch(consumer, pool, 1, limit=10)
         assert (ev.id, ev.foreign_id, ev.type) == ("evt-1", "order-1", "payment.completed")
         assert ev.headers == {"amount": "12.5", "currency": "EUR"}
         async with pool.connection() as conn, conn.transaction():

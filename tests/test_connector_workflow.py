@@ -15,7 +15,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from _util import wait_until
 
 import pgflow
 from pgflow import run_id_for
@@ -34,6 +33,7 @@ from pgflow.demo import (
     build_orders,
     handle_payment,
 )
+from tests._util import wait_until
 
 
 def pay(n: int, order: str, kind: str = "payment.completed", **headers: str) -> ConnectorEvent:

@@ -14,12 +14,12 @@ from typing import Any
 
 import psycopg
 import pytest
-from _util import wait_until
 from psycopg import AsyncConnection
 
 from pgflow.cli import main
 from pgflow.cli._prune import parse_age
 from pgflow.retention import prune
+from tests._util import wait_until
 
 OLD = "now() - interval '40 days'"
 NEW = "now()"
