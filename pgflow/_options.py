@@ -28,7 +28,7 @@ class Options:
     pause_after_err_count: int | None = 5
     #: the polling timer that backs up LISTEN/NOTIFY wake-ups (and the timer poller)
     polling_frequency: timedelta = timedelta(seconds=1)
-    #: events per batch transaction (batches hold the xid horizon while they run)
+    #: events per batch transaction (a batch holds a transaction open while it runs)
     batch_size: int = 100
     #: only process events at least this old (0: at once)
     consume_lag: timedelta = timedelta(0)

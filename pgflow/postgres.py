@@ -195,7 +195,7 @@ class LocalCluster:
         if not self.running():
             options = (
                 f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1"
-                " -c max_connections=200"
+                " -c max_connections=200 -c max_prepared_transactions=10"
             )
             if self.fast_unsafe:
                 options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"

@@ -7,8 +7,9 @@ caller's transaction — so the log and the records never disagree, and a consum
 tell a stale event (``event.version != record.version``) from a live one.
 
 Changes are compare-and-set on ``version`` instead of ``SELECT ... FOR UPDATE``: a
-step consumer reads records without locks (no xid, so it does not hold the xid horizon
-back while user code runs) and a concurrent change simply makes its write miss.
+step consumer reads records without locks (no xid while user code runs: an open xid
+holds back VACUUM for the whole cluster) and a concurrent change simply makes its write
+miss.
 
 These functions know nothing about a workflow's graph or its Python types; the typed
 layer (:class:`Record`, :mod:`pgflow.run`, :mod:`pgflow.api`) and the graph-free

@@ -163,7 +163,7 @@ def test_lag_table_and_horizon_line(dsn: str, capsys: pytest.CaptureFixture[str]
     created = next(line for line in lines if line.startswith("orders/CREATED"))
     assert created.split()[1:4] == ["-", "orders", "6"]  # CREATED events of order-1..6
     assert any(line.startswith("orders/PAID") and " 1/2 " in line for line in lines)
-    assert lines[-1].startswith("xid horizon: ")
+    assert lines[-1].startswith("oldest open transaction: ")
     _, out, _ = cli(capsys, "lag", "--dsn", dsn, "--json")
     data = json.loads(out)
     assert {c["consumer"] for c in data["consumers"]} == {"orders/CREATED", "orders/PAID"}

@@ -12,6 +12,7 @@ import pytest
 
 import pgflow
 from pgflow import RunState
+from pgflow.snapshots import CONSUMED
 from pgflow.testing import require, require_state
 from tests._util import wait_until
 
@@ -274,7 +275,7 @@ async def _consumed(dsn: str, consumer: str, n: int) -> bool:
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         cur = await conn.execute(
             "SELECT count(*) FROM pgflow.events e JOIN pgflow.cursors c"
-            " ON c.consumer = %s AND (e.tx, e.id) <= (c.tx, c.id)"
+            f" ON c.consumer = %s AND {CONSUMED}"
             " AND e.stream = c.stream AND e.type = ANY(c.types)",
             (consumer,),
         )

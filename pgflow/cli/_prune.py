@@ -50,7 +50,7 @@ def register(subparsers: Any) -> None:
         help="delete old events nobody needs any more",
         description=(
             "Delete events older than --older-than that every cursor of their stream has "
-            "passed, that are below the xid horizon and whose run (if any) is finished; "
+            "read and whose run (if any) is finished; "
             "also completed timeouts and replayed dead letters older than it. Streams "
             "without any cursor are kept unless --include-unconsumed. Pruned runs lose "
             "their history in pgflow.run_history."

@@ -79,9 +79,10 @@ def register(subparsers: Any) -> None:
 
     p = command(
         "lag",
-        "consumer lag per consumer and shard, and the xid horizon",
+        "consumer lag per consumer and shard, and the oldest open transaction",
         "How far behind each consumer shard is (pgflow.consumer_lag), and how old the "
-        "oldest transaction holding back every reader is (pgflow.horizon).",
+        "oldest transaction holding an xid is (pgflow.horizon): its own events wait for "
+        "it, and it holds back VACUUM and pgflow prune.",
     )
     add_format_arguments(p)
     p.set_defaults(func=_sync(_lag))
@@ -256,7 +257,7 @@ async def _lag(conn: AsyncConnection[Any], args: argparse.Namespace) -> int:
         )
     )
     age = float(horizon.get("age_seconds") or 0.0)
-    line = f"xid horizon: {format_interval(age)}"
+    line = f"oldest open transaction: {format_interval(age)}"
     if horizon.get("xact_start") is not None:
         who = horizon.get("prepared_gid") and f"prepared transaction {horizon['prepared_gid']!r}"
         who = who or (
@@ -264,9 +265,9 @@ async def _lag(conn: AsyncConnection[Any], args: argparse.Namespace) -> int:
             f"{', ' + str(horizon['application_name']) if horizon.get('application_name') else ''}"
             f", {horizon.get('state')})"
         )
-        line += f" — oldest open transaction: {who}"
+        line += f" — {who}"
         if age >= 60:
-            line += "; it holds back event delivery for every pgflow reader"
+            line += "; its own events wait for it, and it holds back VACUUM and prune"
     print(line)
     return 0
 

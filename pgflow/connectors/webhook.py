@@ -47,7 +47,8 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from ..errors import DatabaseUnavailable
-from ..events import NewEvent, Position, append
+from ..events import NewEvent, append
+from ..snapshots import Position
 from ..streamer import Filter, read_batch
 from ._base import ConnectorEvent
 from ._codec import event_from_json
@@ -93,10 +94,10 @@ class EventLogStream:
     async def read(
         self, conn: AsyncConnection[Any], after: Position, limit: int
     ) -> list[tuple[Position, Row]]:
-        events = await read_batch(conn, self.filter, after, limit)
+        batch = await read_batch(conn, self.filter, after, limit)
         return [
             (
-                e.position,
+                position,
                 {
                     "id": e.id,
                     "foreign_id": e.foreign_id,
@@ -105,7 +106,7 @@ class EventLogStream:
                     "created_at": e.created_at,
                 },
             )
-            for e in events
+            for e, position in zip(batch.events, batch.positions, strict=True)
         ]
 
 
