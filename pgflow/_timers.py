@@ -12,6 +12,9 @@
     a timeout whose run moved on (version changed) is completed without firing;
   - re-emits the current event of runs whose step failed once ``retry_at`` passed
     (see :mod:`pgflow._steps` for why retries are events);
+  - resumes runs paused after too many errors once their ``pause_retry`` delay
+    (``retry_at`` of a PAUSED run) has passed: luno's paused-records retry, except that
+    a run paused by hand stays paused (its pause cleared ``retry_at``);
   - triggers cron schedules once per tick (row lock + ``next_at`` update in the
     trigger's transaction; ticks missed while no worker ran are skipped, not
     replayed);
@@ -41,7 +44,10 @@ from .observability import metrics, step_span
 from .records import PROCESSABLE_STATES, RawRecord, load_many
 from .streamer import Filter
 
-__all__ = ["Poller", "TimerArmer"]
+__all__ = ["PAUSE_RETRY_REASON", "Poller", "TimerArmer"]
+
+#: The run-state reason of a run resumed by ``pause_retry``.
+PAUSE_RETRY_REASON = "pause_retry: resumed automatically"
 
 logger = logging.getLogger("pgflow.timers")
 
@@ -90,7 +96,7 @@ class TimerArmer(Generic[T, S]):
     async def handle(self, events: list[Event], conn: AsyncConnection[Any]) -> None:
         records = await load_many(conn, [e.run_id for e in events if e.run_id is not None])
         rows: list[tuple[Any, ...]] = []
-        now = datetime.now(UTC)
+        now = self.engine.clock.now()
         for event in events:
             rec = records.get(event.run_id) if event.run_id is not None else None
             if rec is None or not _current(rec, event.type, event.version):
@@ -137,12 +143,24 @@ class Poller(Generic[T, S]):
         self.batch = batch
         self.name = f"{engine.name}/poller"
         self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
         self.fired = 0  #: timeouts fired by this process (tests, metrics)
+        engine.clock.on_change(self.wake)
 
     def stop(self) -> None:
         self._stopping.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Look for due work now (the clock jumped); safe from any thread."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake.set)
+
+    _loop: asyncio.AbstractEventLoop | None = None
 
     async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
         delay = 0.05
         failing = False
         while not self._stopping.is_set():
@@ -167,14 +185,21 @@ class Poller(Generic[T, S]):
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
 
     async def tick(self) -> bool:
         """One pass over all timer work; True when a full batch suggests more is due."""
         pool = await self.engine.pool()
         busy = False
         async with pool.connection() as conn:
-            for job in (self.fire_timeouts, self.emit_retries, self.fire_schedules, self.erase):
+            for job in (
+                self.fire_timeouts,
+                self.emit_retries,
+                self.resume_paused,
+                self.fire_schedules,
+                self.erase,
+            ):
                 if await job(conn) >= self.batch:
                     busy = True
         return busy
@@ -188,15 +213,16 @@ class Poller(Generic[T, S]):
             cur = await conn.execute(
                 "UPDATE pgflow.timeouts t SET completed = true WHERE t.id IN ("
                 " SELECT id FROM pgflow.timeouts WHERE workflow = %s AND NOT completed"
-                " AND expire_at <= now() ORDER BY expire_at LIMIT %s FOR UPDATE SKIP LOCKED)"
+                " AND expire_at <= coalesce(%s, now()) ORDER BY expire_at LIMIT %s"
+                " FOR UPDATE SKIP LOCKED)"
                 " RETURNING t.id, t.run_id, t.status, t.version",
-                (engine.name, self.batch),
+                (engine.name, engine.clock.sql_now(), self.batch),
             )
             rows = await cur.fetchall()
             if not rows:
                 return 0
             records = await load_many(conn, [r[1] for r in rows])
-            now = datetime.now(UTC)
+            now = engine.clock.now()
             for timeout_id, run_id, status, version in rows:
                 rec = records.get(run_id)
                 try:
@@ -258,9 +284,9 @@ class Poller(Generic[T, S]):
                 backoff,
             )
             await conn.execute(
-                "UPDATE pgflow.timeouts SET completed = false, expire_at = now() + %s"
-                " WHERE id = %s",
-                (backoff, timeout_id),
+                "UPDATE pgflow.timeouts SET completed = false,"
+                " expire_at = coalesce(%s, now()) + %s WHERE id = %s",
+                (engine.clock.sql_now(), backoff, timeout_id),
             )
             await conn.execute(
                 "UPDATE pgflow.records SET err_count = err_count + 1, last_error = %s"
@@ -276,11 +302,11 @@ class Poller(Generic[T, S]):
             cur = await conn.execute(
                 "UPDATE pgflow.records r SET retry_at = NULL WHERE r.run_id IN ("
                 " SELECT run_id FROM pgflow.records WHERE workflow = %s"
-                " AND retry_at <= now() AND run_state IN ('INITIATED', 'RUNNING')"
+                " AND retry_at <= coalesce(%s, now()) AND run_state IN ('INITIATED', 'RUNNING')"
                 " ORDER BY retry_at LIMIT %s FOR UPDATE SKIP LOCKED)"
                 " RETURNING r.run_id, r.workflow, r.foreign_id, r.status, r.version,"
                 " r.traceparent, r.err_count, r.run_state",
-                (self.engine.name, self.batch),
+                (self.engine.name, self.engine.clock.sql_now(), self.batch),
             )
             rows = await cur.fetchall()
             if rows:
@@ -302,6 +328,30 @@ class Poller(Generic[T, S]):
                         )
                         for r in rows
                     ],
+                )
+        if rows:
+            self.engine.poke()
+        return len(rows)
+
+    # -- pause retry ------------------------------------------------------------------
+
+    async def resume_paused(self, conn: AsyncConnection[Any]) -> int:
+        """Resume runs paused after too many errors whose ``pause_retry`` has passed."""
+        async with conn.transaction():
+            cur = await conn.execute(
+                "SELECT foreign_id, run_id FROM pgflow.records"
+                " WHERE workflow = %s AND run_state = 'PAUSED'"
+                " AND retry_at <= coalesce(%s, now())"
+                " ORDER BY retry_at LIMIT %s FOR UPDATE SKIP LOCKED",
+                (self.engine.name, self.engine.clock.sql_now(), self.batch),
+            )
+            rows = await cur.fetchall()
+            for foreign_id, run_id in rows:
+                rec = await admin.resume(
+                    conn, self.engine.name, foreign_id, run_id, reason=PAUSE_RETRY_REASON
+                )
+                logger.info(
+                    "%s: run %s of %r resumed by pause_retry", self.name, rec.run_id, foreign_id
                 )
         if rows:
             self.engine.poke()
@@ -361,7 +411,20 @@ class Poller(Generic[T, S]):
             )
             rows = await cur.fetchall()
             for foreign_id, run_id in rows:
-                await admin.erase_data(conn, self.engine.name, foreign_id, run_id)
+                try:
+                    await admin.erase_data(
+                        conn, self.engine.name, foreign_id, run_id, scrub=self.engine.scrub
+                    )
+                except psycopg.OperationalError:
+                    raise
+                except Exception as exc:  # a failing custom_delete: retried next tick
+                    logger.warning(
+                        "%s: data deletion of %r (run %s) failed: %s",
+                        self.name,
+                        foreign_id,
+                        run_id,
+                        error_text(exc),
+                    )
         if rows:
             self.engine.poke()
         return len(rows)

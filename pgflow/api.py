@@ -386,41 +386,81 @@ class API(Generic[T, S]):
             )
         return raw
 
-    async def pause(self, foreign_id: str, run_id: str | uuid.UUID | None = None) -> Record[T, S]:
+    async def pause(
+        self,
+        foreign_id: str,
+        run_id: str | uuid.UUID | None = None,
+        *,
+        reason: str | None = None,
+    ) -> Record[T, S]:
+        """Pause the run in progress (``reason`` is kept as ``run_state_reason``)."""
         hook = self._engine.state_hook(RunState.PAUSED)
         async with self._tx() as conn:
-            raw = await admin.pause(conn, self.name, foreign_id, run_id, hook=hook)
+            raw = await admin.pause(conn, self.name, foreign_id, run_id, hook=hook, reason=reason)
         return self._record(raw)
 
-    async def resume(self, foreign_id: str, run_id: str | uuid.UUID | None = None) -> Record[T, S]:
+    async def resume(
+        self,
+        foreign_id: str,
+        run_id: str | uuid.UUID | None = None,
+        *,
+        reason: str | None = None,
+    ) -> Record[T, S]:
+        """Continue a paused run: errors reset, its current step runs again."""
         async with self._tx() as conn:
-            raw = await admin.resume(conn, self.name, foreign_id, run_id)
+            raw = await admin.resume(conn, self.name, foreign_id, run_id, reason=reason)
         return self._record(raw)
 
-    async def cancel(self, foreign_id: str, run_id: str | uuid.UUID | None = None) -> Record[T, S]:
+    async def cancel(
+        self,
+        foreign_id: str,
+        run_id: str | uuid.UUID | None = None,
+        *,
+        reason: str | None = None,
+    ) -> Record[T, S]:
+        """End the run for good (``reason`` is kept as ``run_state_reason``)."""
         hook = self._engine.state_hook(RunState.CANCELLED)
         async with self._tx() as conn:
-            raw = await admin.cancel(conn, self.name, foreign_id, run_id, hook=hook)
+            raw = await admin.cancel(conn, self.name, foreign_id, run_id, hook=hook, reason=reason)
         return self._record(raw)
 
-    async def retry(self, foreign_id: str, run_id: str | uuid.UUID | None = None) -> Record[T, S]:
+    async def retry(
+        self,
+        foreign_id: str,
+        run_id: str | uuid.UUID | None = None,
+        *,
+        reason: str | None = None,
+    ) -> Record[T, S]:
         """Run the current step again now (reset errors; unpause)."""
         async with self._tx() as conn:
-            raw = await admin.retry(conn, self.name, foreign_id, run_id)
+            raw = await admin.retry(conn, self.name, foreign_id, run_id, reason=reason)
         return self._record(raw)
 
-    async def delete_data(self, foreign_id: str, run_id: str | uuid.UUID) -> Record[T, S]:
-        """Erase the run's object (PII), keeping its events as the audit trail.
+    async def delete_data(
+        self,
+        foreign_id: str,
+        run_id: str | uuid.UUID | None = None,
+        *,
+        reason: str | None = None,
+    ) -> Record[T, S]:
+        """Erase a finished run's personal data, keeping its events as the audit trail.
 
-        Two transactions: REQUESTED_DATA_DELETED, then DATA_DELETED with the object
-        gone; if the process dies in between, the timer poller finishes the erasure.
+        Only a COMPLETED or CANCELLED run (or one whose data was already deleted:
+        deletion is repeatable) qualifies; else :class:`pgflow.InvalidTransition`.
+        The object is replaced by what the builder's ``custom_delete`` keeps of it
+        (default: nothing). Two transactions: REQUESTED_DATA_DELETED, then DATA_DELETED;
+        if the process dies in between, a worker's timer poller finishes the erasure.
         Bound to a connection both happen in the caller's transaction.
         """
         async with self._tx() as conn:
-            raw = await admin.request_data_deletion(conn, self.name, foreign_id, run_id)
+            raw = await admin.request_data_deletion(
+                conn, self.name, foreign_id, run_id, reason=reason
+            )
         try:
             async with self._tx() as conn:
-                done = await admin.erase_data(conn, self.name, foreign_id, raw.run_id)
+                done = await admin.erase_data(
+                    conn, self.name, foreign_id, raw.run_id, scrub=self._engine.scrub
+                )
         except psycopg.OperationalError:
             return self._record(raw)  # the poller finishes it
         return self._record(done or raw)

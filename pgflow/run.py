@@ -100,13 +100,14 @@ class Run(Generic[T, S]):
     def last_error(self) -> str | None:
         return self._record.last_error
 
-    async def pause(self) -> None:
-        """Pause this run now (in ``tx``); ``return await run.pause()`` from a step."""
-        await self._engine.change_state(self, RunState.PAUSED)
+    async def pause(self, reason: str | None = None) -> None:
+        """Pause this run now (in ``tx``); ``return await run.pause("why")`` from a step.
+        The reason is stored on the record (``run_state_reason``)."""
+        await self._engine.change_state(self, RunState.PAUSED, reason)
 
-    async def cancel(self) -> None:
-        """Cancel this run now (in ``tx``); ``return await run.cancel()`` from a step."""
-        await self._engine.change_state(self, RunState.CANCELLED)
+    async def cancel(self, reason: str | None = None) -> None:
+        """Cancel this run now (in ``tx``); ``return await run.cancel("why")`` from a step."""
+        await self._engine.change_state(self, RunState.CANCELLED, reason)
 
     async def skip(self) -> None:
         """No transition: the run stays where it is (``return await run.skip()``)."""

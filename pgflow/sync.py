@@ -79,20 +79,30 @@ class SyncWorkflow(Generic[T, S]):
     def callback(self, foreign_id: str, status: S, payload: Any = None) -> Record[T, S] | None:
         return self._call(self.workflow.callback(foreign_id, status, payload))
 
-    def pause(self, foreign_id: str, run_id: RunId | None = None) -> Record[T, S]:
-        return self._call(self.workflow.pause(foreign_id, run_id))
+    def pause(
+        self, foreign_id: str, run_id: RunId | None = None, *, reason: str | None = None
+    ) -> Record[T, S]:
+        return self._call(self.workflow.pause(foreign_id, run_id, reason=reason))
 
-    def resume(self, foreign_id: str, run_id: RunId | None = None) -> Record[T, S]:
-        return self._call(self.workflow.resume(foreign_id, run_id))
+    def resume(
+        self, foreign_id: str, run_id: RunId | None = None, *, reason: str | None = None
+    ) -> Record[T, S]:
+        return self._call(self.workflow.resume(foreign_id, run_id, reason=reason))
 
-    def cancel(self, foreign_id: str, run_id: RunId | None = None) -> Record[T, S]:
-        return self._call(self.workflow.cancel(foreign_id, run_id))
+    def cancel(
+        self, foreign_id: str, run_id: RunId | None = None, *, reason: str | None = None
+    ) -> Record[T, S]:
+        return self._call(self.workflow.cancel(foreign_id, run_id, reason=reason))
 
-    def retry(self, foreign_id: str, run_id: RunId | None = None) -> Record[T, S]:
-        return self._call(self.workflow.retry(foreign_id, run_id))
+    def retry(
+        self, foreign_id: str, run_id: RunId | None = None, *, reason: str | None = None
+    ) -> Record[T, S]:
+        return self._call(self.workflow.retry(foreign_id, run_id, reason=reason))
 
-    def delete_data(self, foreign_id: str, run_id: RunId) -> Record[T, S]:
-        return self._call(self.workflow.delete_data(foreign_id, run_id))
+    def delete_data(
+        self, foreign_id: str, run_id: RunId | None = None, *, reason: str | None = None
+    ) -> Record[T, S]:
+        return self._call(self.workflow.delete_data(foreign_id, run_id, reason=reason))
 
     def schedule(self, foreign_id: str, spec: str) -> datetime:
         return self._call(self.workflow.schedule(foreign_id, spec))

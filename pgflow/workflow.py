@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+from collections.abc import Callable
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -29,6 +30,7 @@ from ._engine import Engine, Hooks
 from ._steps import StepConsumer
 from ._timers import Poller, TimerArmer
 from .api import API
+from .clock import Clock
 from .cursors import Consumer
 from .graph import Graph
 from .observability import metrics, sample_forever, tracing_enabled
@@ -53,8 +55,20 @@ class Workflow(API[T, S], Generic[T, S]):
         *,
         hooks: Hooks,
         pool_size: int = 10,
+        custom_delete: Callable[[T], Any] | None = None,
+        clock: Clock | None = None,
     ) -> None:
-        super().__init__(Engine(graph, object_type, dsn_or_pool, hooks=hooks, pool_size=pool_size))
+        super().__init__(
+            Engine(
+                graph,
+                object_type,
+                dsn_or_pool,
+                hooks=hooks,
+                pool_size=pool_size,
+                custom_delete=custom_delete,
+                clock=clock,
+            )
+        )
         self.graph = graph
         self.object_type = object_type
         self.consumers: list[Consumer] = []
