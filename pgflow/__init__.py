@@ -22,6 +22,7 @@ from .errors import (
 )
 from .events import Event, NewEvent, Position
 from .graph import Graph
+from .listing import Page
 from .migrations import migrate
 from .records import Record, RunState
 from .run import Run
@@ -49,6 +50,7 @@ __all__ = [
     "NewEvent",
     "Notifier",
     "NotFound",
+    "Page",
     "PgflowError",
     "Position",
     "Record",

@@ -24,7 +24,7 @@ import contextlib
 import enum
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -35,6 +35,7 @@ from . import admin
 from ._batch_api import Batch
 from ._engine import Engine, maybe_await
 from .errors import ConfigError, InvalidTransition, NotFound, WorkflowInProgress
+from .listing import Order, Page, list_records
 from .observability import current_traceparent, trigger_span
 from .records import (
     PROCESSABLE_STATES,
@@ -325,6 +326,46 @@ class API(Generic[T, S]):
         finally:
             if sub is not None:
                 sub.close()
+
+    async def list(
+        self,
+        *,
+        status: S | Iterable[S] | None = None,
+        run_state: RunState | str | Iterable[RunState | str] | None = None,
+        foreign_id: str | Iterable[str] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        order: Order = "desc",
+        limit: int = 50,
+        after: str | None = None,
+    ) -> Page[Record[T, S]]:
+        """One page of this workflow's runs (luno ``List`` with ``FilterBy...``).
+
+        Keyset-paginated: pass ``page.after`` back as ``after=`` for the next page;
+        ``page.after`` is None on the last one. See :mod:`pgflow.listing`.
+        """
+        statuses = self._engine.statuses
+        names: list[str] | None = None
+        if status is not None:
+            items = [status] if isinstance(status, enum.Enum | str) else list(status)
+            try:
+                names = [statuses.coerce(s).name for s in items]
+            except ValueError as exc:
+                raise ValueError(f"workflow {self.name!r}: status: {exc}") from None
+        async with self._read() as conn:
+            page = await list_records(
+                conn,
+                self.name,
+                status=names,
+                run_state=run_state,
+                foreign_id=foreign_id,
+                created_after=created_after,
+                created_before=created_before,
+                order=order,
+                limit=limit,
+                after=after,
+            )
+        return Page([self._record(raw) for raw in page.records], page.after)
 
     # -- moving runs from outside ----------------------------------------------------
 
