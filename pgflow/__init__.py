@@ -27,7 +27,7 @@ from .migrations import migrate
 from .records import Record, RunState
 from .run import Run
 from .streamer import Filter, Listener, Notifier, stream
-from .workflow import Workflow
+from .workflow import ConsumerState, Workflow
 
 __version__ = "0.1.0"
 
@@ -39,6 +39,7 @@ __all__ = [
     "Connector",
     "ConnectorConsumer",
     "ConnectorEvent",
+    "ConsumerState",
     "Consumer",
     "CursorKey",
     "DatabaseUnavailable",

@@ -254,6 +254,30 @@ class Engine(Generic[T, S]):
         if kind:
             await self.fire(kind, run)
 
+    async def save_and_repeat(self, run: Run[T, S]) -> None:
+        """Store ``run.object`` at the same status with a new version and event (the
+        step runs again when the event comes round); ``run.save_and_repeat()``."""
+        from .records import load_run
+
+        locked = await load_run(run.tx, self.name, run.foreign_id, run.run_id, lock=True)
+        if locked is None or locked.version != run.version:
+            raise InvalidTransition(
+                f"workflow {self.name!r}: run {run.run_id} of {run.foreign_id!r} moved "
+                "while its step ran; nothing was saved"
+            )
+        new = await write_change(
+            run.tx,
+            locked,
+            change="save_and_repeat",
+            status=locked.status,
+            run_state=RunState.RUNNING,
+            object_json=self.objects.dump(run.object),
+            reset_errors=True,
+        )
+        assert new is not None  # the row is locked
+        run._moved(new)
+        run.changed = True
+
     def state_hook(
         self, state: RunState
     ) -> Callable[[RawRecord, AsyncConnection[Any]], Awaitable[None]] | None:

@@ -1,8 +1,10 @@
 """Time-driven work: timeouts, step retries, cron schedules, data erasure.
 
 * :class:`TimerArmer` — a consumer per timeout status: for each run that reaches the
-  status it calls ``timer(run, now)`` and stores the due time in ``pgflow.timeouts``
-  (one row per run, status and record version, so re-delivery arms nothing twice).
+  status it calls each of the status's ``timer(run, now)`` and stores the due times in
+  ``pgflow.timeouts`` (one row per run, status, record version and timer, so
+  re-delivery arms nothing twice). The first timeout that moves the run voids the
+  others (their version no longer matches).
 * :class:`Poller` — one per Workflow process, every ``polling_frequency``:
 
   - fires due timeouts exactly once: the row is claimed with
@@ -64,12 +66,18 @@ def _current(rec: RawRecord | None, status: str, version: int) -> bool:
     )
 
 
-class TimerArmer(Generic[T, S]):
-    """Arms ``pgflow.timeouts`` rows for runs reaching a timeout's status."""
+class _Void(Exception):
+    """The run moved while its timeout's ``expire`` ran: the timeout is void."""
 
-    def __init__(self, engine: Engine[T, S], spec: TimeoutSpec[S], shard: int) -> None:
+
+class TimerArmer(Generic[T, S]):
+    """Arms ``pgflow.timeouts`` rows for runs reaching a timeout status (all of the
+    status's timeouts, so one cursor per status whatever their number)."""
+
+    def __init__(self, engine: Engine[T, S], specs: list[TimeoutSpec[S]], shard: int) -> None:
         self.engine = engine
-        self.spec = spec
+        self.specs = specs
+        spec = self.spec = specs[0]
         self.shard = shard
         self.name = f"{engine.name}/{spec.status.name}/timeout"
         opts = spec.options
@@ -102,36 +110,50 @@ class TimerArmer(Generic[T, S]):
             if rec is None or not _current(rec, event.type, event.version):
                 continue
             run = self.engine.make_run(rec, conn)
-            try:
-                due = await maybe_await(self.spec.timer(run, now))
-            except Exception as exc:
-                # Not retried automatically (a re-emitted event would re-run the step of
-                # this status too); the error is visible on the record, `pgflow retry`
-                # re-arms.
-                metrics.error(self.name, self.shard)
-                logger.warning("%s: timer failed for %r: %s", self.key, rec.foreign_id, exc)
-                await conn.execute(
-                    "UPDATE pgflow.records SET err_count = err_count + 1, last_error = %s"
-                    " WHERE run_id = %s AND version = %s",
-                    (error_text(exc), rec.run_id, rec.version),
-                )
-                continue
-            if due is None:
-                continue
-            if not isinstance(due, datetime):
-                logger.warning("%s: timer returned %r, not a datetime; ignored", self.key, due)
-                continue
-            if due.tzinfo is None:
-                due = due.replace(tzinfo=UTC)
-            rows.append((rec.workflow, rec.foreign_id, rec.run_id, rec.status, rec.version, due))
+            for spec in self.specs:
+                due = await self._due(spec, run, rec, conn, now)
+                if due is not None:
+                    rows.append(
+                        (rec.workflow, rec.foreign_id, rec.run_id, rec.status, rec.version,
+                         due, spec.index)
+                    )  # fmt: skip
         if rows:
             async with conn.cursor() as cur:
                 await cur.executemany(
                     "INSERT INTO pgflow.timeouts"
-                    " (workflow, foreign_id, run_id, status, version, expire_at)"
-                    " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                    " (workflow, foreign_id, run_id, status, version, expire_at, timer)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
                     rows,
                 )
+
+    async def _due(
+        self,
+        spec: TimeoutSpec[S],
+        run: Any,
+        rec: RawRecord,
+        conn: AsyncConnection[Any],
+        now: datetime,
+    ) -> datetime | None:
+        try:
+            due = await maybe_await(spec.timer(run, now))
+        except Exception as exc:
+            # Not retried automatically (a re-emitted event would re-run the step of
+            # this status too); the error is visible on the record, `pgflow retry`
+            # re-arms.
+            metrics.error(self.name, self.shard)
+            logger.warning("%s: timer failed for %r: %s", self.key, rec.foreign_id, exc)
+            await conn.execute(
+                "UPDATE pgflow.records SET err_count = err_count + 1, last_error = %s"
+                " WHERE run_id = %s AND version = %s",
+                (error_text(exc), rec.run_id, rec.version),
+            )
+            return None
+        if due is None:
+            return None
+        if not isinstance(due, datetime):
+            logger.warning("%s: timer returned %r, not a datetime; ignored", self.key, due)
+            return None
+        return due if due.tzinfo is not None else due.replace(tzinfo=UTC)
 
 
 class Poller(Generic[T, S]):
@@ -215,7 +237,7 @@ class Poller(Generic[T, S]):
                 " SELECT id FROM pgflow.timeouts WHERE workflow = %s AND NOT completed"
                 " AND expire_at <= coalesce(%s, now()) ORDER BY expire_at LIMIT %s"
                 " FOR UPDATE SKIP LOCKED)"
-                " RETURNING t.id, t.run_id, t.status, t.version",
+                " RETURNING t.id, t.run_id, t.status, t.version, t.timer",
                 (engine.name, engine.clock.sql_now(), self.batch),
             )
             rows = await cur.fetchall()
@@ -223,16 +245,20 @@ class Poller(Generic[T, S]):
                 return 0
             records = await load_many(conn, [r[1] for r in rows])
             now = engine.clock.now()
-            for timeout_id, run_id, status, version in rows:
+            for timeout_id, run_id, status, version, timer in rows:
                 rec = records.get(run_id)
                 try:
-                    spec = engine.graph.timeouts.get(engine.statuses.load(status))
+                    specs = engine.graph.timeouts.get(engine.statuses.load(status), [])
                 except ValueError:
-                    spec = None
+                    specs = []
+                spec = specs[timer] if 0 <= timer < len(specs) else None
                 if spec is None or rec is None or not _current(rec, status, version):
                     continue  # the run moved on: the timeout is void, claimed as done
-                if await self._expire(conn, spec, rec, timeout_id, now):
+                moved = await self._expire(conn, spec, rec, timeout_id, now)
+                if moved is not None:
                     fired += 1
+                    # a sibling timeout of this run in the same batch sees the move
+                    records[run_id] = moved
         self.fired += fired
         if fired:
             engine.poke()
@@ -245,7 +271,8 @@ class Poller(Generic[T, S]):
         rec: RawRecord,
         timeout_id: int,
         now: datetime,
-    ) -> bool:
+    ) -> RawRecord | None:
+        """Run ``expire`` in a savepoint; the run's record after it (None: not fired)."""
         engine = self.engine
         attributes = {
             "workflow": engine.name,
@@ -265,11 +292,15 @@ class Poller(Generic[T, S]):
                     if dest is not None and not run.changed:
                         if not isinstance(dest, engine.statuses.enum):
                             raise InvalidTransition(f"expire returned {dest!r}, not a status")
-                        await engine.transition(
+                        new = await engine.transition(
                             run, dest, change="timeout", allowed=spec.to, traceparent=tp
                         )
+                        if new is None:  # moved concurrently: expire's writes roll back
+                            raise _Void
             metrics.success(self.name, 0)
-            return True
+            return run._raw
+        except _Void:
+            return None
         except psycopg.OperationalError:
             raise
         except Exception as exc:
@@ -293,7 +324,7 @@ class Poller(Generic[T, S]):
                 " WHERE run_id = %s AND version = %s",
                 (error_text(exc), rec.run_id, rec.version),
             )
-            return False
+            return None
 
     # -- step retries -----------------------------------------------------------------
 

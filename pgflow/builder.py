@@ -107,7 +107,11 @@ class Builder(Generic[T, S]):
         **options: Any,
     ) -> Builder[T, S]:
         """On reaching ``status``, arm ``timer(run, now) -> datetime | None``; when it is
-        due, ``expire(run, now) -> S | None`` moves the run (exactly once)."""
+        due, ``expire(run, now) -> S | None`` moves the run (exactly once).
+
+        A status may have several timeouts (e.g. a reminder after 1 day and an expiry
+        after 7): each is armed on its own; the first to fire and move the run voids
+        the others. :mod:`pgflow.timers` has ready-made ``timer`` functions."""
         self._regs.append(_Registration("timeout", status, (timer, expire), tuple(to), options))
         return self
 
@@ -182,7 +186,7 @@ class Builder(Generic[T, S]):
 
         steps: dict[S, StepSpec[S]] = {}
         callbacks: dict[S, list[CallbackSpec[S]]] = {}
-        timeouts: dict[S, TimeoutSpec[S]] = {}
+        timeouts: dict[S, list[TimeoutSpec[S]]] = {}
         first_from: S | None = None
         for reg in self._regs:
             label = getattr(reg.status, "name", repr(reg.status))
@@ -216,10 +220,21 @@ class Builder(Generic[T, S]):
             elif reg.kind == "callback":
                 callbacks.setdefault(status, []).append(CallbackSpec(status, reg.fns[0], to))
             else:
-                if status in timeouts:
-                    problems.append(f"duplicate consumer: two timeouts on {status.name}")
+                # several per status, like luno; they share the status's armer consumer,
+                # so consumer options must agree
+                same = timeouts.setdefault(status, [])
+                if same and (
+                    same[0].options.parallel_count != options.parallel_count
+                    or same[0].options.consume_lag != options.consume_lag
+                ):
+                    problems.append(
+                        f"{where}: timeouts on one status must share parallel_count and "
+                        "consume_lag (they are armed by one consumer)"
+                    )
                     continue
-                timeouts[status] = TimeoutSpec(status, reg.fns[0], reg.fns[1], to, options)
+                same.append(
+                    TimeoutSpec(status, reg.fns[0], reg.fns[1], to, options, index=len(same))
+                )
 
         connectors: dict[str, ConnectorSpec] = {}
         for name, connector, fn, opts in self._connectors:

@@ -54,6 +54,9 @@ class TimeoutSpec(Generic[S]):
     expire: Callable[..., Any]
     to: tuple[S, ...]
     options: Options
+    #: position among the timeouts of ``status`` (``pgflow.timeouts.timer``): a status
+    #: may have several (luno), each armed and fired on its own
+    index: int = 0
 
     @property
     def name(self) -> str:
@@ -77,7 +80,7 @@ class Graph(Generic[S]):
     start: S
     steps: dict[S, StepSpec[S]] = field(default_factory=dict)
     callbacks: dict[S, list[CallbackSpec[S]]] = field(default_factory=dict)
-    timeouts: dict[S, TimeoutSpec[S]] = field(default_factory=dict)
+    timeouts: dict[S, list[TimeoutSpec[S]]] = field(default_factory=dict)
     connectors: dict[str, ConnectorSpec] = field(default_factory=dict)
 
     def destinations(self, status: S) -> set[S]:
@@ -87,8 +90,8 @@ class Graph(Generic[S]):
             out.update(self.steps[status].to)
         for cb in self.callbacks.get(status, ()):
             out.update(cb.to)
-        if status in self.timeouts:
-            out.update(self.timeouts[status].to)
+        for spec in self.timeouts.get(status, ()):
+            out.update(spec.to)
         return out
 
     def is_terminal(self, status: S) -> bool:
@@ -104,9 +107,10 @@ class Graph(Generic[S]):
             used.add(status)
             for cb in cbs:
                 used.update(cb.to)
-        for status, spec in self.timeouts.items():
+        for status, specs in self.timeouts.items():
             used.add(status)
-            used.update(spec.to)
+            for spec in specs:
+                used.update(spec.to)
         return [s for s in self.statuses if s in used]
 
     def edges(self) -> Iterator[tuple[S, S, str]]:
@@ -118,9 +122,10 @@ class Graph(Generic[S]):
             for cb in cbs:
                 for dest in cb.to:
                     yield status, dest, f"callback {cb.name}"
-        for status, spec in self.timeouts.items():
-            for dest in spec.to:
-                yield status, dest, f"timeout {spec.name}"
+        for status, specs in self.timeouts.items():
+            for spec in specs:
+                for dest in spec.to:
+                    yield status, dest, f"timeout {spec.name}"
 
     def mermaid(self) -> str:
         """The graph as a mermaid ``stateDiagram-v2`` (paste into any mermaid viewer)."""

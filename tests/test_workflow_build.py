@@ -45,8 +45,11 @@ def builder() -> pgflow.Builder[dict[str, object], S]:
         (lambda b: b.add_step(S.A, noop, S.B, bogus=1), "unknown option 'bogus'"),
         (lambda b: b.add_step(S.A, 42, S.B), "is not callable"),
         (
-            lambda b: b.add_timeout(S.A, noop, noop, S.B).add_timeout(S.A, noop, noop, S.C),
-            "two timeouts on A",
+            # several timeouts per status are fine (luno), but they share one armer
+            lambda b: b.add_timeout(S.A, noop, noop, S.B).add_timeout(
+                S.A, noop, noop, S.C, parallel_count=2
+            ),
+            "timeouts on one status must share parallel_count",
         ),
         (lambda b: b.add_step(S.A, noop, S.B).add_connector("c", object(), noop), "has no make"),
         (lambda b: b, "nothing to run"),
