@@ -5,6 +5,7 @@ The public API is re-exported here; modules whose names start with ``_`` are pri
 
 from __future__ import annotations
 
+from . import timers
 from .api import API, run_id_for
 from .builder import Builder
 from .capture import capture, uncapture
@@ -64,5 +65,6 @@ __all__ = [
     "migrate",
     "run_id_for",
     "stream",
+    "timers",
     "uncapture",
 ]

@@ -66,6 +66,8 @@ class Engine(Generic[T, S]):
         #: ``fn(object) -> object`` (or None after scrubbing in place): what data
         #: deletion keeps of a run's object (luno ``WithCustomDelete``)
         self.custom_delete = custom_delete
+        #: schedule filters registered in this process, by foreign id (see schedule())
+        self.schedule_filters: dict[str, Callable[[Any], Any]] = {}
         self.name = graph.workflow
         self.objects: ObjectCodec[T] = ObjectCodec(object_type)
         self.statuses: StatusCodec[S] = StatusCodec(graph.statuses)

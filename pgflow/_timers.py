@@ -395,40 +395,67 @@ class Poller(Generic[T, S]):
 
         from .api import API, run_id_for
 
-        api: API[T, S] = API(self.engine, conn)
+        engine = self.engine
+        api: API[T, S] = API(engine, conn)
         triggered = 0
         async with conn.transaction():
+            # a filtered schedule is fired only by a process that has its filter
             cur = await conn.execute(
-                "SELECT foreign_id, spec, next_at FROM pgflow.schedules WHERE workflow = %s"
-                " AND next_at <= now() ORDER BY next_at LIMIT %s FOR UPDATE SKIP LOCKED",
-                (self.engine.name, self.batch),
+                "SELECT foreign_id, spec, next_at, initial, filtered FROM pgflow.schedules"
+                " WHERE workflow = %s AND next_at <= coalesce(%s, now())"
+                " AND (NOT filtered OR foreign_id = ANY(%s))"
+                " ORDER BY next_at LIMIT %s FOR UPDATE SKIP LOCKED",
+                (engine.name, engine.clock.sql_now(), list(engine.schedule_filters), self.batch),
             )
             rows = await cur.fetchall()
-            now = datetime.now(UTC)
-            for foreign_id, spec, tick in rows:
-                try:
-                    await api.trigger(
-                        foreign_id,
-                        run_id=run_id_for("schedule", self.engine.name, foreign_id, str(tick)),
-                        headers={"schedule": spec, "tick": tick.isoformat()},
-                    )
-                    triggered += 1
-                except WorkflowInProgress:
-                    logger.info(
-                        "%s: schedule tick %s for %r skipped: a run is in progress",
-                        self.name,
-                        tick,
-                        foreign_id,
-                    )
+            now = engine.clock.now()
+            for foreign_id, spec, tick, initial, filtered in rows:
+                if not filtered or await self._passes(foreign_id, tick):
+                    try:
+                        await api.trigger(
+                            foreign_id,
+                            None if initial is None else engine.objects.load(initial),
+                            run_id=run_id_for("schedule", engine.name, foreign_id, str(tick)),
+                            headers={"schedule": spec, "tick": tick.isoformat()},
+                        )
+                        triggered += 1
+                    except WorkflowInProgress:
+                        logger.info(
+                            "%s: schedule tick %s for %r skipped: a run is in progress",
+                            self.name,
+                            tick,
+                            foreign_id,
+                        )
                 next_at = croniter(spec, max(now, tick)).get_next(datetime)
                 await conn.execute(
                     "UPDATE pgflow.schedules SET next_at = %s, last_at = %s"
                     " WHERE workflow = %s AND foreign_id = %s",
-                    (next_at, tick, self.engine.name, foreign_id),
+                    (next_at, tick, engine.name, foreign_id),
                 )
         if triggered:
-            self.engine.poke()
+            engine.poke()
         return len(rows)
+
+    async def _passes(self, foreign_id: str, tick: datetime) -> bool:
+        """The schedule filter's verdict on ``tick``; an error skips the tick (logged),
+        as retrying it at every poll would spin (luno #161)."""
+        fn = self.engine.schedule_filters.get(foreign_id)
+        if fn is None:  # unscheduled here meanwhile
+            return False
+        try:
+            ok = bool(await maybe_await(fn(tick)))
+        except Exception as exc:
+            logger.warning(
+                "%s: schedule filter for %r failed at tick %s (tick skipped): %s",
+                self.name,
+                foreign_id,
+                tick,
+                error_text(exc),
+            )
+            return False
+        if not ok:
+            logger.info("%s: schedule tick %s for %r filtered out", self.name, tick, foreign_id)
+        return ok
 
     # -- data erasure -----------------------------------------------------------------
 

@@ -24,8 +24,8 @@ import contextlib
 import enum
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import psycopg
@@ -212,29 +212,54 @@ class API(Generic[T, S]):
         async with self._read() as conn:
             return await load_run(conn, self.name, foreign_id, run_id) is not None
 
-    async def schedule(self, foreign_id: str, spec: str) -> datetime:
+    async def schedule(
+        self,
+        foreign_id: str,
+        spec: str,
+        *,
+        initial: T | None = None,
+        filter: Callable[[datetime], bool | Awaitable[bool]] | None = None,
+    ) -> datetime:
         """Trigger ``foreign_id`` on the cron ``spec`` (e.g. ``"*/5 * * * *"``, UTC).
 
         The timer poller triggers once per tick (exactly once across processes); a tick
         that finds a run still in progress is skipped. Returns the next tick.
-        Re-scheduling replaces the spec.
+        Re-scheduling replaces the spec, the value and the filter.
+
+        ``initial``: the object each tick's run starts with (luno
+        ``WithScheduleInitialValue``); stored with the schedule, so any worker uses it.
+        ``filter(tick) -> bool`` (may be async): called at each tick; False (or an
+        error, logged) skips that tick (luno ``WithScheduleFilter``). A filter is Python
+        code, not data: only processes that called ``schedule(..., filter=...)`` fire
+        such a schedule — call it at start-up in every worker, as with luno.
         """
         from croniter import croniter
 
         if not isinstance(spec, str) or not croniter.is_valid(spec):
             raise ConfigError(f"invalid cron spec {spec!r} (e.g. '*/5 * * * *')")
-        next_at: datetime = croniter(spec, datetime.now(UTC)).get_next(datetime)
+        if filter is not None and not callable(filter):
+            raise ConfigError(f"schedule filter must be callable, got {filter!r}")
+        engine = self._engine
+        initial_json = None if initial is None else engine.objects.dump(initial)
+        next_at: datetime = croniter(spec, engine.clock.now()).get_next(datetime)
         async with self._tx(single=True) as conn:
             await conn.execute(
-                "INSERT INTO pgflow.schedules (workflow, foreign_id, spec, next_at)"
-                " VALUES (%s, %s, %s, %s) ON CONFLICT (workflow, foreign_id)"
-                " DO UPDATE SET spec = excluded.spec, next_at = excluded.next_at",
-                (self.name, foreign_id, spec, next_at),
+                "INSERT INTO pgflow.schedules (workflow, foreign_id, spec, next_at, initial,"
+                " filtered) VALUES (%s, %s, %s, %s, %s::jsonb, %s)"
+                " ON CONFLICT (workflow, foreign_id) DO UPDATE SET spec = excluded.spec,"
+                " next_at = excluded.next_at, initial = excluded.initial,"
+                " filtered = excluded.filtered",
+                (self.name, foreign_id, spec, next_at, initial_json, filter is not None),
             )
+        if filter is None:
+            engine.schedule_filters.pop(foreign_id, None)
+        else:
+            engine.schedule_filters[foreign_id] = filter
         return next_at
 
     async def unschedule(self, foreign_id: str) -> bool:
         """Remove ``foreign_id``'s schedule; True when there was one."""
+        self._engine.schedule_filters.pop(foreign_id, None)
         async with self._tx(single=True) as conn:
             cur = await conn.execute(
                 "DELETE FROM pgflow.schedules WHERE workflow = %s AND foreign_id = %s",

@@ -19,7 +19,7 @@ import asyncio
 import enum
 import threading
 import uuid
-from collections.abc import Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
@@ -105,8 +105,15 @@ class SyncWorkflow(Generic[T, S]):
     ) -> Record[T, S]:
         return self._call(self.workflow.delete_data(foreign_id, run_id, reason=reason))
 
-    def schedule(self, foreign_id: str, spec: str) -> datetime:
-        return self._call(self.workflow.schedule(foreign_id, spec))
+    def schedule(
+        self,
+        foreign_id: str,
+        spec: str,
+        *,
+        initial: T | None = None,
+        filter: Callable[[datetime], bool | Awaitable[bool]] | None = None,
+    ) -> datetime:
+        return self._call(self.workflow.schedule(foreign_id, spec, initial=initial, filter=filter))
 
     def wait_for(
         self, foreign_id: str, run_id: RunId, status: S, timeout: float | None = 10.0

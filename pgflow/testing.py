@@ -382,6 +382,9 @@ def testing_run(
     return TestingRun(record)
 
 
+testing_run.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
+
+
 async def require_state(wf: Any, foreign_id: str, run_state: Any, timeout: float = 10.0) -> Any:
     """Wait until the newest run of ``foreign_id`` is in ``run_state`` (a RunState)."""
     import time
