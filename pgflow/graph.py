@@ -19,6 +19,9 @@ __all__ = ["CallbackSpec", "ConnectorSpec", "Graph", "StepSpec", "TimeoutSpec"]
 
 S = TypeVar("S", bound=enum.Enum)
 
+#: mermaid diagram directions: top-bottom, bottom-top, left-right, right-left
+DIRECTIONS = ("TB", "BT", "LR", "RL")
+
 
 def _fn_name(fn: Any) -> str:
     return str(getattr(fn, "__name__", None) or type(fn).__name__)
@@ -127,9 +130,19 @@ class Graph(Generic[S]):
                 for dest in spec.to:
                     yield status, dest, f"timeout {spec.name}"
 
-    def mermaid(self) -> str:
-        """The graph as a mermaid ``stateDiagram-v2`` (paste into any mermaid viewer)."""
-        lines = ["stateDiagram-v2", f"    %% workflow {self.workflow}"]
+    def mermaid(self, direction: str | None = None) -> str:
+        """The graph as a mermaid ``stateDiagram-v2`` (paste into any mermaid viewer).
+
+        ``direction``: ``"TB"`` (top to bottom, mermaid's default), ``"BT"``, ``"LR"``
+        or ``"RL"`` (luno ``CreateDiagram``'s direction)."""
+        lines = ["stateDiagram-v2"]
+        if direction is not None:
+            if direction.upper() not in DIRECTIONS:
+                raise ValueError(
+                    f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}"
+                )
+            lines.append(f"    direction {direction.upper()}")
+        lines.append(f"    %% workflow {self.workflow}")
         lines.append(f"    [*] --> {self.start.name}")
         for src, dest, label in self.edges():
             lines.append(f"    {src.name} --> {dest.name}: {label}")

@@ -97,8 +97,8 @@ class Workflow(API[T, S], Generic[T, S]):
     def running(self) -> bool:
         return self._running
 
-    def mermaid(self) -> str:
-        return self.graph.mermaid()
+    def mermaid(self, direction: str | None = None) -> str:
+        return self.graph.mermaid(direction)
 
     async def run(self) -> None:
         """Start consuming in the background and return (``stop()`` ends it)."""
