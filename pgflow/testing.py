@@ -287,8 +287,10 @@ class Clock(_clock.Clock):
         clock.advance(timedelta(days=3))
         await require(wf, "order-1", Status.EXPIRED)
 
-    Moving it wakes the workflow's timer poller at once. Record times the database
-    stamps (``created_at``, ``updated_at``) stay on the database's clock.
+    Moving it wakes the workflow's timer poller at once. Step retries wait for it too:
+    a failing step's next attempt comes when the clock passes its ``err_backoff``.
+    Record times the database stamps (``created_at``, ``updated_at``) stay on the
+    database's clock.
     """
 
     def __init__(self, start: datetime | None = None) -> None:
