@@ -104,7 +104,10 @@ SELECT r.workflow,
        substr(r.traceparent, 4, 32) AS trace_id,
        r.traceparent,
        r.object,
-       r.meta
+       r.meta,
+       -- why the run is in its run state (pause/cancel/delete_data reason=, or the
+       -- engine's own, e.g. "max error retry threshold hit")
+       r.meta ->> 'run_state_reason' AS run_state_reason
 FROM pgflow.records r;
 
 -- Every transition of every run, in order (`step` 1, 2, ... per run). Built from the
@@ -130,7 +133,8 @@ SELECT r.workflow,
        e.headers,
        r.status AS current_status,
        r.run_state AS current_run_state,
-       r.created_at AS run_created_at
+       r.created_at AS run_created_at,
+       e.headers ->> 'reason' AS reason
 FROM pgflow.records r
 JOIN pgflow.events e
   ON e.stream = r.workflow AND e.foreign_id = r.foreign_id AND e.run_id = r.run_id

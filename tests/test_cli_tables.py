@@ -100,7 +100,7 @@ def test_runs_filters(dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0 and lines[-1] == "(7 rows)"
     assert lines[0].split() == [
         "workflow", "foreign_id", "run_id", "status", "run_state", "err_count", "idle_for",
-        "updated_at", "last_error",
+        "updated_at", "last_error", "run_state_reason",
     ]  # fmt: skip
     # most recently moved first; the runs idle for an hour last
     assert {line.split()[1] for line in lines[-4:-1]} == {"order-4", "order-5", "order-6"}

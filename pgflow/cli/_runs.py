@@ -122,6 +122,7 @@ def register(subparsers: Any) -> None:
         ("pause", "pause a run in progress"),
         ("resume", "resume a paused run (its current step runs again)"),
         ("cancel", "cancel a run for good"),
+        ("delete-data", "request erasure of a finished run's data (a worker erases it)"),
     ):
         p = command(verb, text, f"{text[0].upper()}{text[1:]}. Uses the newest run unless "
                     "--run-id is given; --workflow is needed when the foreign id has runs "
@@ -129,6 +130,9 @@ def register(subparsers: Any) -> None:
         p.add_argument("foreign_id", metavar="FOREIGN_ID")
         p.add_argument("--workflow", help="the workflow (needed if ambiguous)")
         p.add_argument("--run-id", help="this run (a unique prefix is enough)")
+        p.add_argument(
+            "--reason", help="why (stored on the record: run_state_reason in pgflow.runs)"
+        )
         p.set_defaults(func=_sync(_admin_action), verb=verb)
 
     p = command(
@@ -189,7 +193,8 @@ def _with_short_ids(
 
 # -------------------------------------------------------------------------- runs
 _RUN_COLUMNS = (
-    "workflow, foreign_id, run_id, status, run_state, err_count, idle_for, updated_at, last_error"
+    "workflow, foreign_id, run_id, status, run_state, err_count, idle_for, updated_at,"
+    " last_error, run_state_reason"
 )
 
 
@@ -327,8 +332,10 @@ async def resolve_run(
     return runs
 
 
-_OPTIONAL = frozenset({"last_error", "retry_at", "trace_id"})
-_HISTORY_COLUMNS = "step, at, after, from_status, status, change, run_state, version, trace_id"
+_OPTIONAL = frozenset({"last_error", "retry_at", "trace_id", "run_state_reason"})
+_HISTORY_COLUMNS = (
+    "step, at, after, from_status, status, change, run_state, reason, version, trace_id"
+)
 
 
 async def _show(conn: AsyncConnection[Any], args: argparse.Namespace) -> int:
@@ -418,11 +425,14 @@ async def _admin_action(conn: AsyncConnection[Any], args: argparse.Namespace) ->
         "pause": admin.pause,
         "resume": admin.resume,
         "cancel": admin.cancel,
+        # only requests it: a running worker erases it with the workflow's custom_delete
+        "delete-data": admin.request_data_deletion,
     }[args.verb]
-    rec = await action(conn, run.workflow, run.foreign_id, run.run_id)
+    rec = await action(conn, run.workflow, run.foreign_id, run.run_id, reason=args.reason)
+    why = f" — {rec.run_state_reason}" if rec.run_state_reason else ""
     print(
         f"{args.verb}: {rec.workflow} / {rec.foreign_id} / run {rec.run_id}: "
-        f"{rec.status} ({rec.run_state})"
+        f"{rec.status} ({rec.run_state}){why}"
     )
     return 0
 
