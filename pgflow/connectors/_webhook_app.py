@@ -17,6 +17,7 @@ connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -24,7 +25,7 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from ..events import NewEvent
 from ._codec import event_from_json
@@ -36,6 +37,7 @@ __all__ = ["ID_HEADER", "WebhookApp"]
 logger = logging.getLogger(__name__)
 
 ID_HEADER = "pgflow.webhook.id"  #: the sender's event id, kept on the stored event
+DRAIN_LIMIT = 1 << 20  #: bytes of a refused body read (and dropped) before answering
 
 
 class _Answer(JSONResponse):
@@ -51,6 +53,14 @@ class _Refused(Exception):
         self.status = status
         self.reason = reason
         self.headers = dict(headers or {})
+
+
+def _declared(scope: Scope) -> int:
+    """The Content-Length of the request (0 if absent or unreadable)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() and len(value) < 19 else 0
+    return 0
 
 
 class WebhookApp:
@@ -81,6 +91,12 @@ class WebhookApp:
         self.rejected = 0  #: requests answered with an error
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.serve(scope, receive, send)
+
+    async def serve(
+        self, scope: Scope, receive: Receive, send: Send, *, path: str | None = None
+    ) -> None:
+        """The ASGI entry point; with ``path``, requests for another path get ``404``."""
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
@@ -89,10 +105,20 @@ class WebhookApp:
             return
         if scope["type"] != "http":
             return
+        body_done = False
+
+        async def tracked() -> Message:
+            nonlocal body_done
+            message = await receive()
+            body_done = body_done or not message.get("more_body", False)
+            return message
+
         try:
-            status, body, headers = await self._handle(Request(scope, receive))
+            status, body, headers = await self._handle(Request(scope, tracked), path)
         except _Refused as refused:
             status, body, headers = refused.status, {"error": refused.reason}, refused.headers
+            if not body_done and status != 408 and _declared(scope) <= DRAIN_LIMIT:
+                await self._drain(tracked)
         except ClientDisconnect:
             return  # nobody to answer
         except Exception as exc:
@@ -101,6 +127,25 @@ class WebhookApp:
         if status >= 400:
             self.rejected += 1
         await _Answer(body, status, headers)(scope, receive, send)
+
+    async def _drain(self, receive: Receive) -> None:
+        """Read and drop the rest of a refused body (up to :data:`DRAIN_LIMIT` bytes).
+
+        Only for a body declared no larger than that (or chunked): a bigger one is
+        refused at once, unread.
+
+        A server that closes with unread bytes makes the kernel send a TCP reset, which
+        can destroy the answer before the client reads it: refusing without draining
+        would look, to the sender, like a dropped connection.
+        """
+        drained = 0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.request_timeout):
+                while drained <= DRAIN_LIMIT:
+                    message = await receive()
+                    drained += len(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        return
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -113,7 +158,11 @@ class WebhookApp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def _handle(self, request: Request) -> tuple[int, dict[str, Any], dict[str, str]]:
+    async def _handle(
+        self, request: Request, path: str | None
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        if path is not None and request.scope["path"] != path:
+            raise _Refused(404, f"no webhook at {request.scope['path']}; post to {path}")
         if request.method != "POST":
             raise _Refused(405, "use POST", {"Allow": "POST"})
         body = await self._read_body(request)

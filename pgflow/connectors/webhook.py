@@ -41,6 +41,7 @@ Put TLS and public exposure behind a reverse proxy (or your ASGI server's TLS).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Sequence
 from datetime import datetime
@@ -50,7 +51,8 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 try:
-    from starlette.types import Receive, Scope, Send
+    import starlette  # noqa: F401
+    import uvicorn  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError(
         "the webhook connector needs Starlette and uvicorn: pip install 'pgflow-engine[webhook]'"
@@ -60,7 +62,7 @@ from ..events import Position
 from ..streamer import Filter, read_batch
 from ._base import ConnectorEvent
 from ._group_commit import GroupCommit
-from ._webhook_app import ID_HEADER, WebhookApp, _Answer
+from ._webhook_app import ID_HEADER, WebhookApp
 from ._webhook_server import StandaloneServer
 from ._webhook_signature import DEFAULT_TOLERANCE, SIGNATURE_HEADER, SignatureError, sign, verify
 from .table import Connector as TableConnector
@@ -206,22 +208,15 @@ class Connector:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}{self.path}"
 
-    async def _standalone(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """``app`` at ``path``; a JSON 404 elsewhere."""
-        if scope["type"] == "http" and scope["path"] != self.path:
-            self.app.rejected += 1
-            reason = f"no webhook at {scope['path']}; post to {self.path}"
-            await _Answer({"error": reason}, 404)(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
     async def start(self) -> None:
         """Serve ``app`` on ``host:port`` (nothing to do with ``port=None``)."""
         async with self._start_lock:
             if self._server is not None or self.port is None:
                 return
             server = StandaloneServer(
-                self._standalone, name=self.name, max_connections=self.max_connections
+                functools.partial(self.app.serve, path=self.path),
+                name=self.name,
+                max_connections=self.max_connections,
             )
             self.port = await server.start(self.host, self.port)
             self._server = server
