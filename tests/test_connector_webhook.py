@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import socket
 import time
 from typing import Any
 
@@ -487,3 +488,23 @@ async def test_the_app_mounts_in_a_starlette_app_at_any_path(pgflow_dsn: str, po
         await consumer.close()
     finally:
         await hook.stop()
+
+
+def _blocking_post(port: int, request: bytes) -> bytes:
+    """What a plain client does: send the whole request, then read the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+async def test_a_refused_body_is_drained_so_the_answer_arrives(pgflow_dsn: str) -> None:
+    """Closing with unread bytes makes the kernel reset the connection, which a client
+    still sending sees instead of the answer; the app reads (and drops) the rest first."""
+    async with webhook.Connector(pgflow_dsn, "pay", max_body=1000) as hook:
+        big = b"x" * 600_000
+        for request in (_raw(big), _raw(big).replace(b"POST", b"PUT", 1)):  # 413, 405
+            raw = await asyncio.to_thread(_blocking_post, hook.port, request)
+            assert raw.startswith((b"HTTP/1.1 413", b"HTTP/1.1 405")), raw[:100]
