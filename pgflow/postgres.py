@@ -286,9 +286,10 @@ def _check_reachable(user: str, directory: Path) -> None:
             blocked = candidate
             break
     mode = stat.filemode(blocked.stat().st_mode)
+    way = "" if blocked == directory else f" on the way to {directory}"
     raise ConfigError(
         f"PostgreSQL runs as {user!r}, which cannot enter {blocked} ({mode}, owner"
-        f" {_owner(blocked)!r}) on the way to {directory}; pgflow does not change"
+        f" {_owner(blocked)!r}){way}; pgflow does not change"
         " permissions it did not create: set PGFLOW_HOME (or --data-dir) to a directory"
         f" {user!r} can reach, e.g. /var/lib/pgflow, or grant it yourself"
         f" (chmod o+x {blocked})"
