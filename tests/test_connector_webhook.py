@@ -315,6 +315,7 @@ HOSTILE = {
     "very deep nesting": b"[" * 200_000,
     "not UTF-8": b'{"id": "u1", "foreign_id": "\xff", "type": "t"}',
     "UTF-16": '{"id": "u2", "foreign_id": "o", "type": "t"}'.encode("utf-16"),
+    "reserved header": b'{"foreign_id": "o", "type": "t", "headers": {"pgflow.webhook.id": "e"}}',
     "huge integer": b'{"id": "i1", "foreign_id": "o", "type": "t", "headers": {"a": '
     + b"9" * 5000
     + b"}}",
@@ -330,6 +331,7 @@ REASONS = {
     "not UTF-8": "not UTF-8",
     "UTF-16": "not UTF-8",
     "huge integer": "not valid JSON",
+    "reserved header": "reserved",
 }
 
 

@@ -184,6 +184,8 @@ class WebhookApp:
             event = event_from_json(body, default_id="")
         except ValueError as exc:
             raise _Refused(400, str(exc)) from None
+        if any(name.startswith("pgflow.") for name in event.headers):
+            raise _Refused(400, "header names starting with 'pgflow.' are reserved")
         headers = dict(event.headers)
         if event.id:
             headers[ID_HEADER] = event.id

@@ -80,7 +80,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-_ID_HEADER = ID_HEADER
 
 
 class EventLogStream:
@@ -114,7 +113,7 @@ class EventLogStream:
 
 def _stored_event(row: Row) -> ConnectorEvent:
     headers = dict(row["headers"])
-    event_id = headers.pop(_ID_HEADER, None) or f"webhook-{row['id']}"
+    event_id = headers.pop(ID_HEADER, None) or f"webhook-{row['id']}"
     created = row["created_at"]
     assert isinstance(created, datetime)
     return ConnectorEvent(event_id, row["foreign_id"], row["type"], headers, created)
@@ -206,6 +205,7 @@ class Connector:
 
     @property
     def url(self) -> str:
+        """Where the standalone server listens (after ``start()``; not with ``port=None``)."""
         return f"http://{self.host}:{self.port}{self.path}"
 
     async def start(self) -> None:
