@@ -96,7 +96,7 @@ async def test_good_post_is_durable_before_200_and_consumed_exactly_once(
         # No id in the body: the log position names it.
         status, body = await _post(hook.url, b'{"foreign_id": "o2", "type": "t"}')
         assert status == 200 and body["id"] == f"webhook-{body['position']}"
-        ev2, ack2 = await asyncio.wait_for(consumer.recv(), 10)  # plain recv works too
+        ev2, ack2 = await asyncio.wait_for(consumer.recv(), 30)  # plain recv works too
         assert ev2.id == body["id"]
         await ack2()
         async with pool.connection() as conn:
