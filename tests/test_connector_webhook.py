@@ -14,7 +14,7 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from pgflow.connectors import TransactionalConsumer, webhook
-from tests._util import take_batch
+from tests._util import take_batch, wait_until
 
 
 async def _exchange(port: int, request: bytes, timeout: float = 10) -> tuple[int, dict[str, Any]]:
@@ -510,3 +510,30 @@ async def test_a_refused_body_is_drained_so_the_answer_arrives(pgflow_dsn: str) 
         for request in (_raw(big), _raw(big).replace(b"POST", b"PUT", 1)):  # 413, 405
             raw = await asyncio.to_thread(_blocking_post, hook.port, request)
             assert raw.startswith((b"HTTP/1.1 413", b"HTTP/1.1 405")), raw[:100]
+
+
+async def test_the_app_alone_under_uvicorn_closes_its_pool_on_shutdown(pgflow_dsn: str) -> None:
+    """`uvicorn module:hook.app`: the app is the top-level ASGI app and gets lifespan."""
+    import uvicorn
+
+    hook = webhook.Connector(pgflow_dsn, "pay", port=None)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(hook.app, host="127.0.0.1", port=port, lifespan="on", log_config=None)
+    )
+    serving = asyncio.create_task(server.serve())
+    try:
+
+        async def started() -> bool:
+            return bool(server.started)
+
+        await wait_until(started, message="uvicorn started")
+        status, _ = await _post(f"http://127.0.0.1:{port}/any/path", _event(1))
+        assert status == 200  # mounted or top-level, the app takes any path
+        assert hook.store._pool is not None
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)
+    assert hook.store._pool is None  # lifespan shutdown stopped the connector
