@@ -13,7 +13,11 @@ ALTER TABLE pgflow.cursors
     ADD COLUMN upto     pg_snapshot,
     ADD COLUMN after_id bigint      NOT NULL DEFAULT 0,
     ADD COLUMN lo       bigint,
-    ADD COLUMN hi       bigint;
+    ADD COLUMN hi       bigint,
+    -- The table a connector cursor reads (e.g. 'pgflow.changes'); NULL for cursors
+    -- of the event log (`stream`) and for query sources. Prune keeps the change log's
+    -- rows until every cursor whose source is pgflow.changes has read them.
+    ADD COLUMN source   text;
 
 -- Convert 0.1 positions with nothing redelivered and nothing skipped. A (tx, id)
 -- cursor below the xid horizon consumed every transaction before `tx` (all final when

@@ -181,16 +181,18 @@ async def upsert_cursor(
     old: Position,
     new: Position,
     stream: str | None = None,
+    source: str | None = None,
 ) -> bool:
     """:func:`advance_cursor` that also creates a missing row (a missing row means the
-    start of the log, :func:`load_cursor`'s answer). False when not at ``old``."""
+    start of the log, :func:`load_cursor`'s answer). False when not at ``old``.
+    ``stream``/``source`` are recorded on a new row (what it reads, for lag and prune)."""
     if old != Position.start():
         return await advance_cursor(conn, key, old, new)
     cur = await conn.execute(
         "INSERT INTO pgflow.cursors AS c"
-        " (consumer, shard, shard_count, stream, snap, upto, after_id, lo, hi)"
-        " VALUES (%(consumer)s, %(shard)s, %(shard_count)s, %(stream)s, %(snap)s::pg_snapshot,"
-        " %(upto)s::pg_snapshot, %(after)s, %(lo)s, %(hi)s)"
+        " (consumer, shard, shard_count, stream, source, snap, upto, after_id, lo, hi)"
+        " VALUES (%(consumer)s, %(shard)s, %(shard_count)s, %(stream)s, %(source)s,"
+        " %(snap)s::pg_snapshot, %(upto)s::pg_snapshot, %(after)s, %(lo)s, %(hi)s)"
         " ON CONFLICT (consumer, shard, shard_count) DO UPDATE SET snap = excluded.snap,"
         " upto = excluded.upto, after_id = excluded.after_id, lo = excluded.lo,"
         " hi = excluded.hi, updated_at = now()"
@@ -201,6 +203,7 @@ async def upsert_cursor(
             "shard": key.shard,
             "shard_count": key.shard_count,
             "stream": stream,
+            "source": source,
         },
     )
     return cur.rowcount == 1

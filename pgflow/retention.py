@@ -45,6 +45,11 @@ id order through the primary key and stop at the first batch with nothing older 
 the cutoff; id order is close to, not exactly, time order, so an old event behind a
 batch of young ones waits for a later prune (never deleted too early, at worst later).
 
+Change-log rows (``pgflow.changes``, written by :func:`pgflow.capture`) older than the
+cutoff go once every connector cursor reading the change log (``pgflow.cursors.source
+= 'pgflow.changes'``) has read them; with no such cursor they are kept unless
+``include_unconsumed``.
+
 Also pruned, older than the same cutoff: ``pgflow.timeouts`` rows that are completed
 (fired) — only when their run is no longer in progress, since a live run's completed
 row is what stops the same timer being armed twice — and ``pgflow.dead_letters`` that
@@ -127,6 +132,24 @@ _DELETE_DEAD = (
 )
 _COUNT_DEAD = "SELECT count(*) FROM pgflow.dead_letters d WHERE " + _DEAD
 
+# Rows of the change log (pgflow.changes) as `e`: old, and read by every connector
+# cursor whose source is the change log (kept when there is none, unless
+# include_unconsumed) — the same rules as events, with the change log as the stream.
+_CHANGES = """
+    e.created_at < %(cutoff)s
+    AND NOT EXISTS (
+        SELECT 1 FROM pgflow.cursors c
+        WHERE c.source = 'pgflow.changes' AND NOT """ + CONSUMED + """)
+    AND (%(include_unconsumed)s OR EXISTS (
+        SELECT 1 FROM pgflow.cursors c WHERE c.source = 'pgflow.changes'))
+"""
+_DELETE_CHANGES = (
+    "DELETE FROM pgflow.changes WHERE id IN (SELECT e.id FROM pgflow.changes e WHERE "
+    + _CHANGES
+    + " ORDER BY e.id LIMIT %(batch)s)"
+)
+_COUNT_CHANGES = "SELECT count(*) FROM pgflow.changes e WHERE " + _CHANGES
+
 
 @dataclass(frozen=True, slots=True)
 class PruneResult:
@@ -138,6 +161,7 @@ class PruneResult:
     timeouts: int = 0
     dead_letters: int = 0
     batches: int = 0  #: DELETE transactions run (0 for a dry run)
+    changes: int = 0  #: rows of the change log (pgflow.changes)
 
     @property
     def events(self) -> int:
@@ -216,6 +240,7 @@ async def _prune(
         params.update(id=hi_id)
     timeouts = await _prune_table(conn, params, dry_run, _COUNT_TIMEOUTS, _DELETE_TIMEOUTS)
     dead = await _prune_table(conn, params, dry_run, _COUNT_DEAD, _DELETE_DEAD)
+    changes = await _prune_table(conn, params, dry_run, _COUNT_CHANGES, _DELETE_CHANGES)
     return PruneResult(
         cutoff=cutoff,
         dry_run=dry_run,
@@ -223,6 +248,7 @@ async def _prune(
         timeouts=timeouts,
         dead_letters=dead,
         batches=batches,
+        changes=changes,
     )
 
 

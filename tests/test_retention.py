@@ -381,3 +381,67 @@ def test_cli_dry_run_then_prune(pgflow_dsn: str, capsys: pytest.CaptureFixture[s
     assert out.startswith("deleted") and "events total: 3" in out
     with psycopg.connect(pgflow_dsn) as conn:
         assert conn.execute("SELECT count(*) FROM pgflow.events").fetchone() == (0,)
+
+
+async def test_change_log_is_pruned_behind_its_readers_only(pgflow_dsn: str) -> None:
+    """pgflow.changes rows go once every connector reading the change log has read
+    them; a reader that has not, or no reader at all, keeps them."""
+
+    async def change(conn: AsyncConnection[Any], pk: str) -> int:
+        cur = await conn.execute(
+            "INSERT INTO pgflow.changes (table_name, op, pk, created_at)"
+            f" VALUES ('app.t', 'INSERT', %s, {OLD}) RETURNING id",
+            (pk,),
+        )
+        return int((await cur.fetchone() or [0])[0])
+
+    async def change_rows(conn: AsyncConnection[Any]) -> set[int]:
+        cur = await conn.execute("SELECT id FROM pgflow.changes")
+        return {int(r[0]) for r in await cur.fetchall()}
+
+    async with await connect(pgflow_dsn) as conn:
+        first = await change(conn, "1")
+        cur = await conn.execute("SELECT pg_current_snapshot()::text")
+        after_first = (await cur.fetchone() or [""])[0]
+        second = await change(conn, "2")
+        assert (await prune(conn, older_than=DAYS30)).changes == 0  # nobody reads it yet
+        await conn.execute(
+            "INSERT INTO pgflow.cursors (consumer, shard, shard_count, snap, source)"
+            " VALUES ('connector:changes:a', 0, 1, %s, 'pgflow.changes'),"
+            " ('connector:changes:b', 0, 1, %s, 'pgflow.changes')",
+            (PAST, after_first),
+        )
+        dry = await prune(conn, older_than=DAYS30, dry_run=True)
+        assert dry.changes == 1 and await change_rows(conn) == {first, second}
+        assert (await prune(conn, older_than=DAYS30)).changes == 1
+        assert await change_rows(conn) == {second}  # b has not read it
+        await conn.execute("UPDATE pgflow.cursors SET snap = %s", (PAST,))
+        assert (await prune(conn, older_than=DAYS30)).changes == 1
+        assert await change_rows(conn) == set()
+
+
+async def test_a_table_connector_records_the_table_it_reads(pgflow_dsn: str) -> None:
+    from psycopg_pool import AsyncConnectionPool
+
+    from pgflow.capture import capture, changes_stream
+    from pgflow.connectors import table
+
+    async with await connect(pgflow_dsn) as conn:
+        await conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        await capture(conn, "t")
+        await conn.execute("INSERT INTO t VALUES (1)")
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(pgflow_dsn, min_size=1, open=False)
+    await pool.open(wait=True)
+    try:
+        consumer = await table.Connector(
+            changes_stream("t"), table.CursorStore(pool)
+        ).make("reader")
+        async with pool.connection() as conn, conn.transaction():
+            batch = await consumer.recv_batch_in(conn, 10)
+            assert len(batch) == 1
+            await batch[0][1]()
+        async with pool.connection() as conn:
+            cur = await conn.execute("SELECT source FROM pgflow.cursors")
+            assert await cur.fetchall() == [("pgflow.changes",)]
+    finally:
+        await pool.close()

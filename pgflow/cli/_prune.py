@@ -51,7 +51,8 @@ def register(subparsers: Any) -> None:
         description=(
             "Delete events older than --older-than that every cursor of their stream has "
             "read and whose run (if any) is finished; "
-            "also completed timeouts and replayed dead letters older than it. Streams "
+            "also completed timeouts, replayed dead letters and change-log rows every reader has "
+            "read, older than it. Streams "
             "without any cursor are kept unless --include-unconsumed. Pruned runs lose "
             "their history in pgflow.run_history."
         ),
@@ -108,4 +109,5 @@ def _report(result: PruneResult) -> str:
     lines.append(f"  events total: {result.events}")
     lines.append(f"  timeouts: {result.timeouts}")
     lines.append(f"  dead letters: {result.dead_letters}")
+    lines.append(f"  change log rows: {result.changes}")
     return "\n".join(lines)

@@ -327,10 +327,12 @@ class CursorStore:
         old: Position,
         new: Position,
         stream: str | None = None,
+        source: str | None = None,
     ) -> bool:
         """Move the cursor ``old -> new`` in ``conn``'s transaction (creating it at
-        ``old == start``). False when it is not at ``old``: someone else moved it."""
-        return await upsert_cursor(conn, self.key(consumer_name), old, new, stream)
+        ``old == start``). False when it is not at ``old``: someone else moved it.
+        ``source``: the table read (recorded for ``pgflow prune``)."""
+        return await upsert_cursor(conn, self.key(consumer_name), old, new, stream, source)
 
     async def advance(
         self,
@@ -339,10 +341,11 @@ class CursorStore:
         old: Position,
         new: Position,
         stream: str | None,
+        source: str | None = None,
     ) -> None:
         """Move the cursor ``old -> new``; a cursor that is no longer at ``old`` (another
         process moved it) is left alone: this is the at-least-once path."""
-        await upsert_cursor(conn, self.key(consumer_name), old, new, stream)
+        await upsert_cursor(conn, self.key(consumer_name), old, new, stream, source)
 
     async def close(self) -> None:
         if self._owns_pool and self._pool is not None:
@@ -381,6 +384,9 @@ class Connector:
         #: recorded in pgflow.cursors.stream (pgflow.consumer_lag counts pgflow.events
         #: of that stream, so only set it for sources that are the event log)
         self.cursor_stream = cursor_stream
+        #: the table read (``schema.table``), recorded in ``pgflow.cursors.source`` so
+        #: ``pgflow prune`` knows who reads ``pgflow.changes``; None for queries
+        self.source_table: str | None = getattr(stream, "table", None)
         self._wakers: set[asyncio.Event] = set()
 
     async def make(self, consumer_name: str) -> TableConsumer:
@@ -506,7 +512,12 @@ class TableConsumer:
             return
         store = self.connector.cursor_store
         if not await store.compare_and_set(
-            batch.conn, self.cursor_name, batch.written, target, self.connector.cursor_stream
+            batch.conn,
+            self.cursor_name,
+            batch.written,
+            target,
+            self.connector.cursor_stream,
+            self.connector.source_table,
         ):
             self._batch = None
             raise LostCursor(str(store.key(self.cursor_name)))
@@ -574,7 +585,12 @@ class TableConsumer:
                 pool = await self.connector.cursor_store.pool()
                 async with pool.connection() as conn:
                     await self.connector.cursor_store.advance(
-                        conn, self.cursor_name, old, upto, self.connector.cursor_stream
+                        conn,
+                        self.cursor_name,
+                        old,
+                        upto,
+                        self.connector.cursor_stream,
+                        self.connector.source_table,
                     )
 
         return ack
