@@ -203,6 +203,9 @@ def make_change_translator(
             raise ValueError(f"change {change.id}: empty type or foreign id")
         return ConnectorEvent(str(change.id), fid, event_type, headers, change.created_at)
 
+    if foreign_id is None:
+        # Lets data erasure find a foreign id's change rows in SQL (TableStream.erase_for).
+        translate.foreign_id_column = "pk"  # type: ignore[attr-defined]
     return translate
 
 

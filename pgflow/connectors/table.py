@@ -199,6 +199,51 @@ class TableStream:
             )
         ).format(relation=relation, cols=cols, tx=sql.Identifier(self.tx_column), id=id_col)
 
+    async def erase_for(
+        self, conn: AsyncConnection[Any], translator: RowTranslator, foreign_id: str
+    ) -> int:
+        """Erase (NULL the row images of) the rows of the change log this stream
+        delivers whose event would name ``foreign_id``. Only for ``pgflow.changes``: a
+        user's table is theirs. A translator that declares its foreign id column
+        (``translator.foreign_id_column``, the default change translator's ``pk``) is
+        matched in SQL; any other is applied to every row of the stream (erasure is
+        rare; correctness over speed)."""
+        if self.table != "pgflow.changes":
+            return 0
+        relation = sql.SQL("(SELECT * FROM pgflow.changes s WHERE {where})").format(
+            where=sql.SQL(self.where or "true")
+        )
+        column = getattr(translator, "foreign_id_column", None)
+        if column is not None:
+            cur = await conn.execute(
+                sql.SQL(
+                    "UPDATE pgflow.changes c SET old = NULL, new = NULL FROM {relation} e"
+                    " WHERE c.id = e.id AND e.{col} = %(__fid)s"
+                    " AND (c.old IS NOT NULL OR c.new IS NOT NULL)"
+                ).format(relation=relation, col=sql.Identifier(column)),
+                {**self.params, "__fid": foreign_id},
+            )
+            return max(cur.rowcount, 0)
+        ids: list[int] = []
+        cur = await conn.execute(
+            sql.SQL("SELECT e.* FROM {relation} e WHERE e.old IS NOT NULL OR e.new IS NOT NULL")
+            .format(relation=relation),
+            dict(self.params),
+        )
+        names = [d.name for d in (cur.description or [])]
+        for raw in await cur.fetchall():
+            row = dict(zip(names, raw, strict=True))
+            try:
+                if translator(row).foreign_id == foreign_id:
+                    ids.append(int(row["id"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a row it cannot translate was never delivered as an event
+        if ids:
+            await conn.execute(
+                "UPDATE pgflow.changes SET old = NULL, new = NULL WHERE id = ANY(%s)", (ids,)
+            )
+        return len(ids)
+
     async def read(
         self, conn: AsyncConnection[Any], after: Position, limit: int
     ) -> list[tuple[Position, Row]]:
@@ -391,6 +436,16 @@ class Connector:
 
     async def make(self, consumer_name: str) -> TableConsumer:
         return TableConsumer(self, consumer_name)
+
+    async def erase(self, conn: AsyncConnection[Any], foreign_id: str) -> int:
+        """Data erasure (``Workflow.delete_data``): when this connector reads pgflow's
+        change log, remove the row images of the changes it would deliver for
+        ``foreign_id``; the user's own tables are never touched. Returns the rows
+        erased."""
+        erase = getattr(self.stream, "erase_for", None)
+        if erase is None:
+            return 0
+        return int(await erase(conn, self.translator, foreign_id))
 
     def wake(self) -> None:
         """Tell waiting ``recv()`` calls in this process to look again now."""
