@@ -276,6 +276,8 @@ async def _read_at_cursor(
     rows = await cur.fetchall()
     if not rows:  # no cursor row yet: read from the start of the log
         return None, await read_batch(conn, filter, Position.start(), batch_size, lag)
+    # Columns: 0-4 the stored position, 5 this statement's snapshot, 6 "idle long
+    # enough to move", then the read (s2, lo, hi, __id, event columns), NULL if none.
     stored = position_from_row(rows[0])
     if rows[0][7] is None:  # the LEFT JOIN found nothing new
         if stored.upto is not None:  # an exhausted diff: go on from its end
