@@ -145,6 +145,7 @@ def diff_read_sql(
     fan_out: str | None = None,
     position: PositionSQL = PositionSQL(),
     limit: str = "%(__limit)s",
+    keep_empty: bool = False,
 ) -> str:
     """The next chunk of the diff at ``position``, in id order, as one statement.
 
@@ -160,7 +161,9 @@ def diff_read_sql(
     batch size + 1 rows to learn whether the diff has more (see :class:`DiffRead`).
     When the position is not inside a diff, ``S2`` is this statement's own snapshot
     and B's bounds are computed here; no row means nothing new (and nothing is
-    written: the stored position stays valid).
+    written: the stored position stays valid). ``keep_empty`` returns one row with
+    ``__id`` NULL instead of none, so the caller learns ``S2`` even then: an idle
+    reader may move to it (nothing of its filter committed before it).
     """
     filters = " AND ".join(["true", *where])
     p = position
@@ -212,10 +215,10 @@ def diff_read_sql(
         f" CASE WHEN {p.upto} IS NULL THEN bb.hi ELSE {p.hi} END AS hi"
         f" FROM (SELECT coalesce({p.upto}, pg_current_snapshot()) AS s2) AS s"
         f" CROSS JOIN LATERAL ({bounds_inner}) AS bb"
-        ") AS b CROSS JOIN LATERAL ("
+        f") AS b {'LEFT' if keep_empty else 'CROSS'} JOIN LATERAL ("
         f"SELECT * FROM (({part_a}) UNION ALL ({part_b})) AS u"
         f" ORDER BY u.__id LIMIT {limit}"
-        ") AS d"
+        f") AS d{' ON true' if keep_empty else ''}"
     )
 
 
