@@ -212,8 +212,8 @@ async def upsert_cursor(
 async def try_lock_shard(conn: AsyncConnection[Any], key: CursorKey) -> bool:
     """Take the (consumer, shard) advisory lock for this transaction, without waiting.
 
-    ``pg_try_advisory_xact_lock`` assigns no transaction id, so a consumer waiting for
-    work does not hold the xid horizon back for everyone else.
+    ``pg_try_advisory_xact_lock`` assigns no transaction id, so a consumer polling for
+    work holds none open (an open xid holds back VACUUM for the whole cluster).
     """
     cur = await conn.execute(
         "SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))",
