@@ -99,12 +99,16 @@ def _cached_read_sql(types: int, sharded: bool, lagged: bool, position: Position
         where.append("e.type = t.type")
     if sharded:
         where.append("int4eq(e.shard_hash %% %(shard_count)s::int4, %(shard)s::int4)")
+    prefix = [("stream", "%(stream)s")]
+    if types:
+        prefix.append(("type", "%(type)s" if types == 1 else "t.type"))
     return diff_read_sql(
         relation="pgflow.events",
         columns=EVENT_COLUMNS + ripe,
         where=where,
         fan_out="unnest(%(types)s::text[]) AS t(type)" if types == 2 else None,
         position=position,
+        walk_prefix=prefix,
     )
 
 
