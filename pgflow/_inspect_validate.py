@@ -49,8 +49,6 @@ class InspectRefused(InspectError):
     """The query is not a read-only query over pgflow's relations; nothing was run."""
 
 
-
-
 # --------------------------------------------------------------------- functions
 #: PostgreSQL functions (and operators) a query may use. The checker learns which
 #: sqlglot node each one parses to from these examples, so the list is written in
@@ -152,7 +150,7 @@ _KIND_NAMES = {
     "rawstring": "dollar-quoted strings",
     "bytestring": "E'' strings",
     "unicodestring": "U&'' strings",
-    "bitwiseand": "the & operator (or U&\"\" identifiers)",
+    "bitwiseand": 'the & operator (or U&"" identifiers)',
     "placeholder": "placeholders",
     "lock": "locking clause (FOR UPDATE/SHARE)",
     "into": "SELECT ... INTO",
@@ -192,8 +190,15 @@ _QUERY_TYPES: tuple[type[Any], ...] = _classes(
 
 #: Node kinds with their own check (never allowed just for appearing in an example).
 _SPECIAL: tuple[type[Any], ...] = (
-    exp.Column, exp.Table, exp.Cast, exp.DataType, exp.DataTypeParam, exp.Dot,
-    exp.Identifier, exp.Func, exp.Lambda,
+    exp.Column,
+    exp.Table,
+    exp.Cast,
+    exp.DataType,
+    exp.DataTypeParam,
+    exp.Dot,
+    exp.Identifier,
+    exp.Func,
+    exp.Lambda,
 )
 
 
@@ -374,9 +379,7 @@ def _check_column(col: exp.Column) -> None:
     if not parts:
         return
     if len(parts) > 1:
-        raise InspectRefused(
-            f"{_snippet(col)}: use at most one qualifier (table alias) per column"
-        )
+        raise InspectRefused(f"{_snippet(col)}: use at most one qualifier (table alias) per column")
     qualifier = _normalize(parts[0])
     if qualifier is None or qualifier not in _visible_relations(col):
         raise InspectRefused(
@@ -424,8 +427,12 @@ def _check_function(func: exp.Func, classes: frozenset[type[Any]], names: frozen
         raise InspectRefused(f"function {name}() is not allowed in pgflow inspect")
     if isinstance(func, exp.Pad):
         length = func.args.get("expression")
-        if not (isinstance(length, exp.Literal) and not length.is_string
-                and str(length.this).isdigit() and int(str(length.this)) <= MAX_PAD):
+        if not (
+            isinstance(length, exp.Literal)
+            and not length.is_string
+            and str(length.this).isdigit()
+            and int(str(length.this)) <= MAX_PAD
+        ):
             raise InspectRefused(f"{name}() length must be a number up to {MAX_PAD}")
     if isinstance(func, exp.Format):
         pattern = func.this
@@ -506,7 +513,7 @@ def validate(sql: str) -> str:
             if not isinstance(body, _QUERY_TYPES):
                 raise InspectRefused("every WITH query must be a SELECT")
 
-    kinds, classes, names = _allowed()
+    kinds, func_classes, names = _allowed()
     tables: list[exp.Table] = []
     for node in list(stmt.walk()):
         if isinstance(node, exp.Identifier):
@@ -529,7 +536,7 @@ def validate(sql: str) -> str:
             if len(params) != 1 or not isinstance(params[0], exp.Identifier):
                 raise _refuse_kind(node)
         elif isinstance(node, exp.Func) and type(node) not in kinds:
-            _check_function(node, classes, names)
+            _check_function(node, func_classes, names)
         elif not isinstance(node, exp.Func) and type(node) not in kinds:
             raise _refuse_kind(node)
     for table in tables:

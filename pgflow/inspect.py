@@ -11,7 +11,7 @@ of which alone stops the attacks we know of:
 
    * relations only from schema ``pgflow`` (unqualified names that are not a CTE in
      scope are qualified with ``pgflow.``); identifiers fold like PostgreSQL's (ASCII
-     ``A``–``Z`` only: Python's ``str.lower()`` folds the Kelvin sign to ``k``, the
+     ``A``-``Z`` only: Python's ``str.lower()`` folds the Kelvin sign to ``k``, the
      server does not) and unquoted non-ASCII or over-long identifiers are refused;
    * PostgreSQL reads ``(x).f`` and ``a.f`` as the function call ``f(x)`` / ``f(a)``
      when ``f`` is not a column: field selection on an expression is refused, and
@@ -152,11 +152,9 @@ async def _limit_resources(conn: AsyncConnection[Any], millis: int) -> None:
     cur = await conn.execute("SELECT pg_catalog.current_setting('is_superuser') = 'on'")
     row = await cur.fetchone()
     if row and row[0]:
-        await conn.execute("SET LOCAL temp_file_limit = %s" % _quote(_TEMP_FILE_LIMIT))
-
-
-def _quote(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
+        await conn.execute(
+            "SELECT pg_catalog.set_config('temp_file_limit', %s, true)", (_TEMP_FILE_LIMIT,)
+        )
 
 
 async def run_validated(

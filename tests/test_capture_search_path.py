@@ -23,7 +23,9 @@ def attacker(pgflow_dsn: str) -> Iterator[str]:
     name = f"pgflow_attacker_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pgflow_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(name)))
-        conn.execute(sql.SQL("GRANT CREATE, USAGE ON SCHEMA public TO {}").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("GRANT CREATE, USAGE ON SCHEMA public TO {}").format(sql.Identifier(name))
+        )
     try:
         yield name
     finally:
@@ -66,7 +68,7 @@ def test_shadowing_to_jsonb_in_public_is_not_called(pgflow_dsn: str, attacker: s
         assert not _is_createrole(conn, attacker)
 
         # The superuser writes with the ordinary search_path ("$user", public).
-        conn.execute("SET search_path = \"$user\", public")
+        conn.execute('SET search_path = "$user", public')
         conn.execute("INSERT INTO payments VALUES (1, 10)")
         conn.execute("UPDATE payments SET amount = 11")
         conn.execute("DELETE FROM payments")

@@ -183,7 +183,7 @@ def test_runs_in_a_read_only_transaction_that_is_rolled_back(scenario_dsn: str) 
         async with await psycopg.AsyncConnection.connect(scenario_dsn) as conn:
             # Even a statement that slipped past validation could not write (here the
             # reader role stops it first; test_inspect_attacks checks READ ONLY alone).
-            with pytest.raises(InspectRefused, match="permission denied|read-only"):
+            with pytest.raises(InspectRefused, match=r"permission denied|read-only"):
                 await run_validated(
                     conn,
                     "SELECT * FROM (SELECT 1) x,"
