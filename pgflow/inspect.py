@@ -146,7 +146,7 @@ async def _limit_resources(conn: AsyncConnection[Any], millis: int) -> None:
         ("idle_in_transaction_session_timeout", f"{millis + 60_000}ms"),
         ("work_mem", _WORK_MEM),
         ("standard_conforming_strings", "on"),
-        ("search_path", "pgflow"),
+        ("search_path", "pg_catalog, pgflow, pg_temp"),
     ):
         await conn.execute("SELECT pg_catalog.set_config(%s, %s, true)", (name, value))
     cur = await conn.execute("SELECT pg_catalog.current_setting('is_superuser') = 'on'")

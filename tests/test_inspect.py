@@ -241,3 +241,17 @@ def test_cli_refusal_exits_1_with_the_reason(
     assert err.startswith("pgflow: error: only read-only SELECT queries are allowed")
     assert main(["inspect", "SELECT * FROM runs", "--dsn", scenario_dsn, "--limit", "2"]) == 0
     assert "(2 rows) (more rows exist: raise --limit)" in capsys.readouterr().out
+
+
+def test_horizon_sees_other_sessions_under_the_reader_role(pgflow_dsn: str) -> None:
+    import psycopg
+
+    with psycopg.connect(pgflow_dsn) as holder:
+        holder.execute("SELECT pg_current_xact_id()")  # holds an xid, stays open
+        result = run(pgflow_dsn, "SELECT pid FROM horizon WHERE pid IS NOT NULL")
+        assert result.role == "pgflow_reader"
+        # Other sessions on the shared server may hold older xids; ours is one of the
+        # holders, so the view must show *a* holder, never none.
+        assert result.rows, "horizon is blind to other sessions under pgflow_reader"
+        holders = run(pgflow_dsn, "SELECT count(*) FROM horizon WHERE age_seconds > 0")
+        assert holders.rows == [(1,)]
