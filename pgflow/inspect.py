@@ -131,9 +131,18 @@ async def _assume_reader(conn: AsyncConnection[Any]) -> str:
             return READER_ROLE
         except psycopg.errors.InsufficientPrivilege:
             pass
-    cur = await conn.execute("SELECT current_user")
+    cur = await conn.execute(
+        "SELECT current_user, pg_catalog.current_setting('is_superuser') = 'on'"
+    )
     row = await cur.fetchone()
-    role = str(row[0]) if row else "?"
+    role, superuser = (str(row[0]), bool(row[1])) if row else ("?", False)
+    if superuser:
+        # A superuser can always assume it, so it is missing or was altered: refuse
+        # rather than run with every privilege behind the validator alone.
+        raise InspectRefused(
+            f"connected as superuser {role} but role {READER_ROLE} is missing or has more"
+            " than NOLOGIN attributes: run `pgflow migrate` (it creates the role)"
+        )
     logger.debug("pgflow inspect runs as %s (cannot SET ROLE %s)", role, READER_ROLE)
     return role
 
@@ -204,6 +213,12 @@ async def run_validated(
         ) from None
     except (psycopg.errors.ReadOnlySqlTransaction, psycopg.errors.InsufficientPrivilege) as exc:
         raise InspectRefused(f"refused by the server: {_db.first_line(exc)}") from None
+    except psycopg.errors.UndefinedFunction as exc:
+        if "inspect_row_bytes" in str(exc):
+            raise InspectFailed(
+                "pgflow.inspect_row_bytes() is missing: run `pgflow migrate`"
+            ) from None
+        raise InspectFailed(_db.first_line(exc)) from None
     except psycopg.Error as exc:
         raise InspectFailed(_db.first_line(exc)) from None
     return InspectResult(columns, rows, truncated, statement, role, total)

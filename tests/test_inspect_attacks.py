@@ -413,3 +413,21 @@ def test_identifiers_fold_like_postgresql() -> None:
     assert _fold("PG_LOC\u212aS", quoted=False) == "pg_loc\u212as"
     assert _fold("Runs", quoted=True) == "Runs"
     assert _fold("RUNS", quoted=False) == "runs"
+
+
+@pytest.mark.parametrize("attributes", [None, "LOGIN", "SUPERUSER", "BYPASSRLS"])
+def test_a_superuser_never_runs_without_a_sound_reader_role(
+    pgflow_dsn: str, monkeypatch: pytest.MonkeyPatch, attributes: str | None
+) -> None:
+    import pgflow.inspect
+
+    name = f"pgflow_reader_{uuid.uuid4().hex[:12]}"
+    monkeypatch.setattr(pgflow.inspect, "READER_ROLE", name)
+    with psycopg.connect(pgflow_dsn, autocommit=True) as conn:
+        if attributes:  # exists, but would be no fence
+            conn.execute(sql.SQL("CREATE ROLE {} " + attributes).format(sql.Identifier(name)))
+        try:
+            with pytest.raises(InspectRefused, match=f"role {name} is missing or has more"):
+                run_sync(inspect(pgflow_dsn, "SELECT count(*) FROM runs"))
+        finally:
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
