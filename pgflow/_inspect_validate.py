@@ -456,8 +456,6 @@ def _check_table(table: exp.Table) -> None:
                 f"schema-qualified function {_snippet(table)} is not allowed (write it unqualified)"
             )
         return
-    if table.args.get("joins"):
-        return  # a parenthesised join: its tables are checked on their own
     if schema is not None:
         if _normalize(schema) != SCHEMA:
             raise InspectRefused(
@@ -548,6 +546,12 @@ def validate(sql: str) -> str:
     again = _parse(out)
     if len(again) != 1 or again[0] != stmt:
         raise InspectRefused("the query does not survive re-generation unchanged; simplify it")
+    # And, on what will run: every relation is pgflow's or a CTE in scope.
+    for table in again[0].find_all(exp.Table):
+        if isinstance(table.this, exp.Identifier) and _normalize(table.args.get("db")) != SCHEMA:
+            name = _normalize(table.this)
+            if table.args.get("db") is not None or not _cte_visible(table, name or ""):
+                raise InspectRefused(f"relation {_snippet(table)} is not in schema {SCHEMA}")
     return out
 
 

@@ -163,6 +163,10 @@ ATTACKS: dict[str, tuple[str, str]] = {
         "SELECT * FROM runs r WHERE EXISTS (WITH c AS (SELECT r.foreign_id) SELECT * FROM c)",
         "not a table",
     ),
+    "catalog in parenthesised join": (
+        "SELECT * FROM (pg_catalog.pg_locks JOIN runs ON true)",
+        "pg_locks",
+    ),
     # TABLE x, VALUES
     "TABLE catalog": ("TABLE pg_catalog.pg_authid", "pg_catalog.pg_authid"),
     "TABLE information_schema": ("TABLE information_schema.tables", "information_schema"),
@@ -317,6 +321,13 @@ def test_harmless_rewrites(pgflow_dsn: str) -> None:
     # A quoted Kelvin-sign CTE is not pg_locks in PostgreSQL either: qualified.
     assert "pgflow.pg_locks" in validate(
         'WITH "pg_loc\u212as" AS (SELECT 1) SELECT * FROM pg_locks'
+    )
+    # Tables inside parenthesised joins are qualified like any other.
+    assert validate(
+        "SELECT * FROM (pg_locks JOIN (pg_stat_activity JOIN runs ON true) ON true)"
+    ) == (
+        "SELECT * FROM (pgflow.pg_locks JOIN (pgflow.pg_stat_activity JOIN pgflow.runs ON TRUE)"
+        " ON TRUE)"
     )
     # Nested comments are comments to both parsers, and are dropped.
     assert validate("SELECT 1 /* a /* b */ , pg_sleep(1) */") == "SELECT 1"
