@@ -44,9 +44,13 @@ MAX_IDENTIFIER_BYTES = 63
 class InspectError(PgflowError):
     """Base class of ``pgflow inspect`` errors."""
 
+    __module__ = "pgflow.inspect"  # where users import it from
+
 
 class InspectRefused(InspectError):
     """The query is not a read-only query over pgflow's relations; nothing was run."""
+
+    __module__ = "pgflow.inspect"
 
 
 # --------------------------------------------------------------------- functions

@@ -188,6 +188,7 @@ async def run_validated(
         f" s.* FROM ({statement}) AS s"
     )
     rows: list[tuple[Any, ...]] = []
+    role = ""
     total = 0
     truncated = False
     try:
@@ -212,7 +213,10 @@ async def run_validated(
             f"query cancelled: it ran longer than the {timeout:g}s timeout (use --timeout)"
         ) from None
     except (psycopg.errors.ReadOnlySqlTransaction, psycopg.errors.InsufficientPrivilege) as exc:
-        raise InspectRefused(f"refused by the server: {_db.first_line(exc)}") from None
+        hint = ""
+        if role == READER_ROLE and isinstance(exc, psycopg.errors.InsufficientPrivilege):
+            hint = f" ({READER_ROLE} reads pgflow's views only)"
+        raise InspectRefused(f"refused by the server: {_db.first_line(exc)}{hint}") from None
     except psycopg.errors.UndefinedFunction as exc:
         if "inspect_row_bytes" in str(exc):
             raise InspectFailed(
