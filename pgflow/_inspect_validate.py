@@ -298,25 +298,51 @@ def _path_index(node: Any, items: Sequence[Any]) -> int:
     return -1
 
 
-def _item_name(item: Any) -> str | None:
+#: Columns a FROM item is known to have: None for a relation-like item (table, view,
+#: subquery, VALUES, CTE), whose whole-row value is a composite, so ``a.f`` is a column
+#: or a function of a row; a set for a function, whose whole-row value may be a plain
+#: scalar: ``g.pg_advisory_lock FROM generate_series(1, 1) g`` calls
+#: ``pg_advisory_lock(g)``. So only these names may follow a function's alias.
+Columns = frozenset[str] | None
+
+#: Column names of the allow-listed set-returning functions (jsonb_each: key, value;
+#: jsonb_array_elements: value; WITH ORDINALITY: ordinality). No function of these
+#: names exists in pg_catalog, so even where one is not a column it calls nothing.
+_FUNCTION_COLUMNS = frozenset({"key", "value", "ordinality"})
+
+
+def _item_name(item: Any) -> tuple[str, Columns] | None:
     """The name a FROM item is referred to by (its alias; else a table's or a table
-    function's name); None for what this check does not model (nested join trees)."""
-    alias = _normalize(_alias_ident(item))
-    if alias is not None:
-        return alias
-    if isinstance(item, exp.Table) and not item.args.get("joins"):
-        if isinstance(item.this, exp.Identifier):
-            return _normalize(item.this)
-        if isinstance(item.this, exp.Anonymous):
-            return _fold(str(item.this.name), quoted=False)
-    return None
+    function's name) and its known columns; None for what this check does not model
+    (nested join trees, subqueries without an alias)."""
+    func = _is_function_item(item)
+    alias = item.args.get("alias")
+    name = _normalize(_alias_ident(item))
+    if name is None and isinstance(item, exp.Table) and isinstance(item.this, exp.Identifier):
+        name = _normalize(item.this)
+    if name is None and isinstance(item, exp.Table) and isinstance(item.this, exp.Anonymous):
+        name = _fold(str(item.this.name), quoted=False)
+    if name is None:
+        return None
+    if not func:
+        return name, None
+    declared = alias.args.get("columns") if isinstance(alias, exp.TableAlias) else None
+    if declared:
+        return name, frozenset(n for n in map(_normalize, declared) if n) | {"ordinality"}
+    return name, _FUNCTION_COLUMNS | {name}
+
+
+def _is_function_item(item: Any) -> bool:
+    if isinstance(item, exp.Unnest):
+        return True
+    if isinstance(item, (exp.Table, exp.Lateral)):
+        return isinstance(item.this, exp.Func)
+    return False
 
 
 def _is_lateral(item: Any) -> bool:
     """LATERAL items, and functions in FROM (implicitly lateral in PostgreSQL)."""
-    if isinstance(item, (exp.Lateral, exp.Unnest)):
-        return True
-    return isinstance(item, exp.Table) and isinstance(item.this, exp.Func)
+    return isinstance(item, exp.Lateral) or _is_function_item(item)
 
 
 def _explicit(join: exp.Join) -> bool:
@@ -324,14 +350,18 @@ def _explicit(join: exp.Join) -> bool:
     return any(join.args.get(k) for k in ("on", "using", "kind", "side", "method"))
 
 
-def _visible_relations(column: exp.Column) -> set[str]:
+def _named(items: Sequence[Any]) -> dict[str, Columns]:
+    return dict(n for n in map(_item_name, items) if n is not None)
+
+
+def _visible_relations(column: exp.Column) -> dict[str, Columns]:
     """Names of the FROM items PostgreSQL lets ``column`` qualify with, at its place.
 
     Errs on the side of fewer names: a name missing here is a refusal the user can
     work around; a name here that the server does not see would let ``a.f`` become
     the function call ``f(a)``.
     """
-    names: set[str] = set()
+    names: dict[str, Columns] = {}
     path: list[Any] = [column]
     node: Any = column.parent
     while node is not None:
@@ -347,18 +377,18 @@ def _visible_relations(column: exp.Column) -> set[str]:
                 inside = path[-2] if len(path) > 1 else None
                 if inside is via.this:
                     if _is_lateral(via.this):
-                        names |= {n for n in map(_item_name, items[: k + 1]) if n}
+                        names = _named(items[: k + 1]) | names
                 else:  # the ON / USING condition: this join's tree, back to a comma
                     start = 0
                     for m in range(k, -1, -1):
                         if not _explicit(joins[m]):
                             start = m + 1
                             break
-                    names |= {n for n in map(_item_name, items[start : k + 2]) if n}
+                    names = _named(items[start : k + 2]) | names
             elif via is node.args.get("with_") or via is node.args.get("with"):
                 break  # a CTE body sees no FROM item outside it
             else:  # select list, WHERE, GROUP BY, HAVING, ORDER BY, windows...
-                names |= {n for n in map(_item_name, items) if n}
+                names = _named(items) | names  # inner levels shadow outer ones
         path.append(node)
         node = node.parent
     return names
@@ -386,10 +416,17 @@ def _check_column(col: exp.Column) -> None:
     if len(parts) > 1:
         raise InspectRefused(f"{_snippet(col)}: use at most one qualifier (table alias) per column")
     qualifier = _normalize(parts[0])
-    if qualifier is None or qualifier not in _visible_relations(col):
+    visible = _visible_relations(col)
+    if qualifier is None or qualifier not in visible:
         raise InspectRefused(
             f"{_snippet(col)}: {parts[0].sql()} is not a table of the FROM clause here"
             " (PostgreSQL would read it as a function call on a column)"
+        )
+    columns = visible[qualifier]
+    if columns is not None and isinstance(name, exp.Identifier) and _normalize(name) not in columns:
+        raise InspectRefused(
+            f"{_snippet(col)}: {name.sql()} is not a column of the function {parts[0].sql()}"
+            " (PostgreSQL would read it as a function call); name the columns: AS x(a, b)"
         )
 
 

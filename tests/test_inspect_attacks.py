@@ -76,6 +76,22 @@ ATTACKS: dict[str, tuple[str, str]] = {
         "SELECT * FROM (VALUES ({key}::bigint)) v(k), LATERAL (SELECT (v.k).pg_advisory_lock) x",
         "field selection",
     ),
+    "scalar function alias": (
+        "SELECT g.pg_advisory_lock FROM generate_series({key}, {key}) g",
+        "not a column of the function",
+    ),
+    "unnest alias": (
+        "SELECT u.pg_read_file FROM unnest(ARRAY['/etc/passwd']) u",
+        "not a column of the function",
+    ),
+    "lateral function alias": (
+        "SELECT u.pg_read_file FROM runs r, LATERAL jsonb_array_elements_text(r.object) u",
+        "not a column of the function",
+    ),
+    "declared function columns": (
+        "SELECT e.pg_read_file FROM runs r, jsonb_each_text(r.object) AS e(k, v)",
+        "not a column of the function",
+    ),
     # 2. unicode case folding
     "kelvin cte": ("WITH pg_loc\u212as AS (SELECT 1) SELECT * FROM pg_locks", "non-ascii"),
     "kelvin table": ("SELECT * FROM PG_LOC\u212aS", "non-ascii"),
