@@ -97,3 +97,25 @@ def test_a_migrating_role_without_createrole_skips_it(pgflow_dsn: str, role_name
             assert row.fetchone() is None
         finally:
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(weak)))
+
+
+def test_after_every_migrate_the_reader_reads_every_view_and_no_table(pgflow_dsn: str) -> None:
+    from pgflow.migrations import migrate
+    from pgflow.testing import run_sync
+
+    run_sync(migrate(pgflow_dsn))  # views are re-created; grants must follow
+    with psycopg.connect(pgflow_dsn) as conn:
+        rows = conn.execute(
+            "SELECT c.relkind, c.relname, has_table_privilege('pgflow_reader', c.oid, 'SELECT')"
+            " FROM pg_class c WHERE c.relnamespace = 'pgflow'::regnamespace"
+            " AND c.relkind IN ('r', 'p', 'v', 'm', 'S')"
+        ).fetchall()
+        attrs = conn.execute(
+            "SELECT rolcanlogin, rolsuper, rolreplication, rolbypassrls, rolcreaterole"
+            " FROM pg_roles WHERE rolname = 'pgflow_reader'"
+        ).fetchone()
+    views = {name for kind, name, _ in rows if kind in ("v", "m")}
+    assert {"runs", "run_history", "horizon", "consumer_lag", "stuck_runs"} <= views
+    assert all(ok for kind, _, ok in rows if kind in ("v", "m"))
+    assert not any(ok for kind, _, ok in rows if kind not in ("v", "m"))
+    assert attrs == (False, False, False, False, False)
