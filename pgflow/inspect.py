@@ -184,8 +184,9 @@ async def run_validated(
         raise ValueError("timeout, limit and max_bytes must be positive")
     millis = max(1, int(timeout * 1000))
     wrapped = (
-        f"SELECT pgflow.inspect_row_bytes(pg_catalog.octet_length(s::text), {int(max_bytes)}),"
-        f" s.* FROM ({statement}) AS s"
+        # ROW(s.*), not s: a result column named "s" would shadow the whole row.
+        "SELECT pgflow.inspect_row_bytes(pg_catalog.octet_length(ROW(s.*)::text),"
+        f" {int(max_bytes)}), s.* FROM ({statement}) AS s"
     )
     rows: list[tuple[Any, ...]] = []
     role = ""

@@ -373,8 +373,15 @@ def test_byte_cap_truncates_while_fetching(pgflow_dsn: str) -> None:
     assert not full.truncated and len(full.rows) == 1000
 
 
-def test_a_row_over_the_byte_cap_is_refused_by_the_server(pgflow_dsn: str) -> None:
-    query = "SELECT string_agg(lpad('x', 10000), '') FROM generate_series(1, 100)"
+@pytest.mark.parametrize(
+    "query",
+    [
+        "SELECT string_agg(lpad('x', 10000), '') FROM generate_series(1, 100)",
+        # a column named like the wrapper's alias must not hide the row from the count
+        "SELECT 1 AS s, string_agg(lpad('x', 10000), '') FROM generate_series(1, 100)",
+    ],
+)
+def test_a_row_over_the_byte_cap_is_refused_by_the_server(pgflow_dsn: str, query: str) -> None:
     with pytest.raises(InspectFailed, match="over the 100000-byte cap"):
         run_sync(inspect(pgflow_dsn, query, max_bytes=100_000))
 
