@@ -360,6 +360,30 @@ def test_harmless_rewrites(pgflow_dsn: str) -> None:
         run_sync(inspect(pgflow_dsn, "SELECT r.pg_read_file FROM runs r"))
     result = run_sync(inspect(pgflow_dsn, "SELECT r.to_jsonb FROM runs r"))
     assert result.rows == [] and result.role == READER_ROLE
+    # Subqueries, VALUES and CTEs are composite rows: no lock function takes them.
+    for query in (
+        "SELECT x.pg_advisory_lock FROM (SELECT 424242::bigint) x",
+        "SELECT v.pg_advisory_lock FROM (VALUES (424243::bigint)) v",
+        "WITH c AS (SELECT 424244::bigint) SELECT c.pg_advisory_lock FROM c",
+        "SELECT rr.pg_advisory_lock FROM runs r, LATERAL (SELECT 424246::bigint) rr",
+    ):
+        with pytest.raises(InspectFailed, match="does not exist"):
+            run_sync(inspect(pgflow_dsn, query))
+    # A function's alias followed by its own column is that column.
+    result = run_sync(
+        inspect(
+            pgflow_dsn,
+            "SELECT pg_advisory_lock.pg_advisory_lock FROM"
+            " generate_series(424245, 424245) pg_advisory_lock",
+        )
+    )
+    assert result.rows == [(424245,)]
+    with psycopg.connect(pgflow_dsn) as conn:
+        locks = conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+            " AND objid BETWEEN 424242 AND 424246"
+        ).fetchone()
+    assert locks == (0,)
 
 
 # ------------------------------------------------------------------ byte cap
