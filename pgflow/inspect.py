@@ -34,8 +34,8 @@ of which alone stops the attacks we know of:
    ``statement_timeout``, ``lock_timeout``, ``idle_in_transaction_session_timeout``,
    a small ``work_mem`` and (for superusers) ``temp_file_limit``, through a
    server-side cursor. Results are capped in rows and in bytes while fetching: the
-   server refuses a single row above the byte cap before sending it, and rows are
-   fetched one at a time until either cap is reached.
+   server keeps a running total of the bytes it sends and sends every row past the
+   cap as NULLs, so the client never receives more than the cap.
 
 Anything refused raises :class:`InspectRefused` with a one-line reason.
 """
@@ -156,6 +156,7 @@ async def _limit_resources(conn: AsyncConnection[Any], millis: int) -> None:
         ("work_mem", _WORK_MEM),
         ("standard_conforming_strings", "on"),
         ("search_path", "pg_catalog, pgflow, pg_temp"),
+        ("pgflow.inspect_used", "0"),  # the running byte total, see _capped
     ):
         await conn.execute("SELECT pg_catalog.set_config(%s, %s, true)", (name, value))
     cur = await conn.execute("SELECT pg_catalog.current_setting('is_superuser') = 'on'")
@@ -164,6 +165,24 @@ async def _limit_resources(conn: AsyncConnection[Any], millis: int) -> None:
         await conn.execute(
             "SELECT pg_catalog.set_config('temp_file_limit', %s, true)", (_TEMP_FILE_LIMIT,)
         )
+
+
+#: Rows per FETCH: the server's running byte total (see sql/zz_reader.sql) already
+#: keeps every row past the cap from being sent, so batches need no smaller size.
+_FETCH_ROWS = 200
+
+
+def _capped(statement: str, width: int, max_bytes: int) -> str:
+    """``statement`` wrapped so the server sends no row past ``max_bytes`` in total:
+    its columns renamed positionally (names may repeat), NULLed once over the cap."""
+    cols = [f"c{i}" for i in range(width)]
+    picks = "".join(f", CASE WHEN b.n >= 0 THEN s.{c} END" for c in cols)
+    return (
+        f"SELECT b.n{picks} FROM ({statement}) AS s({', '.join(cols)})"
+        # ROW(s.*), not s: a result column named "s" would shadow the whole row.
+        " CROSS JOIN LATERAL (SELECT pgflow.inspect_row_budget("
+        f"pg_catalog.octet_length(ROW(s.*)::text), {int(max_bytes)}) AS n OFFSET 0) AS b"
+    )
 
 
 async def run_validated(
@@ -177,17 +196,13 @@ async def run_validated(
     """Run an already :func:`validate`\\ d statement read-only on ``conn``.
 
     ``conn`` must not be in a transaction; the one opened here is always rolled back.
-    Rows are fetched one at a time, so at most ``max_bytes`` plus one row (itself at
-    most ``max_bytes``, checked by the server before sending) are ever held.
+    The server counts the bytes of the rows it sends (PostgreSQL's text form) and
+    sends the first row that would pass ``max_bytes``, and every later one, as NULLs:
+    the client never receives more than ``max_bytes`` of values.
     """
     if timeout <= 0 or limit < 1 or max_bytes < 1:
         raise ValueError("timeout, limit and max_bytes must be positive")
     millis = max(1, int(timeout * 1000))
-    wrapped = (
-        # ROW(s.*), not s: a result column named "s" would shadow the whole row.
-        "SELECT pgflow.inspect_row_bytes(pg_catalog.octet_length(ROW(s.*)::text),"
-        f" {int(max_bytes)}), s.* FROM ({statement}) AS s"
-    )
     rows: list[tuple[Any, ...]] = []
     role = ""
     total = 0
@@ -196,19 +211,27 @@ async def run_validated(
         async with conn.transaction(force_rollback=True):
             await _limit_resources(conn, millis)
             role = await _assume_reader(conn)
-            async with conn.cursor(name="pgflow_inspect") as cur:
-                await cur.execute(wrapped)
-                columns = [d.name for d in (cur.description or ())[1:]]
-                while True:
-                    batch = await cur.fetchmany(1)
+            # The shape first (no row is computed), to rename the columns positionally.
+            cur = await conn.execute(f"SELECT * FROM ({statement}) AS s LIMIT 0")
+            columns = [d.name for d in cur.description or ()]
+            async with conn.cursor(name="pgflow_inspect") as named:
+                await named.execute(_capped(statement, len(columns), max_bytes))
+                while not truncated:
+                    batch = await named.fetchmany(min(_FETCH_ROWS, limit + 1 - len(rows)))
                     if not batch:
                         break
-                    size = int(batch[0][0])
-                    if len(rows) >= limit or total + size > max_bytes:
-                        truncated = True
-                        break
-                    total += size
-                    rows.append(tuple(batch[0][1:]))
+                    for row in batch:
+                        size = int(row[0])
+                        if size < 0 and not rows:
+                            raise InspectFailed(
+                                f"the first row is {-size} bytes, over the {max_bytes}-byte"
+                                " cap (--max-bytes)"
+                            )
+                        if size < 0 or len(rows) >= limit:
+                            truncated = True
+                            break
+                        total += size
+                        rows.append(tuple(row[1:]))
     except psycopg.errors.QueryCanceled:
         raise InspectFailed(
             f"query cancelled: it ran longer than the {timeout:g}s timeout (use --timeout)"
@@ -219,9 +242,9 @@ async def run_validated(
             hint = f" ({READER_ROLE} reads pgflow's views only)"
         raise InspectRefused(f"refused by the server: {_db.first_line(exc)}{hint}") from None
     except psycopg.errors.UndefinedFunction as exc:
-        if "inspect_row_bytes" in str(exc):
+        if "inspect_row_budget" in str(exc):
             raise InspectFailed(
-                "pgflow.inspect_row_bytes() is missing: run `pgflow migrate`"
+                "pgflow.inspect_row_budget() is missing: run `pgflow migrate`"
             ) from None
         raise InspectFailed(_db.first_line(exc)) from None
     except psycopg.Error as exc:

@@ -42,23 +42,32 @@ BEGIN
 END
 $$;
 
--- 2. Per-row byte cap of `pgflow inspect`: the statement it runs is
---    SELECT pgflow.inspect_row_bytes(octet_length(s::text), cap), s.* FROM (<query>) s
---    so a row larger than the cap is an error on the server, before it is sent.
-CREATE OR REPLACE FUNCTION pgflow.inspect_row_bytes(row_bytes bigint, max_bytes bigint)
+-- 2. The byte cap of `pgflow inspect`, kept on the server so that nothing over it is
+--    ever sent. The statement inspect runs is
+--      SELECT b.n, CASE WHEN b.n >= 0 THEN s.c1 END, ... FROM (<query>) AS s(c1, ...)
+--      CROSS JOIN LATERAL (SELECT pgflow.inspect_row_budget(
+--          octet_length(ROW(s.*)::text), <cap>) AS n OFFSET 0) AS b
+--    This function adds each row's size to a transaction-local running total and
+--    returns it; from the first row that would pass the cap on it returns minus that
+--    row's size (and keeps doing so), and the row goes out as NULLs. VOLATILE and
+--    behind OFFSET 0, so it runs exactly once per row, in cursor order.
+CREATE OR REPLACE FUNCTION pgflow.inspect_row_budget(row_bytes bigint, max_bytes bigint)
 RETURNS bigint
-LANGUAGE plpgsql STABLE PARALLEL SAFE
+LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    used bigint := coalesce(nullif(current_setting('pgflow.inspect_used', true), ''), '0')::bigint;
 BEGIN
-    IF row_bytes > max_bytes THEN
-        RAISE EXCEPTION USING ERRCODE = 'program_limit_exceeded',
-            MESSAGE = pg_catalog.format('a result row is %s bytes, over the %s-byte cap'
-                                        ' (--max-bytes)', row_bytes, max_bytes);
+    IF used < 0 OR used + row_bytes > max_bytes THEN
+        PERFORM set_config('pgflow.inspect_used', '-1', true);
+        RETURN -greatest(row_bytes, 1);
     END IF;
-    RETURN coalesce(row_bytes, 0);
+    PERFORM set_config('pgflow.inspect_used', (used + row_bytes)::text, true);
+    RETURN row_bytes;
 END
 $$;
+DROP FUNCTION IF EXISTS pgflow.inspect_row_bytes(bigint, bigint);
 
 -- 3. Capture functions never run on the writer's search_path (migration 0007 also
 --    qualifies every call). Re-pinned on every migrate, so a later migration that

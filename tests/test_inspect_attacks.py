@@ -406,7 +406,7 @@ def test_byte_cap_truncates_while_fetching(pgflow_dsn: str) -> None:
     ],
 )
 def test_a_row_over_the_byte_cap_is_refused_by_the_server(pgflow_dsn: str, query: str) -> None:
-    with pytest.raises(InspectFailed, match="over the 100000-byte cap"):
+    with pytest.raises(InspectFailed, match=r"first row is 10000\d\d bytes, over the 100000-byte"):
         run_sync(inspect(pgflow_dsn, query, max_bytes=100_000))
 
 
@@ -489,3 +489,21 @@ def test_a_superuser_never_runs_without_a_sound_reader_role(
                 run_sync(inspect(pgflow_dsn, "SELECT count(*) FROM runs"))
         finally:
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def test_nothing_past_the_byte_cap_leaves_the_server(pgflow_dsn: str) -> None:
+    from pgflow.inspect import _capped
+
+    statement = validate("SELECT g, lpad('x', 10000) FROM generate_series(1, 8) g ORDER BY g")
+    with psycopg.connect(pgflow_dsn) as conn:
+        rows = conn.execute(_capped(statement, 2, 50_000)).fetchall()
+    sent = [(n > 0, g is not None, pad is not None) for n, g, pad in rows]
+    assert sent == [(True, True, True)] * 4 + [(False, False, False)] * 4
+    # Sticky: a small row after the cap was passed is not sent either.
+    small_after_big = validate(
+        "SELECT CASE WHEN g = 2 THEN lpad('x', 9000) ELSE 'y' END"
+        " FROM generate_series(1, 4) g ORDER BY g"
+    )
+    with psycopg.connect(pgflow_dsn) as conn:
+        rows = conn.execute(_capped(small_after_big, 1, 5_000)).fetchall()
+    assert [r[1] is not None for r in rows] == [True, False, False, False]
