@@ -177,8 +177,9 @@ def _capped(statement: str, width: int, max_bytes: int) -> str:
     its columns renamed positionally (names may repeat), NULLed once over the cap."""
     cols = [f"c{i}" for i in range(width)]
     picks = "".join(f", CASE WHEN b.n >= 0 THEN s.{c} END" for c in cols)
+    renamed = f"s({', '.join(cols)})" if cols else "s"  # `AS s()` is a syntax error
     return (
-        f"SELECT b.n{picks} FROM ({statement}) AS s({', '.join(cols)})"
+        f"SELECT b.n{picks} FROM ({statement}) AS {renamed}"
         # ROW(s.*), not s: a result column named "s" would shadow the whole row.
         " CROSS JOIN LATERAL (SELECT pgflow.inspect_row_budget("
         f"pg_catalog.octet_length(ROW(s.*)::text), {int(max_bytes)}) AS n OFFSET 0) AS b"

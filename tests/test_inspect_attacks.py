@@ -395,6 +395,10 @@ def test_byte_cap_truncates_while_fetching(pgflow_dsn: str) -> None:
     assert result.bytes <= 50_000
     full = run_sync(inspect(pgflow_dsn, query, limit=2000, max_bytes=20_000_000))
     assert not full.truncated and len(full.rows) == 1000
+    # Duplicate column names and no columns at all go through the wrapper too.
+    assert run_sync(inspect(pgflow_dsn, "SELECT 1, 1")).rows == [(1, 1)]
+    empty = run_sync(inspect(pgflow_dsn, "SELECT FROM generate_series(1, 2)"))
+    assert empty.columns == [] and empty.rows == [(), ()]
 
 
 @pytest.mark.parametrize(
