@@ -1,8 +1,8 @@
 """``pgflow inspect``: read-only SQL over pgflow's views, validated, then fenced.
 
 Operators point this at production, often with a superuser DSN, and hand it to support
-people, dashboards and AI agents. So a query passes several independent fences, each
-of which alone stops the attacks we know of:
+people, dashboards and AI agents. So a query passes several independent fences, and
+one fence's miss is not a breach:
 
 1. **Validation is an allow-list over the syntax tree** (sqlglot, PostgreSQL dialect):
    every node of the parsed statement must be of a kind learnt from the examples in
@@ -17,7 +17,9 @@ of which alone stops the attacks we know of:
      when ``f`` is not a column: field selection on an expression is refused, and
      ``a.f`` only passes when ``a`` is a relation of the FROM clause visible at that
      point (then ``f`` is its column, or one of the read-only functions that take any
-     row, such as ``to_jsonb``); schema-qualified functions are refused;
+     row, such as ``to_jsonb``) — for a function in FROM, whose "row" may be a plain
+     value, only when ``f`` names one of its columns; schema-qualified functions are
+     refused;
    * casts only to plain data types (no ``regclass``/``oid``/``xml``/user types: their
      input functions look up catalogs or parse documents);
    * no ``$1`` parameters, dollar-quoted, ``E''`` or ``U&''`` strings; ``lpad``/
@@ -29,7 +31,9 @@ of which alone stops the attacks we know of:
    pgflow_reader`` (superusers always can; others need ``GRANT pgflow_reader TO
    them``), the query runs as that NOLOGIN role, which ``pgflow migrate`` creates with
    USAGE on schema ``pgflow`` and SELECT on its views only. A validator miss is then a
-   permission error, not a file read or a killed backend.
+   permission error, not a file read or a killed backend (advisory locks, ``pg_notify``
+   and ``pg_sleep`` need no privilege: there the validator is the fence). A superuser
+   connection never runs a query without that role.
 4. **Execution** in a ``READ ONLY`` transaction that is always rolled back, with
    ``statement_timeout``, ``lock_timeout``, ``idle_in_transaction_session_timeout``,
    a small ``work_mem`` and (for superusers) ``temp_file_limit``, through a
