@@ -529,6 +529,13 @@ def validate(sql: str) -> str:
 
     Raises :class:`InspectRefused` naming the first problem found.
     """
+    try:
+        return _validate(sql)
+    except RecursionError:  # sqlglot recurses per nesting level (a few hundred parens)
+        raise InspectRefused("query nested too deeply") from None
+
+
+def _validate(sql: str) -> str:
     if not sql or not sql.strip():
         raise InspectRefused("empty query")
     if len(sql) > MAX_QUERY_CHARS:

@@ -197,6 +197,9 @@ ATTACKS: dict[str, tuple[str, str]] = {
     "do block": ("DO $$BEGIN PERFORM pg_sleep(1); END$$", "only"),
     "copy program": ("COPY (SELECT 1) TO PROGRAM 'id'", "COPY"),
     "for update": ("SELECT * FROM pgflow.events FOR UPDATE", "FOR UPDATE"),
+    "deep nesting": ("SELECT " + "(" * 2000 + "1" + ")" * 2000, "nested too deeply"),
+    "deep function nesting": ("SELECT " + "lower(" * 2000 + "'x'" + ")" * 2000, "nested too"),
+    "huge query": ("SELECT 1" + " + 1" * 30000, "longer than"),
     # system columns
     "tableoid regclass": ("SELECT tableoid::regclass FROM pgflow.events", "not allowed"),
     "ctid": ("SELECT ctid FROM pgflow.events", "system column"),
