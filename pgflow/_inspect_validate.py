@@ -220,10 +220,7 @@ def _allowed() -> tuple[frozenset[type[Any]], frozenset[type[Any]], frozenset[st
             if isinstance(node, exp.Anonymous):
                 names.add(_fold(str(node.name), quoted=False))
             elif isinstance(node, exp.Func) and not isinstance(node, exp.Cast):
-                if tree is funcs:
-                    classes.add(type(node))
-                else:  # a structural Func (If from CASE, Unnest in FROM, ...)
-                    kinds.add(type(node))
+                classes.add(type(node))  # also structural ones: If (CASE), Unnest, ...
             elif not isinstance(node, _SPECIAL):
                 kinds.add(type(node))
     return frozenset(kinds), frozenset(classes), frozenset(names - DENIED_FUNCTIONS)
@@ -582,9 +579,9 @@ def _validate(sql: str) -> str:
             params = node.expressions
             if len(params) != 1 or not isinstance(params[0], exp.Identifier):
                 raise _refuse_kind(node)
-        elif isinstance(node, exp.Func) and type(node) not in kinds:
+        elif isinstance(node, exp.Func):
             _check_function(node, func_classes, names)
-        elif not isinstance(node, exp.Func) and type(node) not in kinds:
+        elif type(node) not in kinds:
             raise _refuse_kind(node)
     for table in tables:
         _check_table(table)
