@@ -514,3 +514,15 @@ def test_nothing_past_the_byte_cap_leaves_the_server(pgflow_dsn: str) -> None:
     with psycopg.connect(pgflow_dsn) as conn:
         rows = conn.execute(_capped(small_after_big, 1, 5_000)).fetchall()
     assert [r[1] is not None for r in rows] == [True, False, False, False]
+
+
+def test_cli_says_when_the_byte_cap_cut_rows(
+    pgflow_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pgflow.cli import main
+
+    query = "SELECT lpad('x', 1000) FROM generate_series(1, 100)"
+    assert main(["inspect", query, "--dsn", pgflow_dsn, "--max-bytes", "5000"]) == 0
+    captured = capsys.readouterr()
+    assert "(4 rows)" in captured.out
+    assert "rows cut at the --max-bytes cap (5000 bytes)" in captured.err

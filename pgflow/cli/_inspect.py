@@ -81,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
             truncated=result.truncated,
         )
     )
-    if result.truncated and selected_format(args) != "table":
+    if result.truncated and len(result.rows) < args.limit:
+        print(f"pgflow: rows cut at the --max-bytes cap ({args.max_bytes} bytes)", file=sys.stderr)
+    elif result.truncated and selected_format(args) != "table":
         print(
             f"pgflow: only the first {len(result.rows)} rows shown (--limit/--max-bytes)",
             file=sys.stderr,
