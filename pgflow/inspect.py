@@ -178,15 +178,20 @@ _FETCH_ROWS = 200
 
 def _capped(statement: str, width: int, max_bytes: int) -> str:
     """``statement`` wrapped so the server sends no row past ``max_bytes`` in total:
-    its columns renamed positionally (names may repeat), NULLed once over the cap."""
+    its columns renamed positionally (names may repeat), NULLed once over the cap.
+
+    The running total is computed in the target list of a subquery kept whole by
+    ``OFFSET 0``, so it runs exactly once per row, in order, whatever the planner would
+    otherwise pull up or fold (a constant row, for one, must still count every time).
+    """
     cols = [f"c{i}" for i in range(width)]
-    picks = "".join(f", CASE WHEN b.n >= 0 THEN s.{c} END" for c in cols)
+    picks = "".join(f", CASE WHEN b.n >= 0 THEN b.{c} END" for c in cols)
     renamed = f"s({', '.join(cols)})" if cols else "s"  # `AS s()` is a syntax error
     return (
-        f"SELECT b.n{picks} FROM ({statement}) AS {renamed}"
-        # ROW(s.*), not s: a result column named "s" would shadow the whole row.
-        " CROSS JOIN LATERAL (SELECT pgflow.inspect_row_budget("
-        f"pg_catalog.octet_length(ROW(s.*)::text), {int(max_bytes)}) AS n OFFSET 0) AS b"
+        f"SELECT b.n{picks} FROM (SELECT pgflow.inspect_row_budget("
+        # ROW(s.*): the whole row, whatever its columns are called.
+        f"pg_catalog.octet_length(ROW(s.*)::text), {int(max_bytes)}) AS n, s.*"
+        f" FROM ({statement}) AS {renamed} OFFSET 0) AS b"
     )
 
 

@@ -43,14 +43,14 @@ END
 $$;
 
 -- 2. The byte cap of `pgflow inspect`, kept on the server so that nothing over it is
---    ever sent. The statement inspect runs is
---      SELECT b.n, CASE WHEN b.n >= 0 THEN s.c1 END, ... FROM (<query>) AS s(c1, ...)
---      CROSS JOIN LATERAL (SELECT pgflow.inspect_row_budget(
---          octet_length(ROW(s.*)::text), <cap>) AS n OFFSET 0) AS b
+--    ever sent. The statement inspect runs is (see pgflow/inspect.py, _capped)
+--      SELECT b.n, CASE WHEN b.n >= 0 THEN b.c1 END, ... FROM (
+--          SELECT pgflow.inspect_row_budget(octet_length(ROW(s.*)::text), <cap>) AS n, s.*
+--          FROM (<query>) AS s(c1, ...) OFFSET 0) AS b
 --    This function adds each row's size to a transaction-local running total and
 --    returns it; from the first row that would pass the cap on it returns minus that
---    row's size (and keeps doing so), and the row goes out as NULLs. VOLATILE and
---    behind OFFSET 0, so it runs exactly once per row, in cursor order.
+--    row's size (and keeps doing so), and the row goes out as NULLs. VOLATILE, in the
+--    target list of a subquery that OFFSET 0 keeps whole: once per row, in order.
 CREATE OR REPLACE FUNCTION pgflow.inspect_row_budget(row_bytes bigint, max_bytes bigint)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE

@@ -506,6 +506,11 @@ def test_nothing_past_the_byte_cap_leaves_the_server(pgflow_dsn: str) -> None:
         rows = conn.execute(_capped(statement, 2, 50_000)).fetchall()
     sent = [(n > 0, g is not None, pad is not None) for n, g, pad in rows]
     assert sent == [(True, True, True)] * 4 + [(False, False, False)] * 4
+    # A constant row (which the planner could fold into one evaluation) counts every time.
+    constant = validate("SELECT lpad('x', 1000) FROM generate_series(1, 10)")
+    with psycopg.connect(pgflow_dsn) as conn:
+        rows = conn.execute(_capped(constant, 1, 5_000)).fetchall()
+    assert [r[1] is not None for r in rows] == [True] * 4 + [False] * 6
     # Sticky: a small row after the cap was passed is not sent either.
     small_after_big = validate(
         "SELECT CASE WHEN g = 2 THEN lpad('x', 9000) ELSE 'y' END"
