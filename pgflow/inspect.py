@@ -212,6 +212,9 @@ async def run_validated(
     """
     if timeout <= 0 or limit < 1 or max_bytes < 1:
         raise ValueError("timeout, limit and max_bytes must be positive")
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        # Inside the caller's transaction the fences would be a savepoint's: refuse.
+        raise ValueError("pgflow inspect needs a connection that is not in a transaction")
     millis = max(1, int(timeout * 1000))
     rows: list[tuple[Any, ...]] = []
     role = ""

@@ -255,3 +255,15 @@ def test_horizon_sees_other_sessions_under_the_reader_role(pgflow_dsn: str) -> N
         assert result.rows, "horizon is blind to other sessions under pgflow_reader"
         holders = run(pgflow_dsn, "SELECT count(*) FROM horizon WHERE age_seconds > 0")
         assert holders.rows == [(1,)]
+
+
+def test_a_connection_inside_a_transaction_is_refused(pgflow_dsn: str) -> None:
+    import psycopg
+
+    async def go() -> None:
+        async with await psycopg.AsyncConnection.connect(pgflow_dsn) as conn:
+            await conn.execute("SELECT 1")  # opens a transaction (not autocommit)
+            with pytest.raises(ValueError, match="not in a transaction"):
+                await inspect(conn, "SELECT 1")
+
+    run_sync(go())
