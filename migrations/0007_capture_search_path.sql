@@ -12,11 +12,25 @@
 -- operator's schema explicitly, so neither a hostile search_path nor a future edit
 -- that forgets one qualification reopens the hole. Same behaviour otherwise; the
 -- bodies are those of 0004 with the names qualified.
+--
+-- Written so the order of migrations cannot lose anyone's work: a body is replaced
+-- only while it is still exactly 0004's (md5 of its source). If another migration has
+-- already replaced it (say one numbered below 0007 that landed on another branch),
+-- that body is kept and only its search_path is pinned, with a notice. sql/zz_reader.sql
+-- re-pins the search_path of these functions on every `pgflow migrate` either way.
 
+DO $do$
+BEGIN
+    IF pg_catalog.to_regprocedure('pgflow.capture_change()') IS NULL THEN
+        RETURN;  -- renamed or re-signed by another migration: nothing of 0004's left
+    END IF;
+    IF (SELECT pg_catalog.md5(prosrc) FROM pg_catalog.pg_proc
+        WHERE oid = pg_catalog.to_regprocedure('pgflow.capture_change()')) = 'b361b1e1ed187f79b23384f058d2d871' THEN
+        EXECUTE $ddl$
 CREATE OR REPLACE FUNCTION pgflow.capture_change() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
-AS $$
+AS $fn$
 DECLARE
     row_new jsonb;
     row_old jsonb;
@@ -41,13 +55,28 @@ BEGIN
             TG_OP, coalesce(key_text, ''), row_old, row_new);
     RETURN NULL;
 END
-$$;
+$fn$;
+        $ddl$;
+    ELSE
+        RAISE NOTICE 'pgflow: pgflow.capture_change() was changed by another migration; keeping its body';
+    END IF;
+    ALTER FUNCTION pgflow.capture_change() SET search_path = pg_catalog, pg_temp;
+END
+$do$;
 
+DO $do$
+BEGIN
+    IF pg_catalog.to_regprocedure('pgflow.capture(regclass, text[])') IS NULL THEN
+        RETURN;  -- renamed or re-signed by another migration: nothing of 0004's left
+    END IF;
+    IF (SELECT pg_catalog.md5(prosrc) FROM pg_catalog.pg_proc
+        WHERE oid = pg_catalog.to_regprocedure('pgflow.capture(regclass, text[])')) = '0f48ba3e1a6d60a10c49379d82b087b7' THEN
+        EXECUTE $ddl$
 CREATE OR REPLACE FUNCTION pgflow.capture(tbl regclass, key_columns text[] DEFAULT NULL)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
-AS $$
+AS $fn$
 DECLARE
     cols text[] := key_columns;
     missing text;
@@ -81,13 +110,35 @@ BEGIN
     EXECUTE pg_catalog.format('CREATE TRIGGER pgflow_capture AFTER INSERT OR UPDATE OR DELETE ON %s'
                               ' FOR EACH ROW EXECUTE FUNCTION pgflow.capture_change(%s)', tbl, args);
 END
-$$;
+$fn$;
+        $ddl$;
+    ELSE
+        RAISE NOTICE 'pgflow: pgflow.capture(regclass, text[]) was changed by another migration; keeping its body';
+    END IF;
+    ALTER FUNCTION pgflow.capture(regclass, text[]) SET search_path = pg_catalog, pg_temp;
+END
+$do$;
 
+DO $do$
+BEGIN
+    IF pg_catalog.to_regprocedure('pgflow.uncapture(regclass)') IS NULL THEN
+        RETURN;  -- renamed or re-signed by another migration: nothing of 0004's left
+    END IF;
+    IF (SELECT pg_catalog.md5(prosrc) FROM pg_catalog.pg_proc
+        WHERE oid = pg_catalog.to_regprocedure('pgflow.uncapture(regclass)')) = '339000a08cb8298a38ac4a79f3cc607b' THEN
+        EXECUTE $ddl$
 CREATE OR REPLACE FUNCTION pgflow.uncapture(tbl regclass) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
-AS $$
+AS $fn$
 BEGIN
     EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgflow_capture ON %s', tbl);
 END
-$$;
+$fn$;
+        $ddl$;
+    ELSE
+        RAISE NOTICE 'pgflow: pgflow.uncapture(regclass) was changed by another migration; keeping its body';
+    END IF;
+    ALTER FUNCTION pgflow.uncapture(regclass) SET search_path = pg_catalog, pg_temp;
+END
+$do$;

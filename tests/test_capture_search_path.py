@@ -97,3 +97,43 @@ def test_capture_functions_pin_search_path(pgflow_dsn: str) -> None:
         ).fetchall()
     assert [r[0] for r in rows] == ["capture", "capture_change", "uncapture"]
     assert all(r[1] == ["search_path=pg_catalog, pg_temp"] for r in rows)
+
+
+def test_0007_replaces_only_0004_bodies_and_pins_any(pgflow_dsn: str) -> None:
+    """Migration order across branches must not lose work: 0007 qualifies a capture
+    function only while its body is still 0004's; any other body is kept, pinned."""
+    from pgflow.migrations import resource_dir
+
+    migrations = resource_dir("migrations")
+    m0004 = (migrations / "0004_capture.sql").read_text()
+    m0007 = (migrations / "0007_capture_search_path.sql").read_text()
+    old_bodies = m0004[m0004.index("CREATE FUNCTION pgflow.capture_change") :].replace(
+        "CREATE FUNCTION", "CREATE OR REPLACE FUNCTION"
+    )
+    sources = (
+        "SELECT proname, prosrc, proconfig FROM pg_proc WHERE pronamespace ="
+        " 'pgflow'::regnamespace AND proname IN ('capture_change', 'capture', 'uncapture')"
+    )
+    with psycopg.connect(pgflow_dsn, autocommit=True) as conn:
+        # Back to 0004 (unpinned), then 0007 again: all three qualified and pinned.
+        conn.execute(old_bodies)
+        for f in ("capture_change()", "capture(regclass, text[])", "uncapture(regclass)"):
+            conn.execute(f"ALTER FUNCTION pgflow.{f} RESET search_path")
+        conn.execute(m0007)
+        rows = {r[0]: r[1:] for r in conn.execute(sources).fetchall()}
+        assert "pg_catalog.to_jsonb(NEW)" in rows["capture_change"][0]
+        assert all(cfg == ["search_path=pg_catalog, pg_temp"] for _, cfg in rows.values())
+
+        # Someone else's newer body: kept, only pinned.
+        conn.execute(
+            "CREATE OR REPLACE FUNCTION pgflow.capture_change() RETURNS trigger"
+            " LANGUAGE plpgsql AS $$ BEGIN /* newer */ RETURN NULL; END $$"
+        )
+        conn.execute("ALTER FUNCTION pgflow.capture_change() RESET search_path")
+        notices: list[str] = []
+        conn.add_notice_handler(lambda d: notices.append(str(d.message_primary)))
+        conn.execute(m0007)
+        rows = {r[0]: r[1:] for r in conn.execute(sources).fetchall()}
+        assert "/* newer */" in rows["capture_change"][0]
+        assert rows["capture_change"][1] == ["search_path=pg_catalog, pg_temp"]
+        assert any("capture_change() was changed by another migration" in n for n in notices)
