@@ -119,12 +119,14 @@ async def _assume_reader(conn: AsyncConnection[Any]) -> str:
 
     Membership cannot be asked portably (PostgreSQL 16 adds a SET option to it), so the
     switch is tried under a savepoint. A reader role with more than NOLOGIN attributes
-    (someone created it as a superuser, say) would be no fence: it is not used.
+    (someone created it as a superuser, say) would be no fence, and one without USAGE
+    on schema pgflow belongs to a database not migrated yet: neither is used.
     """
     cur = await conn.execute(
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = %s"
         " AND NOT (rolsuper OR rolcanlogin OR rolreplication OR rolbypassrls"
-        " OR rolcreaterole OR rolcreatedb))",
+        " OR rolcreaterole OR rolcreatedb)"
+        " AND pg_catalog.has_schema_privilege(oid, 'pgflow', 'USAGE'))",
         (READER_ROLE,),
     )
     row = await cur.fetchone()
@@ -144,8 +146,9 @@ async def _assume_reader(conn: AsyncConnection[Any]) -> str:
         # A superuser can always assume it, so it is missing or was altered: refuse
         # rather than run with every privilege behind the validator alone.
         raise InspectRefused(
-            f"connected as superuser {role} but role {READER_ROLE} is missing or has more"
-            " than NOLOGIN attributes: run `pgflow migrate` (it creates the role)"
+            f"connected as superuser {role} but role {READER_ROLE} is missing, not granted"
+            " schema pgflow here, or has more than NOLOGIN attributes: run `pgflow migrate`"
+            " (it creates and grants the role)"
         )
     logger.debug("pgflow inspect runs as %s (cannot SET ROLE %s)", role, READER_ROLE)
     return role

@@ -492,7 +492,7 @@ def test_a_superuser_never_runs_without_a_sound_reader_role(
         if attributes:  # exists, but would be no fence
             conn.execute(sql.SQL("CREATE ROLE {} " + attributes).format(sql.Identifier(name)))
         try:
-            with pytest.raises(InspectRefused, match=f"role {name} is missing or has more"):
+            with pytest.raises(InspectRefused, match=f"role {name} is missing, not granted"):
                 run_sync(inspect(pgflow_dsn, "SELECT count(*) FROM runs"))
         finally:
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
@@ -531,3 +531,12 @@ def test_cli_says_when_the_byte_cap_cut_rows(
     captured = capsys.readouterr()
     assert "(4 rows)" in captured.out
     assert "rows cut at the --max-bytes cap (5000 bytes)" in captured.err
+
+
+def test_a_database_not_migrated_for_the_reader_says_migrate(pgflow_dsn: str) -> None:
+    # pgflow_reader exists on the server (roles are cluster-wide) but was never granted
+    # anything in this database: as after upgrading pgflow without `pgflow migrate`.
+    with psycopg.connect(pgflow_dsn, autocommit=True) as conn:
+        conn.execute("REVOKE USAGE ON SCHEMA pgflow FROM pgflow_reader")
+    with pytest.raises(InspectRefused, match="run `pgflow migrate`"):
+        run_sync(inspect(pgflow_dsn, "SELECT count(*) FROM runs"))
