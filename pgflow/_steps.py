@@ -35,9 +35,11 @@ leak. Workflows with ``on_complete`` hooks (which may write) always use savepoin
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import time
+import traceback as _traceback
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -55,7 +57,7 @@ from .observability import metrics, step_span
 from .records import PROCESSABLE_STATES, RawRecord, RunState, load_many
 from .streamer import Filter
 
-__all__ = ["RetryBatch", "StepConsumer", "error_text", "record_error"]
+__all__ = ["RetryBatch", "StepConsumer", "contained", "error_text", "record_error"]
 
 logger = logging.getLogger("pgflow.steps")
 
@@ -97,9 +99,36 @@ RETURNING run_id
 """
 
 
-def error_text(exc: BaseException) -> str:
+_ERROR_TEXT_MAX = 2000
+
+
+def error_text(exc: BaseException, *, traceback: bool = False) -> str:
+    """``Type: message`` (then, with ``traceback``, the start of the traceback), cut to
+    2000 characters and without NUL characters (a text column refuses them: recording
+    the error must not fail because of the error's own message)."""
     text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= 2000 else text[:1997] + "..."
+    if traceback:
+        tb = "".join(_traceback.format_exception(exc)).rstrip()
+        text = f"{text}\n{tb}"
+    text = text.replace("\x00", "\\x00")
+    return text if len(text) <= _ERROR_TEXT_MAX else text[: _ERROR_TEXT_MAX - 3] + "..."
+
+
+def contained(exc: BaseException) -> bool:
+    """Whether an exception from user code is that run's failure (True) or must end the
+    consumer (False).
+
+    Every ``Exception`` is the run's. So is a ``CancelledError`` the user's code raised
+    by awaiting a task that was cancelled — unless *this* task is being cancelled
+    (``Task.cancelling()``): then it is our shutdown and must propagate.
+    KeyboardInterrupt, SystemExit and GeneratorExit always propagate.
+    """
+    if isinstance(exc, Exception):
+        return True
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        return task is None or task.cancelling() == 0
+    return False
 
 
 async def record_error(
@@ -125,7 +154,7 @@ async def record_error(
         " END,"
         " updated_at = now()"
         " WHERE run_id = %s AND version = %s RETURNING err_count",
-        (error_text(exc), pausing, err_backoff_s, rec.run_id, rec.version),
+        (error_text(exc, traceback=True), pausing, err_backoff_s, rec.run_id, rec.version),
     )
     row = await cur.fetchone()
     if row is None:
@@ -238,7 +267,7 @@ class StepConsumer(Generic[T, S]):
             else:
                 await self._fast(conn, event, rec, moves)
         if moves:
-            await self._write_moves(conn, moves)
+            await self._write_moves(conn, moves, records)
         metrics.batch(self.name, self.shard, len(events), time.perf_counter() - started)
 
     async def _fast(
@@ -247,13 +276,15 @@ class StepConsumer(Generic[T, S]):
         """Run a step that (so far) never touched ``run.tx``: no savepoint is needed, as
         it wrote nothing; its transition joins the batch's single bulk write."""
         engine, spec = self.engine, self.spec
-        run = engine.make_run(rec, conn)
+        run = None
+        object_json: str | None = None
         try:
             with step_span(
                 f"{engine.name} {spec.status.name}",
                 event.traceparent,
                 self._attributes(rec),
             ) as traceparent:
+                run = engine.make_run(rec, conn)
                 dest = await maybe_await(spec.fn(run))
                 if (
                     dest is not None
@@ -264,10 +295,15 @@ class StepConsumer(Generic[T, S]):
                         f"step {spec.name} returned {dest!r}: not one of its declared "
                         f"destinations ({', '.join(s.name for s in spec.to)}) or None"
                     )
+                if dest is not None and not run.changed:
+                    # inside the try: an object jsonb would refuse is this run's error
+                    object_json = engine.objects.dump(run.object)
         except psycopg.OperationalError:
             raise
-        except Exception as exc:
-            if run.tx_used:
+        except BaseException as exc:
+            if not contained(exc):
+                raise
+            if run is not None and run.tx_used:
                 self.isolate = True
                 raise RetryBatch(f"{spec.name} wrote through run.tx and failed") from exc
             await self._failed(conn, rec, exc)
@@ -294,13 +330,45 @@ class StepConsumer(Generic[T, S]):
                 rec.version,
                 dest.name,
                 str(RunState.COMPLETED if terminal else RunState.RUNNING),
-                engine.objects.dump(run.object),
+                object_json,
                 traceparent,
                 wrote_tx,
             )
         )
 
-    async def _write_moves(self, conn: AsyncConnection[Any], moves: list[_Move]) -> None:
+    async def _write_moves(
+        self, conn: AsyncConnection[Any], moves: list[_Move], records: dict[UUID, RawRecord]
+    ) -> None:
+        try:
+            async with conn.transaction():  # savepoint: a refused row must not end the batch
+                moved = await self._bulk_move(conn, moves)
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error as exc:
+            # One run's row was refused (a value the codec let through but the database
+            # does not take, a constraint...). Find it: each move in its own savepoint;
+            # the refused run records the error, the others move.
+            logger.info("%s: bulk move refused (%s); moving one by one", self.key, exc)
+            moved = set()
+            for move in moves:
+                try:
+                    async with conn.transaction():
+                        moved |= await self._bulk_move(conn, [move])
+                except psycopg.OperationalError:
+                    raise
+                except psycopg.Error as one:
+                    await self._failed(conn, records[move.run_id], one)
+        # A record that moved concurrently (an API call won the race) did not match.
+        # If its step wrote nothing, there is nothing to undo (a stale event). If it
+        # wrote through run.tx, those writes must not commit without the transition:
+        # roll the whole batch back and redo it with a savepoint per event.
+        lost = [m for m in moves if m.wrote_tx and m.run_id not in moved]
+        if lost:
+            raise RetryBatch(f"run {lost[0].run_id} moved while its step wrote through run.tx")
+        if moved:
+            self._wrote = True
+
+    async def _bulk_move(self, conn: AsyncConnection[Any], moves: list[_Move]) -> set[UUID]:
         cur = await conn.execute(
             _BULK_MOVE,
             (
@@ -312,16 +380,7 @@ class StepConsumer(Generic[T, S]):
                 [m.traceparent for m in moves],
             ),
         )
-        moved = {row[0] for row in await cur.fetchall()}
-        # A record that moved concurrently (an API call won the race) did not match.
-        # If its step wrote nothing, there is nothing to undo (a stale event). If it
-        # wrote through run.tx, those writes must not commit without the transition:
-        # roll the whole batch back and redo it with a savepoint per event.
-        lost = [m for m in moves if m.wrote_tx and m.run_id not in moved]
-        if lost:
-            raise RetryBatch(f"run {lost[0].run_id} moved while its step wrote through run.tx")
-        if moved:
-            self._wrote = True
+        return {row[0] for row in await cur.fetchall()}
 
     def _attributes(self, rec: RawRecord) -> dict[str, Any]:
         return {
@@ -333,16 +392,21 @@ class StepConsumer(Generic[T, S]):
             "shard": self.shard,
         }
 
-    async def _failed(self, conn: AsyncConnection[Any], rec: RawRecord, exc: Exception) -> None:
+    async def _failed(
+        self, conn: AsyncConnection[Any], rec: RawRecord, exc: BaseException
+    ) -> None:
         spec = self.spec
         metrics.error(self.name, self.shard)
         logger.warning(
-            "%s: step %s failed for %r (attempt %d): %s",
-            self.key,
+            "workflow %s, status %s: step %s failed for run %s (foreign id %r, attempt %d): %s",
+            self.engine.name,
+            spec.status.name,
             spec.name,
+            rec.run_id,
             rec.foreign_id,
             rec.err_count + 1,
             error_text(exc),
+            exc_info=exc,
         )
         paused = await record_error(
             self.engine,
@@ -401,6 +465,8 @@ class StepConsumer(Generic[T, S]):
             return None
         except psycopg.OperationalError:
             raise  # the connection is gone: the whole batch is retried
-        except Exception as exc:
+        except BaseException as exc:
+            if not contained(exc):
+                raise
             await self._failed(conn, rec, exc)
             return None
