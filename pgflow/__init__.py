@@ -18,6 +18,7 @@ from .errors import (
     NotFound,
     PgflowError,
     SchemaError,
+    WorkerFailed,
     WorkflowInProgress,
 )
 from .events import Event, NewEvent, Position
@@ -56,6 +57,7 @@ __all__ = [
     "RunState",
     "SchemaError",
     "Workflow",
+    "WorkerFailed",
     "WorkflowInProgress",
     "capture",
     "migrate",

@@ -48,9 +48,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -59,7 +60,8 @@ from psycopg import AsyncConnection
 
 from ._batch_api import Batch, NeedsPerEventPath, Optimism
 from ._codec import to_jsonable
-from ._steps import error_text
+from ._steps import contained, error_text
+from ._supervise import supervise
 from .api import API
 from .connectors._base import Ack, ConnectorEvent, MalformedEvent, Reject, TransactionalConsumer
 from .cursors import LostCursor
@@ -150,8 +152,14 @@ async def _flushed(consumer: Any, conn: AsyncConnection[Any]) -> AsyncIterator[N
 class ConnectorRunner(Generic[T, S]):
     """The consumers of one ``add_connector`` (see the module doc)."""
 
-    def __init__(self, wf: Workflow[T, S], spec: ConnectorSpec) -> None:
+    def __init__(
+        self,
+        wf: Workflow[T, S],
+        spec: ConnectorSpec,
+        on_give_up: Callable[[str], None] | None = None,
+    ) -> None:
         self.wf = wf
+        self._on_give_up = on_give_up
         self.spec = spec
         self.name = spec.name
         #: this connector's pgflow.dead_letters.consumer (see dead_letter_consumer)
@@ -172,14 +180,18 @@ class ConnectorRunner(Generic[T, S]):
                 consumer_name(self.wf.name, self.name, shard, self.count)
             )
             self.consumers.append(consumer)
-            loop = (
-                self._transactional(shard, consumer)
+            loop = functools.partial(
+                self._transactional
                 if isinstance(consumer, TransactionalConsumer)
-                else self._broker(shard, consumer)
+                else self._broker,
+                shard,
+                consumer,
             )
-            self.tasks.append(
-                asyncio.create_task(loop, name=f"pgflow:connector:{self.name}:{shard}")
+            name = f"connector {self.name}[{shard}]"
+            task = supervise(
+                name, loop, stopping=self._stopping.is_set, on_give_up=self._on_give_up
             )
+            self.tasks.append(asyncio.create_task(task, name=f"pgflow:{name}"))
 
     def stop(self) -> None:
         self._stopping.set()
@@ -294,7 +306,9 @@ class ConnectorRunner(Generic[T, S]):
                     metrics.success(self.name, shard)
                     self.handled += 1
                     break
-                except Exception as exc:
+                except BaseException as exc:
+                    if not contained(exc):
+                        raise
                     metrics.error(self.name, shard)
                     if isinstance(exc, Reject) or (
                         attempt >= opts.max_retries
@@ -428,7 +442,9 @@ class ConnectorRunner(Generic[T, S]):
                         await self._call(conn, shard, event)
                 except psycopg.OperationalError:
                     raise
-                except Exception as exc:
+                except BaseException as exc:
+                    if not contained(exc):
+                        raise
                     metrics.error(self.name, shard)
                     attempt = self._attempts.get(key, 0) + 1
                     if attempt >= opts.max_retries or isinstance(exc, Reject):
@@ -486,7 +502,9 @@ class ConnectorRunner(Generic[T, S]):
                 await batch.flush()
         except psycopg.OperationalError:
             raise  # the connection is gone: the batch loop reconnects
-        except Exception as exc:
+        except BaseException as exc:
+            if not contained(exc):
+                raise
             self._optimism[shard].fell_back()
             self.fallbacks += 1
             logger.debug(

@@ -142,6 +142,10 @@ class Poller(Generic[T, S]):
     def stop(self) -> None:
         self._stopping.set()
 
+    def stopping(self) -> bool:
+        """Whether ``stop()`` was called (a supervisor then lets the loop end)."""
+        return self._stopping.is_set()
+
     async def run(self) -> None:
         delay = 0.05
         failing = False

@@ -14,6 +14,7 @@ __all__ = [
     "NotFound",
     "PgflowError",
     "SchemaError",
+    "WorkerFailed",
     "WorkflowInProgress",
 ]
 
@@ -48,3 +49,7 @@ class WorkflowInProgress(PgflowError):
 
 class InvalidTransition(PgflowError):
     """A status change the workflow graph does not allow, or on a run that cannot move."""
+
+
+class WorkerFailed(PgflowError):
+    """A worker could not keep its consumers running (a task kept dying); it exits."""

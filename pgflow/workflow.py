@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -27,6 +28,7 @@ from psycopg_pool import AsyncConnectionPool
 from ._connector_runner import ConnectorRunner
 from ._engine import Engine, Hooks
 from ._steps import StepConsumer
+from ._supervise import supervise
 from ._timers import Poller, TimerArmer
 from .api import API
 from .cursors import Consumer
@@ -63,6 +65,10 @@ class Workflow(API[T, S], Generic[T, S]):
         self._tasks: list[asyncio.Task[None]] = []
         self._running = False
         self._sampler: asyncio.Task[None] | None = None
+        #: set when a supervised task gave up (``failure`` says which and why): the
+        #: process no longer runs all its consumers (``pgflow worker`` exits non-zero)
+        self.failed = asyncio.Event()
+        self.failure: str | None = None
 
     @property
     def engine(self) -> Engine[T, S]:
@@ -98,12 +104,14 @@ class Workflow(API[T, S], Generic[T, S]):
             intervals.append(timeout.options.polling_frequency)
             for shard in range(timeout.options.parallel_count):
                 self.consumers.append(TimerArmer(engine, timeout, shard).make_consumer(pool))
+        self.failure = None
+        self.failed.clear()
         for consumer in self.consumers:
-            self._spawn(consumer.run(), str(consumer.key))
-        self.poller = Poller(engine, min(intervals, default=timedelta(seconds=1)))
-        self._spawn(self.poller.run(), f"{engine.name}/poller")
+            self._spawn(consumer.run, str(consumer.key), consumer.stopping)
+        poller = self.poller = Poller(engine, min(intervals, default=timedelta(seconds=1)))
+        self._spawn(poller.run, f"{engine.name}/poller", poller.stopping)
         for spec in self.graph.connectors.values():
-            runner = ConnectorRunner(self, spec)
+            runner = ConnectorRunner(self, spec, self._give_up)
             self.runners.append(runner)
             await runner.start()
         # Resolve the OTEL_* configuration now, not inside the first event's span.
@@ -120,8 +128,18 @@ class Workflow(API[T, S], Generic[T, S]):
             len(self.runners),
         )
 
-    def _spawn(self, coro: Any, name: str) -> None:
-        self._tasks.append(asyncio.create_task(coro, name=f"pgflow:{name}"))
+    def _spawn(
+        self, loop: Callable[[], Awaitable[None]], name: str, stopping: Callable[[], bool]
+    ) -> None:
+        """Start ``loop`` supervised: restarted when it dies (see :mod:`pgflow._supervise`)."""
+        task = supervise(name, loop, stopping=stopping, on_give_up=self._give_up)
+        self._tasks.append(asyncio.create_task(task, name=f"pgflow:{name}"))
+
+    def _give_up(self, message: str) -> None:
+        """A supervised task keeps dying: this process cannot do its share of the work."""
+        if self.failure is None:
+            self.failure = message
+        self.failed.set()
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Finish the batches in flight (they commit or roll back), then shut down."""

@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 from typing import Any
+
+import psycopg
+import pytest
 
 import pgflow
 from pgflow import RunState
 from pgflow.testing import require, require_state
 from tests._util import wait_until
+
+PGFLOW = str(Path(sys.executable).with_name("pgflow"))
 
 
 class S(enum.IntEnum):
@@ -60,3 +68,112 @@ async def test_poison_objects_fail_their_run_only(pgflow_dsn: str) -> None:
             assert rec.last_error and rec.status is S.START
         assert all(calls[f"good-{i}"] == 1 for i in range(20)), calls
         assert all(calls[f"{kind}-1"] == 2 for kind in poison), calls
+
+
+async def test_cancelled_error_from_a_step_is_that_runs_error(pgflow_dsn: str) -> None:
+    """A step that awaits a cancelled task raises CancelledError: the run records the
+    error and pauses after N; the shard's task lives on and later runs complete."""
+    calls: Counter[str] = Counter()
+    b = pgflow.Builder("cancelly", dict, S, polling_frequency=0.1)
+
+    @b.step(S.START, to=[S.END], err_backoff=0.05, pause_after_err_count=2)
+    async def work(run: pgflow.Run[dict[str, Any], S]) -> S:
+        calls[run.foreign_id] += 1
+        if run.foreign_id == "bad":
+            task = asyncio.ensure_future(asyncio.sleep(10))
+            task.cancel()
+            await task
+        return S.END
+
+    async with b.build(pgflow_dsn) as wf:
+        await wf.trigger("bad")
+        rec = await require_state(wf, "bad", RunState.PAUSED)
+        assert rec.err_count == 2 and rec.last_error
+        assert rec.last_error.startswith("CancelledError")
+        for i in range(5):
+            await wf.trigger(f"good-{i}")
+        for i in range(5):
+            await require(wf, f"good-{i}", S.END)
+        assert all(not t.done() for t in wf._tasks)
+
+
+async def test_a_dying_consumer_task_is_logged_and_restarted(pgflow_dsn: str, caplog: Any) -> None:
+    """Whatever kills a consumer loop (here: its after-batch callback raising, outside
+    every handler's try), the supervisor logs the traceback and starts it again."""
+    b = pgflow.Builder("phoenix", dict, S, polling_frequency=0.1)
+    b.add_step(S.START, lambda run: S.END, S.END)
+    async with b.build(pgflow_dsn) as wf:
+        consumer = wf.consumers[0]
+        original = consumer.on_batch
+        deaths = Counter[str]()
+
+        def explode(result: Any) -> None:
+            if deaths["n"] < 2:
+                deaths["n"] += 1
+                raise RuntimeError("boom in on_batch")
+            if original is not None:
+                original(result)
+
+        consumer.on_batch = explode
+        for i in range(3):
+            await wf.trigger(f"r{i}")
+            await require(wf, f"r{i}", S.END)
+        assert deaths["n"] == 2
+        assert "task died; restarting" in caplog.text
+        assert "boom in on_batch" in caplog.text
+        assert not wf.failed.is_set()
+
+
+async def test_worker_gives_up_and_fails_when_a_task_keeps_dying(pgflow_dsn: str) -> None:
+    """A task that dies again and again makes serve() stop and raise WorkerFailed (the
+    CLI exits 1); meanwhile its heartbeat row showed it, and says why it failed."""
+    from pgflow.cli._worker import serve
+
+    b = pgflow.Builder("doomed", dict, S, polling_frequency=0.1)
+    b.add_step(S.START, lambda run: S.END, S.END)
+    wf = b.build(pgflow_dsn)
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve(wf, stop=stop, heartbeat_interval=0.2))
+    await wait_until(lambda: _is(wf.running), message="worker running")
+
+    async def workers() -> list[Any]:
+        conn = await psycopg.AsyncConnection.connect(pgflow_dsn, autocommit=True)
+        async with conn:
+            cur = await conn.execute("SELECT workflows, failure FROM pgflow.workers")
+            return await cur.fetchall()
+
+    rows = await wait_until(workers, message="heartbeat row")
+    assert rows == [(["doomed"], None)]
+
+    def explode(result: Any) -> None:
+        raise RuntimeError("always")
+
+    wf.consumers[0].on_batch = explode
+    await wf.trigger("x")
+    with pytest.raises(pgflow.WorkerFailed, match="died 5 times"):
+        await asyncio.wait_for(server, 30)
+    rows = await workers()
+    assert len(rows) == 1 and "always" in rows[0][1]
+
+
+def test_pgflow_workers_lists_live_workers(pgflow_dsn: str) -> None:
+    conn = psycopg.connect(pgflow_dsn, autocommit=True)
+    with conn:
+        conn.execute(
+            "INSERT INTO pgflow.workers (worker_id, host, pid, workflows, tasks, interval_s)"
+            " VALUES (gen_random_uuid(), 'h1', 11, '{a,b}', 3, 5),"
+            " (gen_random_uuid(), 'h2', 22, '{a}', 3, 5)"
+        )
+        conn.execute(
+            "UPDATE pgflow.workers SET heartbeat_at = now() - interval '1 min' WHERE host = 'h2'"
+        )
+    out = subprocess.run(
+        [PGFLOW, "workers", "--dsn", pgflow_dsn, "--csv"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    lines = out.splitlines()
+    assert lines[0].startswith("host,pid,workflows,tasks,alive")
+    assert lines[1].startswith('h1,11,"a, b",3,yes')
+    assert lines[2].startswith("h2,22,a,3,no")

@@ -1,0 +1,14 @@
+-- Worker liveness (issue 9): one row per running `pgflow worker` process, refreshed
+-- every few seconds. `pgflow workers` shows them; a row whose heartbeat is old belongs
+-- to a process that died without saying goodbye (a clean stop deletes its row).
+CREATE TABLE pgflow.workers (
+    worker_id     uuid        PRIMARY KEY,
+    host          text        NOT NULL,
+    pid           integer     NOT NULL,
+    workflows     text[]      NOT NULL,
+    tasks         integer     NOT NULL DEFAULT 0,   -- supervised tasks this process runs
+    failure       text,                             -- set when a task gave up
+    interval_s    real        NOT NULL,             -- heartbeat period
+    started_at    timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at  timestamptz NOT NULL DEFAULT now()
+);
