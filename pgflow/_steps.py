@@ -139,22 +139,32 @@ async def record_error(
     *,
     err_backoff_s: float,
     pause_after: int | None,
+    retry_step: bool = True,
 ) -> RawRecord | None:
     """Count a failed attempt on ``rec``; schedule its retry or pause the run.
 
     Compare-and-set on the version without bumping it: the retry event re-emitted by
     the poller carries the same version, so it is still current when it arrives.
+    ``retry_step=False`` (timers: they schedule their own retry) only counts and
+    pauses; no event is re-emitted, so the step of the status does not run again.
     """
     count = rec.err_count + 1
     pausing = pause_after is not None and count >= pause_after
     cur = await conn.execute(
         "UPDATE pgflow.records SET err_count = err_count + 1, last_error = %s,"
-        " retry_at = CASE WHEN %s THEN NULL"
+        " retry_at = CASE WHEN %s THEN NULL WHEN NOT %s THEN retry_at"
         "   ELSE now() + make_interval(secs => least(%s * 2 ^ least(err_count, 30), 600))"
         " END,"
         " updated_at = now()"
         " WHERE run_id = %s AND version = %s RETURNING err_count",
-        (error_text(exc, traceback=True), pausing, err_backoff_s, rec.run_id, rec.version),
+        (
+            error_text(exc, traceback=True),
+            pausing,
+            retry_step,
+            err_backoff_s,
+            rec.run_id,
+            rec.version,
+        ),
     )
     row = await cur.fetchone()
     if row is None:

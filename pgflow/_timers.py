@@ -32,7 +32,7 @@ from psycopg import AsyncConnection
 
 from . import admin
 from ._engine import Engine, maybe_await
-from ._steps import error_text
+from ._steps import contained, error_text, record_error
 from .cursors import Consumer, CursorKey
 from .errors import InvalidTransition, WorkflowInProgress
 from .events import Event, NewEvent, append
@@ -89,43 +89,90 @@ class TimerArmer(Generic[T, S]):
 
     async def handle(self, events: list[Event], conn: AsyncConnection[Any]) -> None:
         records = await load_many(conn, [e.run_id for e in events if e.run_id is not None])
-        rows: list[tuple[Any, ...]] = []
         now = datetime.now(UTC)
         for event in events:
             rec = records.get(event.run_id) if event.run_id is not None else None
             if rec is None or not _current(rec, event.type, event.version):
                 continue
-            run = self.engine.make_run(rec, conn)
-            try:
-                due = await maybe_await(self.spec.timer(run, now))
-            except Exception as exc:
-                # Not retried automatically (a re-emitted event would re-run the step of
-                # this status too); the error is visible on the record, `pgflow retry`
-                # re-arms.
-                metrics.error(self.name, self.shard)
-                logger.warning("%s: timer failed for %r: %s", self.key, rec.foreign_id, exc)
-                await conn.execute(
-                    "UPDATE pgflow.records SET err_count = err_count + 1, last_error = %s"
-                    " WHERE run_id = %s AND version = %s",
-                    (error_text(exc), rec.run_id, rec.version),
-                )
-                continue
-            if due is None:
-                continue
-            if not isinstance(due, datetime):
-                logger.warning("%s: timer returned %r, not a datetime; ignored", self.key, due)
-                continue
-            if due.tzinfo is None:
-                due = due.replace(tzinfo=UTC)
-            rows.append((rec.workflow, rec.foreign_id, rec.run_id, rec.status, rec.version, due))
-        if rows:
-            async with conn.cursor() as cur:
-                await cur.executemany(
-                    "INSERT INTO pgflow.timeouts"
-                    " (workflow, foreign_id, run_id, status, version, expire_at)"
-                    " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                    rows,
-                )
+            await arm(self.engine, self.spec, conn, rec, now, self.name)
+
+
+class _Stale(Exception):
+    """The run moved while ``expire`` ran: its writes are rolled back, the timeout void."""
+
+
+async def arm(
+    engine: Engine[T, S],
+    spec: TimeoutSpec[S],
+    conn: AsyncConnection[Any],
+    rec: RawRecord,
+    now: datetime,
+    name: str,
+    timeout_id: int | None = None,
+) -> None:
+    """Call ``timer(run, now)`` in a savepoint and store its due time.
+
+    A timer that raises — or whose SQL fails — leaves nothing behind (its savepoint is
+    rolled back, the batch goes on for the other runs); the error is counted on the
+    record (pause after ``pause_after_err_count``) and a *re-arm* row is stored, due
+    after the backoff, for the poller to call ``timer`` again. Re-emitting the run's
+    event instead (as step retries do) would run the step of this status again.
+    ``timeout_id`` is that re-arm row when the poller calls.
+    """
+    try:
+        async with conn.transaction():
+            run = engine.make_run(rec, conn)
+            due = await maybe_await(spec.timer(run, now))
+            if due is not None and not isinstance(due, datetime):
+                raise TypeError(f"timer returned {due!r}, not a datetime or None")
+    except psycopg.OperationalError:
+        raise
+    except BaseException as exc:
+        if not contained(exc):
+            raise
+        metrics.error(name, 0)
+        logger.warning(
+            "%s: timer %s failed for run %s (foreign id %r, attempt %d): %s",
+            name,
+            spec.name,
+            rec.run_id,
+            rec.foreign_id,
+            rec.err_count + 1,
+            error_text(exc),
+            exc_info=exc,
+        )
+        paused = await record_error(
+            engine,
+            conn,
+            rec,
+            exc,
+            err_backoff_s=spec.options.err_backoff.total_seconds(),
+            pause_after=spec.options.pause_after_err_count,
+            retry_step=False,
+        )
+        if paused is None:
+            await _store(conn, rec, now + spec.options.backoff(rec.err_count + 1), True, timeout_id)
+        return
+    if due is not None:
+        await _store(conn, rec, due if due.tzinfo else due.replace(tzinfo=UTC), False, timeout_id)
+
+
+async def _store(
+    conn: AsyncConnection[Any], rec: RawRecord, at: datetime, rearm: bool, timeout_id: int | None
+) -> None:
+    if timeout_id is not None:
+        await conn.execute(
+            "UPDATE pgflow.timeouts SET expire_at = %s, rearm = %s, completed = false"
+            " WHERE id = %s",
+            (at, rearm, timeout_id),
+        )
+        return
+    await conn.execute(
+        "INSERT INTO pgflow.timeouts"
+        " (workflow, foreign_id, run_id, status, version, expire_at, rearm)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+        (rec.workflow, rec.foreign_id, rec.run_id, rec.status, rec.version, at, rearm),
+    )
 
 
 class Poller(Generic[T, S]):
@@ -193,7 +240,7 @@ class Poller(Generic[T, S]):
                 "UPDATE pgflow.timeouts t SET completed = true WHERE t.id IN ("
                 " SELECT id FROM pgflow.timeouts WHERE workflow = %s AND NOT completed"
                 " AND expire_at <= now() ORDER BY expire_at LIMIT %s FOR UPDATE SKIP LOCKED)"
-                " RETURNING t.id, t.run_id, t.status, t.version",
+                " RETURNING t.id, t.run_id, t.status, t.version, t.rearm",
                 (engine.name, self.batch),
             )
             rows = await cur.fetchall()
@@ -201,7 +248,7 @@ class Poller(Generic[T, S]):
                 return 0
             records = await load_many(conn, [r[1] for r in rows])
             now = datetime.now(UTC)
-            for timeout_id, run_id, status, version in rows:
+            for timeout_id, run_id, status, version, rearm in rows:
                 rec = records.get(run_id)
                 try:
                     spec = engine.graph.timeouts.get(engine.statuses.load(status))
@@ -209,6 +256,9 @@ class Poller(Generic[T, S]):
                     spec = None
                 if spec is None or rec is None or not _current(rec, status, version):
                     continue  # the run moved on: the timeout is void, claimed as done
+                if rearm:  # its timer() failed: call it again
+                    await arm(engine, spec, conn, rec, now, self.name, timeout_id)
+                    continue
                 if await self._expire(conn, spec, rec, timeout_id, now):
                     fired += 1
         self.fired += fired
@@ -237,40 +287,60 @@ class Poller(Generic[T, S]):
             with step_span(
                 f"{engine.name} {rec.status} timeout", rec.traceparent, attributes
             ) as tp:
-                async with conn.transaction():
+                async with conn.transaction():  # savepoint: the promise of run.tx
                     run = engine.make_run(rec, conn)
                     dest = await maybe_await(spec.expire(run, now))
                     if dest is not None and not run.changed:
                         if not isinstance(dest, engine.statuses.enum):
                             raise InvalidTransition(f"expire returned {dest!r}, not a status")
-                        await engine.transition(
+                        new = await engine.transition(
                             run, dest, change="timeout", allowed=spec.to, traceparent=tp
                         )
+                        if new is None:  # lost the race (a callback moved the run)
+                            raise _Stale
             metrics.success(self.name, 0)
             return True
+        except _Stale:
+            logger.info(
+                "%s: run %s moved while expire %s ran; its writes were rolled back",
+                self.name,
+                rec.run_id,
+                spec.name,
+            )
+            return False
         except psycopg.OperationalError:
             raise
-        except Exception as exc:
+        except BaseException as exc:
+            if not contained(exc):
+                raise
             metrics.error(self.name, 0)
             backoff = spec.options.backoff(rec.err_count + 1)
             logger.warning(
-                "%s: expire %s failed for %r: %s; retrying in %s",
+                "%s: expire %s failed for run %s (foreign id %r, attempt %d): %s; retrying in %s",
                 self.name,
                 spec.name,
+                rec.run_id,
                 rec.foreign_id,
+                rec.err_count + 1,
                 error_text(exc),
                 backoff,
+                exc_info=exc,
             )
-            await conn.execute(
-                "UPDATE pgflow.timeouts SET completed = false, expire_at = now() + %s"
-                " WHERE id = %s",
-                (backoff, timeout_id),
+            paused = await record_error(
+                engine,
+                conn,
+                rec,
+                exc,
+                err_backoff_s=spec.options.err_backoff.total_seconds(),
+                pause_after=spec.options.pause_after_err_count,
+                retry_step=False,
             )
-            await conn.execute(
-                "UPDATE pgflow.records SET err_count = err_count + 1, last_error = %s"
-                " WHERE run_id = %s AND version = %s",
-                (error_text(exc), rec.run_id, rec.version),
-            )
+            if paused is None:
+                await conn.execute(
+                    "UPDATE pgflow.timeouts SET completed = false, expire_at = now() + %s"
+                    " WHERE id = %s",
+                    (backoff, timeout_id),
+                )
             return False
 
     # -- step retries -----------------------------------------------------------------

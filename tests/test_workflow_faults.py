@@ -177,3 +177,102 @@ def test_pgflow_workers_lists_live_workers(pgflow_dsn: str) -> None:
     assert lines[0].startswith("host,pid,workflows,tasks,alive")
     assert lines[1].startswith('h1,11,"a, b",3,yes')
     assert lines[2].startswith("h2,22,a,3,no")
+
+
+async def _app_table(dsn: str) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("CREATE TABLE app_effects (foreign_id text, what text)")
+
+
+async def _effects(dsn: str) -> list[tuple[str, str]]:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute("SELECT foreign_id, what FROM app_effects ORDER BY 1, 2")
+        return await cur.fetchall()
+
+
+async def test_expire_that_loses_the_race_commits_nothing(pgflow_dsn: str) -> None:
+    """A callback moves the run while expire() runs: expire's run.tx writes must not
+    commit ("refund sent" stored for a run that ended PAID)."""
+    await _app_table(pgflow_dsn)
+    b = pgflow.Builder("race", dict, S, polling_frequency=0.1)
+    b.add_step(S.START, lambda run: S.MIDDLE, S.MIDDLE)
+    b.add_callback(S.MIDDLE, lambda run, payload: S.END, S.END)
+    holder: dict[str, Any] = {}
+
+    async def expire(run: pgflow.Run[dict[str, Any], S], now: Any) -> S:
+        await run.tx.execute(
+            "INSERT INTO app_effects VALUES (%s, 'refund sent')", (run.foreign_id,)
+        )
+        await holder["wf"].callback(run.foreign_id, S.MIDDLE, {"paid": True})  # wins
+        return S.EXPIRED
+
+    b.add_timeout(S.MIDDLE, lambda run, now: now, expire, S.EXPIRED)
+    async with b.build(pgflow_dsn) as wf:
+        holder["wf"] = wf
+        await wf.trigger("o1")
+        rec = await require(wf, "o1", S.END)
+        assert rec.run_state is RunState.COMPLETED
+        async with await psycopg.AsyncConnection.connect(pgflow_dsn) as conn:
+            await wait_until(lambda: _all_timeouts_done(conn), message="timeout claimed")
+    assert await _effects(pgflow_dsn) == []
+
+
+async def _all_timeouts_done(conn: psycopg.AsyncConnection[Any]) -> bool:
+    cur = await conn.execute("SELECT bool_and(completed) FROM pgflow.timeouts")
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
+async def test_failing_timers_are_contained_retried_and_paused(pgflow_dsn: str) -> None:
+    """A timer that writes then raises leaves no write; a timer whose SQL fails does
+    not abort the arming batch (the other runs get their timers); failing timers are
+    retried with backoff (without re-running the step) and pause the run after N."""
+    await _app_table(pgflow_dsn)
+    steps: Counter[str] = Counter()
+    timers: Counter[str] = Counter()
+    b = pgflow.Builder("timerfail", dict, S, polling_frequency=0.1)
+
+    def step(run: pgflow.Run[dict[str, Any], S]) -> S:
+        steps[run.foreign_id] += 1
+        return S.MIDDLE
+
+    b.add_step(S.START, step, S.MIDDLE)
+
+    async def timer(run: pgflow.Run[dict[str, Any], S], now: Any) -> Any:
+        timers[run.foreign_id] += 1
+        if run.foreign_id == "writes-then-raises":
+            await run.tx.execute("INSERT INTO app_effects VALUES (%s, 'armed')", (run.foreign_id,))
+            raise RuntimeError("timer broke")
+        if run.foreign_id == "bad-sql":
+            await run.tx.execute("SELECT 1/0")
+        if run.foreign_id == "flaky" and timers["flaky"] < 3:
+            raise RuntimeError("not yet")
+        return now
+
+    b.add_timeout(
+        S.MIDDLE,
+        timer,
+        lambda run, now: S.EXPIRED,
+        S.EXPIRED,
+        err_backoff=0.05,
+        pause_after_err_count=3,
+        batch_size=20,
+    )
+    # the MIDDLE step waits for the timer (no step at MIDDLE): re-arming must not
+    # re-emit the run's MIDDLE event
+    wf = b.build(pgflow_dsn)
+    for fid in ("writes-then-raises", "bad-sql", "flaky", *[f"good-{i}" for i in range(5)]):
+        await wf.trigger(fid)
+    async with wf:
+        for i in range(5):
+            await require(wf, f"good-{i}", S.EXPIRED)
+        rec = await require(wf, "flaky", S.EXPIRED)
+        assert rec.err_count == 0
+        for fid in ("writes-then-raises", "bad-sql"):
+            rec = await require_state(wf, fid, RunState.PAUSED)
+            assert rec.err_count == 3 and rec.status is S.MIDDLE, rec
+            assert timers[fid] == 3
+        assert "DivisionByZero" in (await wf.latest("bad-sql")).last_error
+    assert await _effects(pgflow_dsn) == []
+    assert all(n == 1 for n in steps.values()), steps
+    assert timers["flaky"] == 3

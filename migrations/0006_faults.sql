@@ -12,3 +12,8 @@ CREATE TABLE pgflow.workers (
     started_at    timestamptz NOT NULL DEFAULT now(),
     heartbeat_at  timestamptz NOT NULL DEFAULT now()
 );
+
+-- A timeout whose timer() failed (issue 9): the row stands for "call timer() again at
+-- expire_at" instead of "expire at expire_at". The poller re-arms it with backoff, so
+-- a failing timer neither blocks the arming consumer nor re-runs the status's step.
+ALTER TABLE pgflow.timeouts ADD COLUMN rearm boolean NOT NULL DEFAULT false;
