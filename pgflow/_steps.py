@@ -30,7 +30,8 @@ for every record update and event of the batch, compare-and-set per record). The
 first time a step is seen using ``run.tx`` (``Run.tx`` records access) the consumer
 switches that step to a savepoint per event; had it failed in that same call, the
 whole batch is rolled back and retried (:class:`RetryBatch`) so its writes cannot
-leak. Workflows with ``on_complete`` hooks (which may write) always use savepoints.
+leak. Workflows with in-transaction ``on_complete`` hooks (which may write) always
+use savepoints.
 """
 
 from __future__ import annotations
@@ -221,7 +222,7 @@ class StepConsumer(Generic[T, S]):
         self.consumer: Consumer | None = None
         #: savepoint per event once the step was seen writing through run.tx, or when
         #: on_complete hooks (which may write) exist; else the fast path
-        self.isolate = bool(engine.hooks.get("complete"))
+        self.isolate = bool(engine.hooks.get("complete:tx"))
 
     def make_consumer(self, pool: Any) -> Consumer:
         opts = self.spec.options

@@ -27,6 +27,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from ._connector_runner import ConnectorRunner
 from ._engine import Engine, Hooks
+from ._hooks import HOOK_KINDS, HookConsumer
 from ._steps import StepConsumer
 from ._supervise import supervise
 from ._timers import Poller, TimerArmer
@@ -106,6 +107,10 @@ class Workflow(API[T, S], Generic[T, S]):
                 self.consumers.append(TimerArmer(engine, timeout, shard).make_consumer(pool))
         self.failure = None
         self.failed.clear()
+        poll = min(intervals, default=timedelta(seconds=1)).total_seconds()
+        for kind in HOOK_KINDS:  # after-commit hooks (pgflow._hooks)
+            if engine.hooks.get(kind):
+                self.consumers.append(HookConsumer(engine, kind, 100, poll).make_consumer(pool))
         for consumer in self.consumers:
             self._spawn(consumer.run, str(consumer.key), consumer.stopping)
         poller = self.poller = Poller(engine, min(intervals, default=timedelta(seconds=1)))

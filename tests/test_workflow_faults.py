@@ -276,3 +276,65 @@ async def test_failing_timers_are_contained_retried_and_paused(pgflow_dsn: str) 
     assert await _effects(pgflow_dsn) == []
     assert all(n == 1 for n in steps.values()), steps
     assert timers["flaky"] == 3
+
+
+async def test_a_failing_on_complete_hook_never_reruns_the_step(pgflow_dsn: str) -> None:
+    """on_complete runs after commit: it fails twice, is retried, succeeds; the step that
+    completed the run ran once, and the other runs' hooks ran too."""
+    await _app_table(pgflow_dsn)
+    steps: Counter[str] = Counter()
+    hooks: Counter[str] = Counter()
+    b = pgflow.Builder("hooky", dict, S, polling_frequency=0.1)
+
+    @b.step(S.START, to=[S.END])
+    async def work(run: pgflow.Run[dict[str, Any], S]) -> S:
+        steps[run.foreign_id] += 1
+        await run.tx.execute("INSERT INTO app_effects VALUES (%s, 'step')", (run.foreign_id,))
+        return S.END
+
+    @b.on_complete
+    async def done(run: pgflow.Run[dict[str, Any], S]) -> None:
+        hooks[run.foreign_id] += 1
+        if run.foreign_id == "a" and hooks["a"] <= 2:
+            raise RuntimeError("hook down")
+        await run.tx.execute("INSERT INTO app_effects VALUES (%s, 'hook')", (run.foreign_id,))
+
+    async with b.build(pgflow_dsn) as wf:
+        for fid in ("a", "b", "c"):
+            await wf.trigger(fid)
+        for fid in ("a", "b", "c"):
+            await require(wf, fid, S.END)
+        await wait_until(lambda: _is(hooks["a"] == 3 and hooks["c"] >= 1), message="hooks")
+        async with await psycopg.AsyncConnection.connect(pgflow_dsn) as conn:
+
+            async def hook_rows() -> bool:
+                cur = await conn.execute("SELECT count(*) FROM app_effects WHERE what = 'hook'")
+                return (await cur.fetchone() or [0])[0] == 3
+
+            await wait_until(hook_rows, message="three hook rows")
+    assert steps == {"a": 1, "b": 1, "c": 1}
+    assert sorted(await _effects(pgflow_dsn)) == sorted(
+        [(f, w) for f in "abc" for w in ("hook", "step")]
+    )
+
+
+async def test_in_transaction_hook_is_atomic_with_the_completion(pgflow_dsn: str) -> None:
+    calls: Counter[str] = Counter()
+    b = pgflow.Builder("hooktx", dict, S, polling_frequency=0.1)
+
+    @b.step(S.START, to=[S.END], err_backoff=0.05)
+    def work(run: pgflow.Run[dict[str, Any], S]) -> S:
+        calls["step"] += 1
+        return S.END
+
+    @b.on_complete(in_transaction=True)
+    def done(run: pgflow.Run[dict[str, Any], S]) -> None:
+        calls["hook"] += 1
+        if calls["hook"] == 1:
+            raise RuntimeError("roll the completion back")
+
+    async with b.build(pgflow_dsn) as wf:
+        await wf.trigger("x")
+        rec = await require(wf, "x", S.END)
+        assert rec.run_state is RunState.COMPLETED
+    assert calls == {"step": 2, "hook": 2}
