@@ -49,6 +49,8 @@ __all__ = ["Batch", "NeedsPerEventPath", "Optimism"]
 class NeedsPerEventPath(Exception):
     """The optimistic attempt cannot continue; the runner falls back (see module doc)."""
 
+    control_flow = True  #: not an error: spans do not record it as one
+
 
 class Batch:
     """The triggers buffered by one optimistic batch of one workflow."""

@@ -69,10 +69,14 @@ S = TypeVar("S", bound=enum.Enum)
 class _Stale(Exception):
     """The record moved while the step ran: its effects are rolled back, event skipped."""
 
+    control_flow = True  #: not an error: spans do not record it as one
+
 
 class RetryBatch(RetryBatchNow):
     """A step that wrote through ``run.tx`` failed outside a savepoint: the whole batch
     is rolled back and retried (now with savepoints for that step)."""
+
+    control_flow = True  #: not an error: spans do not record it as one
 
 
 # The fast path's transitions, written for a whole batch in one statement:

@@ -100,6 +100,8 @@ class TimerArmer(Generic[T, S]):
 class _Stale(Exception):
     """The run moved while ``expire`` ran: its writes are rolled back, the timeout void."""
 
+    control_flow = True  #: not an error: spans do not record it as one
+
 
 async def arm(
     engine: Engine[T, S],

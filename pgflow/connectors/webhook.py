@@ -38,6 +38,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -46,7 +47,7 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from ..errors import DatabaseUnavailable
+from ..errors import ConfigError, DatabaseUnavailable
 from ..events import NewEvent, Position, append
 from ..streamer import Filter, read_batch
 from ._base import ConnectorEvent
@@ -240,10 +241,18 @@ class Connector:
         async with self._start_lock:
             if self._server is not None:
                 return
+            try:
+                server = await asyncio.start_server(
+                    self._serve, self.host, self.port, limit=64 * 1024
+                )
+            except OSError as exc:
+                raise ConfigError(
+                    f"webhook {self.name!r}: cannot listen on {self.host}:{self.port}:"
+                    f" {os.strerror(exc.errno) if exc.errno else exc}"
+                    " (is another process using the port?)"
+                ) from None
             self._ingest.start()
-            self._server = await asyncio.start_server(
-                self._serve, self.host, self.port, limit=64 * 1024
-            )
+            self._server = server
             sock = self._server.sockets[0]
             self.port = int(sock.getsockname()[1])
             logger.info("webhook %s listening on %s", self.name, self.url)
