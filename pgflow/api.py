@@ -34,7 +34,7 @@ from psycopg import AsyncConnection, errors
 from . import admin
 from ._batch_api import Batch
 from ._engine import Engine, maybe_await
-from .errors import ConfigError, InvalidTransition, NotFound, WorkflowInProgress
+from .errors import ConfigError, InvalidTransition, NotFound, RunPaused, WorkflowInProgress
 from .observability import current_traceparent, trigger_span
 from .records import (
     PROCESSABLE_STATES,
@@ -346,7 +346,11 @@ class API(Generic[T, S]):
 
         Each ``fn(run, payload)`` runs in this call's transaction until one returns a
         status, which must be one of its declared destinations. A run that is not at
-        ``status`` (late or duplicate callback) is left alone: returns None.
+        ``status`` (late or duplicate callback) is left alone: returns None. A *paused*
+        run at ``status`` refuses the callback with :class:`RunPaused` — dropping it
+        would leave the run waiting forever after ``resume`` — so the caller keeps the
+        payload and delivers it again after the run is resumed (a connector retries it,
+        then dead-letters it for ``pgflow dead-letters --replay``).
         """
         engine = self._engine
         try:
@@ -362,6 +366,12 @@ class API(Generic[T, S]):
             raw = await load_run(conn, self.name, foreign_id, lock=True)
             if raw is None:
                 raise NotFound(f"workflow {self.name!r}: no run for foreign id {foreign_id!r}")
+            if raw.status == target.name and raw.run_state is RunState.PAUSED:
+                raise RunPaused(
+                    f"workflow {self.name!r}: run {raw.run_id} of {foreign_id!r} is paused"
+                    f" at {target.name}; the callback was not applied (resume the run, then"
+                    " deliver it again)"
+                )
             if raw.status != target.name or raw.run_state not in PROCESSABLE_STATES:
                 return None
             run = engine.make_run(raw, conn)

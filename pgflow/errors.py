@@ -13,6 +13,7 @@ __all__ = [
     "InvalidTransition",
     "NotFound",
     "PgflowError",
+    "RunPaused",
     "SchemaError",
     "WorkerFailed",
     "WorkflowInProgress",
@@ -53,3 +54,7 @@ class InvalidTransition(PgflowError):
 
 class WorkerFailed(PgflowError):
     """A worker could not keep its consumers running (a task kept dying); it exits."""
+
+
+class RunPaused(InvalidTransition):
+    """A callback for a paused run: refused (not dropped); deliver it after ``resume``."""

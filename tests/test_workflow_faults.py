@@ -338,3 +338,32 @@ async def test_in_transaction_hook_is_atomic_with_the_completion(pgflow_dsn: str
         rec = await require(wf, "x", S.END)
         assert rec.run_state is RunState.COMPLETED
     assert calls == {"step": 2, "hook": 2}
+
+
+async def test_callback_for_a_paused_run_is_refused_not_dropped(pgflow_dsn: str) -> None:
+    """A callback that arrives while its run is paused raises RunPaused (the caller keeps
+    it); delivered again after resume, it moves the run — the step is not needed again."""
+    sent: Counter[str] = Counter()
+    b = pgflow.Builder("paycb", dict, S, polling_frequency=0.1)
+
+    @b.step(S.START, to=[S.MIDDLE])
+    def request(run: pgflow.Run[dict[str, Any], S]) -> S:
+        sent[run.foreign_id] += 1
+        return S.MIDDLE
+
+    b.add_callback(S.MIDDLE, lambda run, payload: S.END if payload["ok"] else None, S.END)
+    async with b.build(pgflow_dsn) as wf:
+        await wf.trigger("p1")
+        await require(wf, "p1", S.MIDDLE)
+        await wf.pause("p1")
+        with pytest.raises(pgflow.RunPaused, match="paused at MIDDLE"):
+            await wf.callback("p1", S.MIDDLE, {"ok": True})
+        rec = await wf.latest("p1")
+        assert rec.status is S.MIDDLE and rec.run_state is RunState.PAUSED
+        await wf.resume("p1")
+        rec = await wf.callback("p1", S.MIDDLE, {"ok": True})
+        assert rec is not None and rec.status is S.END
+        assert rec.run_state is RunState.COMPLETED
+        # a late duplicate for a finished run is still a quiet no-op
+        assert await wf.callback("p1", S.MIDDLE, {"ok": True}) is None
+    assert sent["p1"] == 1
