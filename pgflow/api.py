@@ -60,7 +60,13 @@ _RUN_NAMESPACE = uuid.UUID("6f1f6c2e-4a4b-4c1e-9a43-7067666c6f77")
 
 
 def run_id_for(*parts: str) -> str:
-    """A deterministic run id (uuid5) for idempotent triggers from outside event ids."""
+    """A deterministic run id (uuid5) for idempotent triggers from outside event ids.
+
+    Run ids are global (one ``records`` primary key for every workflow): two workflows
+    fed by one source must not derive the same id from the same event. Use
+    :meth:`API.run_id_for` (``api.run_id_for(ev.id)``), which puts the workflow's
+    name first, or include the workflow in ``parts`` yourself.
+    """
     return str(uuid.uuid5(_RUN_NAMESPACE, "\x1f".join(parts)))
 
 
@@ -80,6 +86,13 @@ class API(Generic[T, S]):
     @property
     def name(self) -> str:
         return self._engine.name
+
+    def run_id_for(self, *parts: str) -> str:
+        """A deterministic run id of THIS workflow for an outside event: ``run_id_for(
+        workflow, *parts)``. The idempotent-trigger pattern (``api.trigger(fid,
+        run_id=api.run_id_for("shop", ev.id))``) stays correct when several workflows
+        consume one source; ``wf.run_id_for(...)`` finds the run again."""
+        return run_id_for(self.name, *parts)
 
     @property
     def conn(self) -> AsyncConnection[Any] | None:
@@ -203,6 +216,12 @@ class API(Generic[T, S]):
                     raise WorkflowInProgress(
                         f"workflow {self.name!r}: foreign id {foreign_id!r} already has a "
                         "run in progress (wait for it, or cancel it first)"
+                    ) from None
+                if diag == "records_pkey":
+                    raise ConfigError(
+                        f"workflow {self.name!r}: run id {rid} is already used by another"
+                        " run (run ids are global across workflows): derive it with"
+                        " api.run_id_for(...), which includes the workflow"
                     ) from None
                 raise
         return str(rid)

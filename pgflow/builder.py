@@ -112,7 +112,7 @@ class Builder(Generic[T, S]):
 
         ``fn`` runs inside a transaction that also commits the source's position when
         the source lives in the workflow's database (exactly-once), else before the ack
-        (at-least-once: make it idempotent, e.g. ``api.trigger(..., run_id=run_id_for(
+        (at-least-once: make it idempotent, e.g. ``api.trigger(..., run_id=api.run_id_for(
         name, event.id))``). With ``parallel_count=N`` there are N consumers, named
         ``"<workflow>--<name>-<i>-of-<N>"`` (e.g. ``orders--payments-1-of-2``): that
         name is the source's durable position (Redis group, NATS durable, Kafka group,

@@ -16,7 +16,8 @@ import pytest
 
 import pgflow
 from pgflow import RunState
-from pgflow.testing import require, require_state
+from pgflow.testing import require as _require
+from pgflow.testing import require_state as _require_state
 from tests._util import wait_until
 
 PGFLOW = str(Path(sys.executable).with_name("pgflow"))
@@ -27,6 +28,15 @@ class S(enum.IntEnum):
     MIDDLE = 2
     END = 3
     EXPIRED = 4
+
+
+# A shared, busy server: another session may hold the xid horizon back for seconds.
+async def require(wf: Any, foreign_id: str, status: Any) -> Any:
+    return await _require(wf, foreign_id, status, timeout=60)
+
+
+async def require_state(wf: Any, foreign_id: str, state: Any) -> Any:
+    return await _require_state(wf, foreign_id, state, timeout=60)
 
 
 async def _is(value: bool) -> bool:
@@ -134,7 +144,7 @@ async def test_worker_gives_up_and_fails_when_a_task_keeps_dying(pgflow_dsn: str
     wf = b.build(pgflow_dsn)
     stop = asyncio.Event()
     server = asyncio.create_task(serve(wf, stop=stop, heartbeat_interval=0.2))
-    await wait_until(lambda: _is(wf.running), message="worker running")
+    await wait_until(lambda: _is(wf.running), timeout=60, message="worker running")
 
     async def workers() -> list[Any]:
         conn = await psycopg.AsyncConnection.connect(pgflow_dsn, autocommit=True)
@@ -142,7 +152,7 @@ async def test_worker_gives_up_and_fails_when_a_task_keeps_dying(pgflow_dsn: str
             cur = await conn.execute("SELECT workflows, failure FROM pgflow.workers")
             return await cur.fetchall()
 
-    rows = await wait_until(workers, message="heartbeat row")
+    rows = await wait_until(workers, timeout=60, message="heartbeat row")
     assert rows == [(["doomed"], None)]
 
     def explode(result: Any) -> None:
@@ -213,7 +223,9 @@ async def test_expire_that_loses_the_race_commits_nothing(pgflow_dsn: str) -> No
         rec = await require(wf, "o1", S.END)
         assert rec.run_state is RunState.COMPLETED
         async with await psycopg.AsyncConnection.connect(pgflow_dsn) as conn:
-            await wait_until(lambda: _all_timeouts_done(conn), message="timeout claimed")
+            await wait_until(
+                lambda: _all_timeouts_done(conn), timeout=60, message="timeout claimed"
+            )
     assert await _effects(pgflow_dsn) == []
 
 
@@ -304,14 +316,16 @@ async def test_a_failing_on_complete_hook_never_reruns_the_step(pgflow_dsn: str)
             await wf.trigger(fid)
         for fid in ("a", "b", "c"):
             await require(wf, fid, S.END)
-        await wait_until(lambda: _is(hooks["a"] == 3 and hooks["c"] >= 1), message="hooks")
+        await wait_until(
+            lambda: _is(hooks["a"] == 3 and hooks["c"] >= 1), timeout=60, message="hooks"
+        )
         async with await psycopg.AsyncConnection.connect(pgflow_dsn) as conn:
 
             async def hook_rows() -> bool:
                 cur = await conn.execute("SELECT count(*) FROM app_effects WHERE what = 'hook'")
                 return (await cur.fetchone() or [0])[0] == 3
 
-            await wait_until(hook_rows, message="three hook rows")
+            await wait_until(hook_rows, timeout=60, message="three hook rows")
     assert steps == {"a": 1, "b": 1, "c": 1}
     assert sorted(await _effects(pgflow_dsn)) == sorted(
         [(f, w) for f in "abc" for w in ("hook", "step")]
@@ -367,3 +381,50 @@ async def test_callback_for_a_paused_run_is_refused_not_dropped(pgflow_dsn: str)
         # a late duplicate for a finished run is still a quiet no-op
         assert await wf.callback("p1", S.MIDDLE, {"ok": True}) is None
     assert sent["p1"] == 1
+
+
+async def test_run_id_for_is_namespaced_by_workflow(pgflow_dsn: str) -> None:
+    """Two workflows on one source, both using the documented idempotent-trigger
+    pattern: each gets its own run per event, nothing is dead-lettered. The old
+    global pattern now fails with a message that names the fix."""
+    from pgflow.connectors.memory import Connector as MemoryConnector
+    from pgflow.connectors.memory import event
+
+    source = MemoryConnector([event(f"e{i}", f"o{i}", "order.created") for i in range(10)])
+
+    def shop(name: str, namespaced: bool) -> pgflow.Workflow[dict[str, Any], S]:
+        b = pgflow.Builder(name, dict, S, polling_frequency=0.05)
+        b.add_step(S.START, lambda run: S.END, S.END)
+
+        async def handle(api: pgflow.API[dict[str, Any], S], ev: Any) -> None:
+            rid = api.run_id_for("shop", ev.id) if namespaced else pgflow.run_id_for("shop", ev.id)
+            await api.trigger(ev.foreign_id, run_id=rid)
+
+        b.add_connector("orders", source, handle, max_retries=1, polling_frequency=0.05)
+        return b.build(pgflow_dsn)
+
+    billing, shipping = shop("billing", True), shop("shipping", True)
+    async with billing, shipping:
+        for wf in (billing, shipping):
+            for i in range(10):
+                rec = await require(wf, f"o{i}", S.END)
+                assert rec.run_id == wf.run_id_for("shop", f"e{i}")
+                assert rec.run_state is RunState.COMPLETED
+    legacy_a, legacy_b = shop("legacy-a", False), shop("legacy-b", False)
+    async with legacy_a:
+        await require(legacy_a, "o9", S.END)
+    async with legacy_b, await psycopg.AsyncConnection.connect(pgflow_dsn) as conn:
+
+        async def dead() -> list[Any]:
+            cur = await conn.execute(
+                "SELECT reason FROM pgflow.dead_letters WHERE consumer LIKE 'legacy-b%'"
+            )
+            return await cur.fetchall()
+
+        rows = await wait_until(dead, timeout=60, message="dead letters")
+    assert "api.run_id_for" in rows[0][0], rows
+    async with await psycopg.AsyncConnection.connect(pgflow_dsn) as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM pgflow.dead_letters WHERE consumer NOT LIKE 'legacy-b%'"
+        )
+        assert await cur.fetchone() == (0,)
