@@ -17,3 +17,10 @@ CREATE TABLE pgflow.workers (
 -- expire_at" instead of "expire at expire_at". The poller re-arms it with backoff, so
 -- a failing timer neither blocks the arming consumer nor re-runs the status's step.
 ALTER TABLE pgflow.timeouts ADD COLUMN rearm boolean NOT NULL DEFAULT false;
+
+-- Steps run once per (run, record version) (issue 9). A step that returns None (it
+-- waits for a callback or a timeout) does not move the run, so the version alone
+-- cannot tell a re-read event (a new shard layout, a lost cursor, two deploys at once)
+-- from a new one. The step consumer sets this to the version it handled, in the
+-- batch transaction, and skips events whose run has step_done_version = version.
+ALTER TABLE pgflow.records ADD COLUMN step_done_version bigint;

@@ -191,7 +191,9 @@ class ConnectorRunner(Generic[T, S]):
             task = supervise(
                 name, loop, stopping=self._stopping.is_set, on_give_up=self._on_give_up
             )
-            self.tasks.append(asyncio.create_task(task, name=f"pgflow:{name}"))
+            self.tasks.append(
+                asyncio.create_task(task, name=f"pgflow:connector:{self.name}:{shard}")
+            )
 
     def stop(self) -> None:
         self._stopping.set()

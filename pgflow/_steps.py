@@ -55,7 +55,7 @@ from .errors import InvalidTransition
 from .events import Event
 from .graph import StepSpec
 from .observability import metrics, step_span
-from .records import PROCESSABLE_STATES, RawRecord, RunState, load_many
+from .records import PROCESSABLE_STATES, RECORD_COLUMNS, RawRecord, RunState
 from .streamer import Filter
 
 __all__ = ["RetryBatch", "StepConsumer", "contained", "error_text", "record_error"]
@@ -195,6 +195,45 @@ async def record_error(
     return None
 
 
+async def _load(
+    conn: AsyncConnection[Any], run_ids: list[UUID]
+) -> tuple[dict[UUID, RawRecord], set[UUID]]:
+    """The records of a batch, and the runs whose current step already ran for their
+    current version and chose to wait (``step_done_version = version``)."""
+    if not run_ids:
+        return {}, set()
+    cur = await conn.execute(
+        f"SELECT {RECORD_COLUMNS}, step_done_version = version FROM pgflow.records"
+        " WHERE run_id = ANY(%s::uuid[])",
+        (run_ids,),
+    )
+    records: dict[UUID, RawRecord] = {}
+    done: set[UUID] = set()
+    for row in await cur.fetchall():
+        rec = RawRecord.from_row(row[:-1])
+        records[rec.run_id] = rec
+        if row[-1]:
+            done.add(rec.run_id)
+    return records, done
+
+
+async def _mark_done(
+    conn: AsyncConnection[Any], run_ids: list[UUID], versions: list[int]
+) -> set[UUID]:
+    """Record that the current step ran for these (run, version) pairs and returned
+    None (errors reset too); returns the runs marked — a run missing was moved, or
+    marked, by someone else in the meantime (compare-and-set)."""
+    cur = await conn.execute(
+        "UPDATE pgflow.records r SET step_done_version = r.version, err_count = 0,"
+        " last_error = NULL, retry_at = NULL"
+        " FROM unnest(%s::uuid[], %s::bigint[]) AS v(run_id, version)"
+        " WHERE r.run_id = v.run_id AND r.version = v.version"
+        " AND r.step_done_version IS DISTINCT FROM r.version RETURNING r.run_id",
+        (run_ids, versions),
+    )
+    return {row[0] for row in await cur.fetchall()}
+
+
 @dataclass(frozen=True, slots=True)
 class _Move:
     run_id: UUID
@@ -251,8 +290,9 @@ class StepConsumer(Generic[T, S]):
     async def handle(self, events: list[Event], conn: AsyncConnection[Any]) -> None:
         started = time.perf_counter()
         self._wrote = False
-        records = await load_many(conn, [e.run_id for e in events if e.run_id is not None])
+        records, done = await _load(conn, [e.run_id for e in events if e.run_id is not None])
         moves: list[_Move] = []
+        waits: list[_Move] = []
         lag_alert = self.spec.options.lag_alert
         now = datetime.now(UTC)
         for event in events:
@@ -262,8 +302,12 @@ class StepConsumer(Generic[T, S]):
                 or rec.version != event.version
                 or rec.run_state not in PROCESSABLE_STATES
                 or rec.status != event.type
+                or rec.run_id in done
             ):
-                continue  # stale, or the run is paused/finished: nothing to do
+                # stale, the run is paused/finished, or this step already ran for this
+                # version and chose to wait (the event was read again: a new shard
+                # layout, a lost cursor, two deploys at once): nothing to do
+                continue
             if lag_alert is not None and now - event.created_at > lag_alert:
                 age = (now - event.created_at).total_seconds()
                 metrics.lag_alert(self.name, self.shard, age)
@@ -279,14 +323,24 @@ class StepConsumer(Generic[T, S]):
                 new = await self._one(conn, event, rec)
                 if new is not None:
                     records[rec.run_id] = new
+                else:
+                    done.add(rec.run_id)  # waited, failed or stale: not again in this batch
             else:
-                await self._fast(conn, event, rec, moves)
+                await self._fast(conn, event, rec, moves, waits)
+                done.add(rec.run_id)
+        if waits:
+            await self._write_waits(conn, waits)
         if moves:
             await self._write_moves(conn, moves, records)
         metrics.batch(self.name, self.shard, len(events), time.perf_counter() - started)
 
     async def _fast(
-        self, conn: AsyncConnection[Any], event: Event, rec: RawRecord, moves: list[_Move]
+        self,
+        conn: AsyncConnection[Any],
+        event: Event,
+        rec: RawRecord,
+        moves: list[_Move],
+        waits: list[_Move],
     ) -> None:
         """Run a step that (so far) never touched ``run.tx``: no savepoint is needed, as
         it wrote nothing; its transition joins the batch's single bulk write."""
@@ -330,13 +384,8 @@ class StepConsumer(Generic[T, S]):
         if run.changed:
             self._wrote = True
             return
-        if dest is None:
-            if rec.err_count:
-                await conn.execute(
-                    "UPDATE pgflow.records SET err_count = 0, last_error = NULL,"
-                    " retry_at = NULL WHERE run_id = %s AND version = %s",
-                    (rec.run_id, rec.version),
-                )
+        if dest is None:  # waits (for a callback, a timeout...): mark it done
+            waits.append(_Move(rec.run_id, rec.version, "", "", None, None, wrote_tx))
             return
         terminal = engine.graph.is_terminal(dest)
         moves.append(
@@ -383,6 +432,14 @@ class StepConsumer(Generic[T, S]):
         if moved:
             self._wrote = True
 
+    async def _write_waits(self, conn: AsyncConnection[Any], waits: list[_Move]) -> None:
+        marked = await _mark_done(conn, [w.run_id for w in waits], [w.version for w in waits])
+        # A concurrent consumer (another shard layout) ran the same step for the same
+        # version and marked it first: writes through run.tx must not commit twice.
+        if any(w.wrote_tx and w.run_id not in marked for w in waits):
+            self.isolate = True
+            raise RetryBatch("a waiting step's run was handled concurrently")
+
     async def _bulk_move(self, conn: AsyncConnection[Any], moves: list[_Move]) -> set[UUID]:
         cur = await conn.execute(
             _BULK_MOVE,
@@ -407,9 +464,7 @@ class StepConsumer(Generic[T, S]):
             "shard": self.shard,
         }
 
-    async def _failed(
-        self, conn: AsyncConnection[Any], rec: RawRecord, exc: BaseException
-    ) -> None:
+    async def _failed(self, conn: AsyncConnection[Any], rec: RawRecord, exc: BaseException) -> None:
         spec = self.spec
         metrics.error(self.name, self.shard)
         logger.warning(
@@ -451,12 +506,8 @@ class StepConsumer(Generic[T, S]):
                         new: RawRecord | None = run._raw
                     elif dest is None:
                         new = None
-                        if rec.err_count:
-                            await conn.execute(
-                                "UPDATE pgflow.records SET err_count = 0, last_error = NULL,"
-                                " retry_at = NULL WHERE run_id = %s AND version = %s",
-                                (rec.run_id, rec.version),
-                            )
+                        if not await _mark_done(conn, [rec.run_id], [rec.version]):
+                            raise _Stale  # another consumer ran it for this version first
                     else:
                         if not isinstance(dest, engine.statuses.enum):
                             raise InvalidTransition(

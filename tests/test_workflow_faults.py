@@ -428,3 +428,66 @@ async def test_run_id_for_is_namespaced_by_workflow(pgflow_dsn: str) -> None:
             "SELECT count(*) FROM pgflow.dead_letters WHERE consumer NOT LIKE 'legacy-b%'"
         )
         assert await cur.fetchone() == (0,)
+
+
+def _outbox_workflow(
+    dsn: str, parallel_count: int, calls: Counter[str]
+) -> pgflow.Workflow[dict[str, Any], S]:
+    b = pgflow.Builder("outbox", dict, S, polling_frequency=0.05)
+
+    @b.step(S.START, to=[S.END], parallel_count=parallel_count)
+    async def request(run: pgflow.Run[dict[str, Any], S]) -> S | None:
+        calls[run.foreign_id] += 1
+        await run.tx.execute("INSERT INTO app_effects VALUES (%s, 'request')", (run.foreign_id,))
+        return None  # wait for the callback
+
+    b.add_callback(S.START, lambda run, payload: S.END, S.END)
+    return b.build(dsn)
+
+
+async def _count_effects(dsn: str, prefix: str) -> int:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM app_effects WHERE foreign_id LIKE %s", (prefix + "%",)
+        )
+        return int((await cur.fetchone() or [0])[0])
+
+
+async def test_a_waiting_step_runs_once_per_version_across_layouts(pgflow_dsn: str) -> None:
+    """A step that wrote through run.tx and returned None (waiting for a callback) is
+    not run again when its event is read again: after parallel_count 1 -> 2 (a new
+    layout reads from the start), with both layouts running at once, and after the
+    cursor rows were deleted."""
+    await _app_table(pgflow_dsn)
+    calls: Counter[str] = Counter()
+
+    async def probe(wf: pgflow.Workflow[dict[str, Any], S], tag: str) -> None:
+        # events are read in order per shard: once fresh probes on every shard are
+        # handled, the older events before them were read (again) too
+        for i in range(8):
+            await wf.trigger(f"{tag}-{i}")
+
+        async def seen() -> bool:
+            return await _count_effects(pgflow_dsn, tag) == 8
+
+        await wait_until(seen, timeout=60, message=f"{tag} probes handled")
+
+    async with _outbox_workflow(pgflow_dsn, 1, calls) as wf:
+        for i in range(4):
+            await wf.trigger(f"o{i}")
+        await probe(wf, "p1")
+    async with (
+        _outbox_workflow(pgflow_dsn, 2, calls) as wf2,
+        _outbox_workflow(pgflow_dsn, 1, calls) as wf1,  # a rolling deploy: both layouts
+    ):
+        await probe(wf2, "p2")
+        await probe(wf1, "p3")
+    async with await psycopg.AsyncConnection.connect(pgflow_dsn, autocommit=True) as conn:
+        await conn.execute("DELETE FROM pgflow.cursors WHERE consumer = 'outbox/START'")
+    async with _outbox_workflow(pgflow_dsn, 2, calls) as wf:
+        await probe(wf, "p4")
+        assert await _count_effects(pgflow_dsn, "o") == 4
+        assert all(calls[f"o{i}"] == 1 for i in range(4)), calls
+        # the runs still move on their callback
+        rec = await wf.callback("o0", S.START, None)
+        assert rec is not None and rec.status is S.END
