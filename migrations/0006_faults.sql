@@ -24,3 +24,10 @@ ALTER TABLE pgflow.timeouts ADD COLUMN rearm boolean NOT NULL DEFAULT false;
 -- from a new one. The step consumer sets this to the version it handled, in the
 -- batch transaction, and skips events whose run has step_done_version = version.
 ALTER TABLE pgflow.records ADD COLUMN step_done_version bigint;
+
+-- Hooks run after commit from the event log (issue 9), read by a new consumer per hook
+-- kind. Events up to this one were written by code that ran the hooks inside the
+-- change's transaction: the hook consumers skip them, so an upgrade does not fire the
+-- hooks of every past run again.
+CREATE TABLE pgflow.hooks_from (event_id bigint NOT NULL);
+INSERT INTO pgflow.hooks_from SELECT coalesce(max(id), 0) FROM pgflow.events;

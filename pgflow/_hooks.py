@@ -14,6 +14,10 @@ per batch (so the hooks of the events before the failing one do not run over and
 until a batch succeeds. A hook's ``run.tx`` writes commit together with the hook
 cursor, once. Only the hooks of one kind wait on a failing hook — never a step.
 
+Events written before migration 0006 (``pgflow.hooks_from``) are skipped: the code
+that wrote them ran their hooks in the transaction already, so an upgrade does not
+fire every past run's hooks again.
+
 ``Builder.on_complete(fn, in_transaction=True)`` keeps the old behaviour for a hook
 that must be atomic with the change (its failure rolls the change back).
 """
@@ -65,6 +69,8 @@ class HookConsumer(Generic[T, S]):
         self.poll = poll
         self.consumer: Consumer | None = None
         self.calls = 0  #: hook calls that succeeded (tests)
+        #: events up to this id predate after-commit hooks (migration 0006)
+        self.hooks_from: int | None = None
 
     def make_consumer(self, pool: Any) -> Consumer:
         self.consumer = Consumer(
@@ -84,7 +90,17 @@ class HookConsumer(Generic[T, S]):
             self.consumer.batch_size = self.batch_size  # a batch succeeded: full size again
 
     async def handle(self, events: list[Event], conn: AsyncConnection[Any]) -> None:
-        wanted = [e for e in events if e.run_id is not None and HOOK_KINDS[self.kind](e.headers)]
+        if self.hooks_from is None:
+            cur = await conn.execute("SELECT coalesce(max(event_id), 0) FROM pgflow.hooks_from")
+            row = await cur.fetchone()
+            self.hooks_from = int(row[0]) if row else 0
+        wanted = [
+            e
+            for e in events
+            if e.run_id is not None
+            and e.id > self.hooks_from  # older ones had their hooks run in-transaction
+            and HOOK_KINDS[self.kind](e.headers)
+        ]
         if not wanted:
             return
         records = await load_many(conn, [e.run_id for e in wanted if e.run_id is not None])

@@ -491,3 +491,30 @@ async def test_a_waiting_step_runs_once_per_version_across_layouts(pgflow_dsn: s
         # the runs still move on their callback
         rec = await wf.callback("o0", S.START, None)
         assert rec is not None and rec.status is S.END
+
+
+async def test_hooks_skip_events_from_before_the_upgrade(pgflow_dsn: str) -> None:
+    """Runs completed by the old code (which ran hooks in the transaction, before
+    migration 0006 set pgflow.hooks_from) do not get their hooks fired again."""
+    done: list[str] = []
+
+    def flow(with_hook: bool) -> pgflow.Workflow[dict[str, Any], S]:
+        b = pgflow.Builder("upgrade", dict, S, polling_frequency=0.05)
+        b.add_step(S.START, lambda run: S.END, S.END)
+        if with_hook:
+            b.on_complete(lambda run: done.append(run.foreign_id))
+        return b.build(pgflow_dsn)
+
+    async with flow(False) as old:
+        await old.trigger("before")
+        await require(old, "before", S.END)
+    async with await psycopg.AsyncConnection.connect(pgflow_dsn, autocommit=True) as conn:
+        await conn.execute(
+            "UPDATE pgflow.hooks_from SET event_id = (SELECT max(id) FROM pgflow.events)"
+        )
+    async with flow(True) as new:
+        await new.trigger("after")
+        await require(new, "after", S.END)
+        await wait_until(lambda: _is(done == ["after"]), timeout=60, message="on_complete")
+        await asyncio.sleep(0.3)
+    assert done == ["after"]
