@@ -128,6 +128,15 @@ class Fleet:
     def serving(self) -> list[Worker]:
         return [w for w in self.workers if w.proc.poll() is None and not w.terminated]
 
+    def restart_exited(self) -> int:
+        """Like systemd's Restart=always: a worker that exited by itself (one started
+        while PostgreSQL was down exits 1 at once) is replaced."""
+        exited = [w for w in self.workers if w.proc.poll() is not None and not w.terminated]
+        for w in exited:
+            w.terminated = True
+            self.start()
+        return len(exited)
+
     def kill_all(self) -> None:
         for w in self.workers:
             if w.proc.poll() is None:
@@ -265,9 +274,9 @@ async def test_chaos_with_postgres_restarts_and_connectors(
     # -- chaos ---------------------------------------------------------------------------
     actions: Counter[str] = Counter()
 
-    def victim() -> Worker:
+    def victim() -> Worker | None:
         serving = fleet.serving()
-        return rng.choice([w for w in serving if w.ready()] or serving)
+        return rng.choice([w for w in serving if w.ready()] or serving) if serving else None
 
     async def chaos() -> None:
         kinds = ["sigkill", "sigterm", "terminate", "restart"]
@@ -275,19 +284,21 @@ async def test_chaos_with_postgres_restarts_and_connectors(
         last_restart = 0.0
         while not load_done.is_set():
             await asyncio.sleep(rng.uniform(0.3, 1.0))
+            actions["exited"] += fleet.restart_exited()
             kind = first.pop(0) if first else rng.choices(kinds, weights=[3, 2, 5, 1])[0]
             if kind == "restart" and time.monotonic() - last_restart < 5:
                 kind = "terminate"  # let it recover in between
             actions[kind] += 1
-            if kind == "sigkill":
+            if kind in ("sigkill", "sigterm"):
                 w = victim()
-                w.proc.kill()
-                await asyncio.to_thread(w.proc.wait)
-                fleet.start()
-            elif kind == "sigterm":
-                w = victim()
+                if w is None:
+                    continue
                 w.terminated = True
-                w.proc.terminate()
+                if kind == "sigkill":
+                    w.proc.kill()
+                    await asyncio.to_thread(w.proc.wait)
+                else:
+                    w.proc.terminate()  # it finishes its batches while the next one starts
                 fleet.start()
             elif kind == "restart":
                 await asyncio.to_thread(_pg_ctl, cluster, "restart", "-m", "immediate")
@@ -318,6 +329,7 @@ async def test_chaos_with_postgres_restarts_and_connectors(
         await chaos_task
         await tasks[1]
         chaos_end = time.monotonic()
+        fleet.restart_exited()
         admin = await observer(dsn)
 
         async def settled() -> bool:
