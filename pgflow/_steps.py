@@ -421,6 +421,9 @@ class StepConsumer(Generic[T, S]):
                 except psycopg.OperationalError:
                     raise
                 except psycopg.Error as one:
+                    if move.wrote_tx:  # its run.tx writes must go with the move
+                        self.isolate = True
+                        raise RetryBatch(f"run {move.run_id}: move refused") from one
                     await self._failed(conn, records[move.run_id], one)
         # A record that moved concurrently (an API call won the race) did not match.
         # If its step wrote nothing, there is nothing to undo (a stale event). If it
