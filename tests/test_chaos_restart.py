@@ -13,8 +13,10 @@ lag back to 0 within 10 s after the chaos stops; no cursor ever seen moving back
 
 ``PGFLOW_CHAOS_EVENTS`` sets the number of source events (default 1500, paced over
 ``PGFLOW_CHAOS_SECONDS``, default 20; the whole test takes ~40 s);
-``PGFLOW_CHAOS_SEED`` replays a chaos plan. The long mode is
-``PGFLOW_CHAOS_EVENTS=100000``.
+``PGFLOW_CHAOS_SEED`` replays a chaos plan; ``PGFLOW_CHAOS_INTERVAL=lo,hi`` spaces the
+chaos actions (default 0.3,1.0 s). The long mode, e.g. ``PGFLOW_CHAOS_EVENTS=100000
+PGFLOW_CHAOS_SECONDS=600 PGFLOW_CHAOS_INTERVAL=2,6``, spreads the load and the chaos
+over ten minutes (workers killed every 0.3-1 s spend most of their life starting up).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SEED = int(os.environ.get("PGFLOW_CHAOS_SEED") or random.SystemRandom().randrange(1, 2**31))
 EVENTS = int(os.environ.get("PGFLOW_CHAOS_EVENTS", "1500"))
 SECONDS = float(os.environ.get("PGFLOW_CHAOS_SECONDS", "20"))  #: the load is paced over it
+#: seconds between two chaos actions (uniform in this range)
+INTERVAL = tuple(float(x) for x in os.environ.get("PGFLOW_CHAOS_INTERVAL", "0.3,1.0").split(","))
 HOOK_SHARE = 0.15  #: of EVENTS, sent as webhook posts; the rest are table rows
 WRITERS = 8
 WORKERS = 3
@@ -283,7 +287,7 @@ async def test_chaos_with_postgres_restarts_and_connectors(
         first = rng.sample(kinds, len(kinds))
         last_restart = 0.0
         while not load_done.is_set():
-            await asyncio.sleep(rng.uniform(0.3, 1.0))
+            await asyncio.sleep(rng.uniform(*INTERVAL))
             actions["exited"] += fleet.restart_exited()
             kind = first.pop(0) if first else rng.choices(kinds, weights=[3, 2, 5, 1])[0]
             if kind == "restart" and time.monotonic() - last_restart < 5:
