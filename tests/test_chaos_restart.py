@@ -177,6 +177,7 @@ def _post(port: int, event: dict[str, Any]) -> bool:
         return False
 
 
+@pytest.mark.timeout(max(300, int(SECONDS * 2 + EVENTS / 100 + 120)))
 async def test_chaos_with_postgres_restarts_and_connectors(
     cluster: LocalCluster, tmp_path: Path
 ) -> None:
