@@ -46,6 +46,7 @@ from psycopg.conninfo import make_conninfo
 import pgflow
 from pgflow.connectors import table
 from pgflow.postgres import LocalCluster, find_pg_bin, throwaway_cluster
+from pgflow.snapshots import CONSUMED
 from tests import chaos_connector_app as app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,15 +194,20 @@ async def test_chaos_with_postgres_restarts_and_connectors(
     fleet = Fleet(dsn, tmp_path)
 
     # -- cursor sampler (reconnects across restarts) -----------------------------------
-    history: dict[tuple[str, int, int], list[tuple[int, int]]] = defaultdict(list)
+    # A position is a snapshot: compare what each cursor has consumed (events of its
+    # stream, or rows of the source table) — a cursor moving back would consume less.
+    history: dict[tuple[str, int, int], list[int]] = defaultdict(list)
     backwards: list[str] = []
 
     async def sample(conn: Conn) -> None:
         cur = await conn.execute(
-            "SELECT consumer, shard, shard_count, tx::text, id FROM pgflow.cursors"
+            "SELECT c.consumer, c.shard, c.shard_count, CASE WHEN c.stream IS NOT NULL"
+            f" THEN (SELECT count(*) FROM pgflow.events e WHERE e.stream = c.stream AND {CONSUMED})"
+            f" ELSE (SELECT count(*) FROM cx_orders e WHERE {CONSUMED}) END"
+            " FROM pgflow.cursors c"
         )
-        for consumer, shard, count, tx, id_ in await cur.fetchall():
-            key, pos = (consumer, shard, count), (int(tx), int(id_))
+        for consumer, shard, count, consumed in await cur.fetchall():
+            key, pos = (consumer, shard, count), int(consumed)
             seen = history[key]
             if seen and pos < seen[-1]:
                 backwards.append(f"{key}: {seen[-1]} -> {pos}")
