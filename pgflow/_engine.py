@@ -191,9 +191,10 @@ class Engine(Generic[T, S]):
         return Run(self, raw, self.to_record(raw), conn)
 
     async def fire(self, kind: str, run: Run[T, S]) -> None:
-        """Run the ``on_<kind>`` hooks in the transaction of the change (errors propagate
-        and roll that change back)."""
-        for hook in self.hooks.get(kind, ()):
+        """Run the ``in_transaction=True`` ``on_<kind>`` hooks in the transaction of the
+        change (errors propagate and roll that change back). The other hooks run after
+        commit, from the event log (:mod:`pgflow._hooks`)."""
+        for hook in self.hooks.get(f"{kind}:tx", ()):
             await maybe_await(hook(run))
 
     def allowed(self, status: S) -> set[S]:
@@ -295,7 +296,7 @@ class Engine(Generic[T, S]):
     ) -> Callable[[RawRecord, AsyncConnection[Any]], Awaitable[None]] | None:
         """An admin-function hook that fires this workflow's hooks for ``state``."""
         kind = _HOOK_FOR_STATE.get(state)
-        if kind is None or not self.hooks.get(kind):
+        if kind is None or not self.hooks.get(f"{kind}:tx"):
             return None
 
         async def hook(raw: RawRecord, conn: AsyncConnection[Any]) -> None:

@@ -374,6 +374,10 @@ class Consumer:
         """Ask the loop to exit after the current batch (which commits or rolls back)."""
         self._stopping.set()
 
+    def stopping(self) -> bool:
+        """Whether ``stop()`` was called (a supervisor then lets the loop end)."""
+        return self._stopping.is_set()
+
     async def run(self) -> None:
         sub = self.listener.subscribe(self.filter.stream) if self.listener else None
         backoff = 0.0
@@ -402,6 +406,14 @@ class Consumer:
                     if not failing_since_logged:
                         logger.warning("%s: database unavailable (%s); retrying", self.key, exc)
                         failing_since_logged = True
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if self._stopping.is_set() or task is None or task.cancelling():
+                        raise  # our own shutdown
+                    # a stray CancelledError from the handler: an error like any other
+                    result = None
+                    self.errors += 1
+                    logger.exception("%s: batch handler failed; retrying", self.key)
                 except Exception:
                     result = None
                     self.errors += 1

@@ -84,6 +84,12 @@ async def with_connection(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    level = logging.getLevelName(str(args.log_level).upper())
+    if not isinstance(level, int):
+        parser.error(
+            f"--log-level: unknown level {args.log_level!r}"
+            " (use DEBUG, INFO, WARNING, ERROR or CRITICAL)"
+        )
     logging.basicConfig(
         level=str(args.log_level).upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

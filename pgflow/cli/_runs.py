@@ -375,8 +375,13 @@ async def _show(conn: AsyncConnection[Any], args: argparse.Namespace) -> int:
                 for k, v in record.items()
                 if k not in ("traceparent", "meta") and not (k in _OPTIONAL and v is None)
             ]
+            error = record.get("last_error")
+            if error:  # its first line in the record, the stored traceback below it
+                shown = [(k, error.splitlines()[0] if k == "last_error" else v) for k, v in shown]
             title = f"== {run.workflow} / {run.foreign_id} / run {run.run_id}"
             blocks.append(render_record(shown, title=title))
+            if error and "\n" in error:
+                blocks.append("\n".join("  " + line for line in error.splitlines()[1:]))
             blocks.append(render_table(hcols, hrows, footer=False))
     if fmt == "json":
         print(json.dumps(out_json, indent=2, ensure_ascii=False))
