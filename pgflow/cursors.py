@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
@@ -31,7 +31,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from .events import Event
-from .snapshots import CURSOR_ROW, Position
+from .snapshots import CURSOR_ROW, START_SNAPSHOT, Position
 from .streamer import Batch, Filter, Listener, _batch, _params, _read_sql, read_batch
 
 __all__ = [
@@ -83,18 +83,53 @@ class LostCursor(Exception):
 async def ensure_cursor(
     conn: AsyncConnection[Any], key: CursorKey, filter: Filter | None = None
 ) -> None:
-    """Create the cursor row at the start of the log if it does not exist yet."""
+    """Create the cursor row if it does not exist yet: at the start of the log, or —
+    when the same consumer already has a complete layout of other shards (its
+    ``parallel_count`` changed, or two deploys run two layouts) — where every shard of
+    those layouts has read up to (:func:`inherited_snapshot`), so a new layout does not
+    re-read the whole log. What is read twice near that point is harmless: steps apply
+    once per (run, version)."""
+    cur = await conn.execute(
+        "SELECT shard_count, count(*), array_agg(snap::text) FROM pgflow.cursors"
+        " WHERE consumer = %s AND shard_count <> %s GROUP BY shard_count",
+        (key.consumer, key.shard_count),
+    )
+    layouts = [(int(n), int(have), list(snaps)) for n, have, snaps in await cur.fetchall()]
     await conn.execute(
-        "INSERT INTO pgflow.cursors (consumer, shard, shard_count, stream, types)"
-        " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+        "INSERT INTO pgflow.cursors (consumer, shard, shard_count, stream, types, snap)"
+        " VALUES (%s, %s, %s, %s, %s, %s::pg_snapshot) ON CONFLICT DO NOTHING",
         (
             key.consumer,
             key.shard,
             key.shard_count,
             filter.stream if filter else None,
             list(filter.types) if filter and filter.types else None,
+            inherited_snapshot(layouts),
         ),
     )
+
+
+def inherited_snapshot(layouts: Sequence[tuple[int, int, Sequence[str]]]) -> str:
+    """Where a new layout of a consumer may start, given its other layouts as
+    ``(shard_count, rows present, their snapshots)``: the intersection of the
+    snapshots of every complete layout (an incomplete one says nothing: a missing shard
+    is at the start). The intersection of snapshots is a snapshot — xmin and xmax the
+    smallest, in progress whatever any of them had in progress below that xmax — in
+    which an event is visible only if every shard of those layouts has read it (a
+    shard's partial diff is ignored: read again, harmlessly)."""
+    snaps = [s for n, have, group in layouts if have == n for s in group]
+    if not snaps:
+        return START_SNAPSHOT
+    parsed = [_parse_snapshot(s) for s in snaps]
+    xmax = min(p[1] for p in parsed)
+    xip = sorted({x for p in parsed for x in p[2] if x < xmax})
+    xmin = min([*xip, xmax])  # everything below it is visible in every one of them
+    return f"{xmin}:{xmax}:{','.join(map(str, xip))}"
+
+
+def _parse_snapshot(text: str) -> tuple[int, int, list[int]]:
+    xmin, xmax, xip = text.split(":")
+    return int(xmin), int(xmax), [int(x) for x in xip.split(",") if x]
 
 
 #: The stored position's columns, in :class:`Position`'s field order.
