@@ -300,8 +300,8 @@ async def _read_at_cursor(
     filter: Filter,
     batch_size: int,
     lag: timedelta | None,
-) -> tuple[Position | None, Batch]:
-    """(stored cursor or None, the batch after it)."""
+) -> tuple[Position, Batch]:
+    """(the stored cursor, the batch after it); creates a missing cursor row."""
     types, params = _params(filter, Position.start(), batch_size)
     params.update(c_consumer=key.consumer, c_shard=key.shard, c_shard_count=key.shard_count)
     if lag is not None:
@@ -309,8 +309,14 @@ async def _read_at_cursor(
     sql = _consume_sql(types, filter.shard_count > 1, lag is not None)
     cur = await conn.execute(sql, params)
     rows = await cur.fetchall()
-    if not rows:  # no cursor row yet: read from the start of the log
-        return None, await read_batch(conn, filter, Position.start(), batch_size, lag)
+    if not rows:
+        # No cursor row yet (the caller skipped ensure_cursor): create it — at the start
+        # of the log, or where an old layout of this consumer had read — and read there.
+        await ensure_cursor(conn, key, filter)
+        cur = await conn.execute(sql, params)
+        rows = await cur.fetchall()
+        if not rows:  # deleted again at once by someone else: try again next batch
+            raise LostCursor(str(key))
     # Columns: 0-4 the stored position, 5 this statement's snapshot, 6 "idle long
     # enough to move", then the read (s2, lo, hi, __id, event columns), NULL if none.
     stored = position_from_row(rows[0])
@@ -341,18 +347,12 @@ async def consume_once(
             async with conn.transaction():
                 if not await try_lock_shard(conn, key):
                     return BatchResult(BatchOutcome.LOCKED)
-                stored, batch = await _read_at_cursor(conn, key, filter, batch_size, lag)
-                old = stored or Position.start()
+                old, batch = await _read_at_cursor(conn, key, filter, batch_size, lag)
                 new = batch.position
                 if new is None:
                     return BatchResult(BatchOutcome.EMPTY, 0, old)
                 if batch.events:
                     await handler(batch.events, conn)
-                if stored is None:
-                    # No row yet (the caller skipped ensure_cursor): create it at the
-                    # start so the CAS below can succeed — without this every batch
-                    # would be rolled back as LOST, forever.
-                    await ensure_cursor(conn, key, filter)
                 if not await advance_cursor(conn, key, old, new):
                     raise LostCursor(str(key))
                 if not batch.events:
