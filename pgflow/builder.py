@@ -252,11 +252,19 @@ class Builder(Generic[T, S]):
         dsn_or_pool: str | AsyncConnectionPool[AsyncConnection[Any]] | None = None,
         *,
         pool_size: int = 10,
+        pooler: str | None = None,
+        listen_dsn: str | None = None,
     ) -> Workflow[T, S]:
         """Validate the graph and return the :class:`pgflow.Workflow` that runs it.
 
         ``dsn_or_pool``: a DSN (None: ``PGFLOW_DATABASE_URL``), or an open
         ``AsyncConnectionPool`` to share. Nothing connects until first use.
+
+        ``pooler="transaction"`` (default ``$PGFLOW_POOLER``, else ``"none"``) when the
+        DSN goes through a transaction-mode pooler (pgbouncer, RDS Proxy, Supavisor):
+        no server-side prepared statements, and LISTEN needs ``listen_dsn`` (default
+        ``$PGFLOW_LISTEN_DSN``), a DSN that reaches PostgreSQL directly or through a
+        session-mode pooler; without it consumers poll (``polling_frequency``).
         """
         from .workflow import Workflow
 
@@ -273,4 +281,6 @@ class Builder(Generic[T, S]):
                 "cancel": tuple(self._on_cancel),
             },
             pool_size=pool_size,
+            pooler=pooler,
+            listen_dsn=listen_dsn,
         )

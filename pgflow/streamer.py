@@ -267,10 +267,14 @@ class Listener:
     wait for notifications. After any connection failure it reconnects with backoff,
     re-LISTENs and wakes everyone again, so nothing committed during the outage waits
     for the next notification.
+
+    ``dsn=None`` (behind a transaction pooler with no ``listen_dsn``: LISTEN needs a
+    session) makes an in-process hub only: this process's own writes still wake its
+    readers at once, other processes' writes are found by polling — logged once.
     """
 
     def __init__(
-        self, dsn: str, *, channel: str = CHANNEL, health_check_interval: float = 5.0
+        self, dsn: str | None, *, channel: str = CHANNEL, health_check_interval: float = 5.0
     ) -> None:
         self.dsn = dsn
         self.channel = channel
@@ -305,6 +309,13 @@ class Listener:
 
     async def start(self) -> None:
         """Connect and LISTEN; returns once listening (raises if the first connect fails)."""
+        if self.dsn is None:
+            logger.warning(
+                "no LISTEN session: the database DSN goes through a transaction pooler "
+                "(PGFLOW_POOLER=transaction) and no listen_dsn / PGFLOW_LISTEN_DSN is set; "
+                "other processes' events are found by polling (polling_frequency)"
+            )
+            return
         self._conn = await self._connect()
         self._task = asyncio.create_task(self._run(), name="pgflow-listener")
 
@@ -323,7 +334,9 @@ class Listener:
         self._ready.clear()
 
     async def _connect(self) -> AsyncConnection[Any]:
-        conn = await _db.connect(self.dsn, autocommit=True)
+        assert self.dsn is not None
+        # A session of its own (never pooled): it only runs LISTEN and a health check.
+        conn = await _db.connect(self.dsn, autocommit=True, pooler="none")
         await conn.execute(f'LISTEN "{self.channel}"')
         self.connects += 1
         self._ready.set()
@@ -374,11 +387,12 @@ class Listener:
 # One Listener per process (per event loop, DSN and channel), shared by every workflow
 # and reader in it: the fixed connection budget is one LISTEN connection, however many
 # workflows a process runs.
-_shared_listeners: dict[tuple[int, str, str], tuple[Listener, int]] = {}
+_shared_listeners: dict[tuple[int, str | None, str], tuple[Listener, int]] = {}
 
 
-async def acquire_listener(dsn: str, *, channel: str = CHANNEL) -> Listener:
-    """The process's shared, started :class:`Listener` for ``dsn`` (reference-counted)."""
+async def acquire_listener(dsn: str | None, *, channel: str = CHANNEL) -> Listener:
+    """The process's shared, started :class:`Listener` for ``dsn`` (reference-counted;
+    None: an in-process hub without a LISTEN session, see :class:`Listener`)."""
     key = (id(asyncio.get_running_loop()), dsn, channel)
     entry = _shared_listeners.get(key)
     if entry is not None:

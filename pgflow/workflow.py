@@ -9,6 +9,8 @@ processed by one of them at a time (advisory lock + cursor compare-and-set), and
 killed worker's shards are picked up by the others at their next poll.
 
 Connection budget per process: one LISTEN connection plus the pool (``pool_size``).
+Behind a transaction pooler (``pooler="transaction"``) the LISTEN connection goes to
+``listen_dsn`` (a direct or session-pooled DSN); without one the consumers poll.
 """
 
 from __future__ import annotations
@@ -53,8 +55,19 @@ class Workflow(API[T, S], Generic[T, S]):
         *,
         hooks: Hooks,
         pool_size: int = 10,
+        pooler: str | None = None,
+        listen_dsn: str | None = None,
     ) -> None:
-        super().__init__(Engine(graph, object_type, dsn_or_pool, hooks=hooks, pool_size=pool_size))
+        engine: Engine[T, S] = Engine(
+            graph,
+            object_type,
+            dsn_or_pool,
+            hooks=hooks,
+            pool_size=pool_size,
+            pooler=pooler,
+            listen_dsn=listen_dsn,
+        )
+        super().__init__(engine)
         self.graph = graph
         self.object_type = object_type
         self.consumers: list[Consumer] = []
@@ -80,7 +93,9 @@ class Workflow(API[T, S], Generic[T, S]):
         if self._running:
             return
         engine = self._engine
-        listener = await acquire_listener(engine.dsn)  # shared by the process's workflows
+        # shared by the process's workflows; without a LISTEN session (transaction
+        # pooler, no listen_dsn) an in-process hub: consumers poll, and say so once
+        listener = await acquire_listener(engine.listen_dsn)
         engine.listener = listener
         pool = await engine.pool()
         if engine.notifier is not None:
