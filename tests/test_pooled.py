@@ -40,6 +40,7 @@ from pgflow import _db
 from pgflow.cli import main
 from pgflow.errors import ConfigError
 from pgflow.migrations import latest_version, migrate
+from pgflow.streamer import Listener
 from pgflow.testing import TestDatabases, require
 from tests import (
     test_cli_worker,
@@ -374,3 +375,38 @@ async def test_chaos_through_the_pooler(
     every run completed exactly once (0 lost, 0 duplicated) and connections died."""
     monkeypatch.delenv("PGFLOW_LISTEN_DSN")
     await chaos_run(pgflow_dsn, tmp_path, observe_dsn=direct_dsn, runs=200, chaos_seconds=6)
+
+
+# -- the listener proves notifications reach it (or says why not) -------------------------
+
+
+async def _self_test(dsn: str, caplog: Any, timeout: float) -> tuple[bool, list[str]]:
+    caplog.clear()
+    listener = Listener(dsn)
+    listener.probe_timeout = timeout
+    await listener.start()
+    try:
+        assert listener._probe is not None
+        await asyncio.wait_for(asyncio.shield(listener._probe), timeout + 10)
+    finally:
+        await listener.stop()
+    warnings = [r.getMessage() for r in caplog.records if "test notification" in r.getMessage()]
+    return listener.verified.is_set(), warnings
+
+
+async def test_listener_self_test_passes_on_a_direct_session(direct_dsn: str, caplog: Any) -> None:
+    caplog.set_level(logging.WARNING, logger="pgflow.streamer")
+    assert await _self_test(direct_dsn, caplog, 10.0) == (True, [])
+
+
+async def test_listener_self_test_warns_through_a_transaction_pooler(
+    pgflow_dsn: str, caplog: Any
+) -> None:
+    """LISTEN through the bouncer (the mistake: no listen_dsn, no PGFLOW_POOLER): the
+    test notification never arrives, and the warning names the fix."""
+    caplog.set_level(logging.WARNING, logger="pgflow.streamer")
+    for _ in range(5):  # not by luck: every attempt
+        verified, warnings = await _self_test(pgflow_dsn, caplog, 1.0)
+        assert not verified
+        [line] = warnings
+        assert "PGFLOW_POOLER=transaction" in line and "PGFLOW_LISTEN_DSN" in line
