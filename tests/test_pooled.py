@@ -36,6 +36,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 import pgflow
+import pgflow.sync
 from pgflow import _db
 from pgflow.cli import main
 from pgflow.errors import ConfigError
@@ -410,3 +411,13 @@ async def test_listener_self_test_warns_through_a_transaction_pooler(
         assert not verified
         [line] = warnings
         assert "PGFLOW_POOLER=transaction" in line and "PGFLOW_LISTEN_DSN" in line
+
+
+def test_sync_client_through_the_pooler(pgflow_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Django/Flask app's blocking client, configured by argument, not environment."""
+    monkeypatch.delenv("PGFLOW_POOLER")
+    with pgflow.sync.connect(_two_status_builder(), pgflow_dsn, pooler="transaction") as client:
+        assert client.workflow.engine.pooler == "transaction"
+        for i in range(12):  # well past psycopg's prepare threshold of 5
+            client.trigger(f"sync-{i}")
+            assert client.latest(f"sync-{i}").status is S.NEW
