@@ -394,9 +394,7 @@ class Listener:
         try:
             conn = await _db.connect(self.dsn, autocommit=True, pooler="none")
             try:
-                await conn.execute(
-                    "SELECT pg_notify(%s, %s)", (self.channel, self._probe_payload)
-                )
+                await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, self._probe_payload))
             finally:
                 await conn.close()
             await asyncio.wait_for(self.verified.wait(), self.probe_timeout)

@@ -108,7 +108,10 @@ def pgbouncer(
     workdir = Path(tempfile.mkdtemp(prefix="pgflow-pgbouncer-"))
     command = [binary]
     if os.geteuid() == 0:  # pgbouncer refuses to run as root: drop to the postgres user
-        run_as = pwd.getpwnam("postgres")
+        try:
+            run_as = pwd.getpwnam("postgres")
+        except KeyError:
+            raise RuntimeError("pgbouncer refuses root and there is no postgres user") from None
         os.chown(workdir, run_as.pw_uid, run_as.pw_gid)
         command += ["-u", "postgres"]
     (workdir / "userlist.txt").write_text(f'{_quote(str(user))} ""\n')
