@@ -11,14 +11,18 @@ temp tables, no ``WITH HOLD`` cursors); what remains is per connection and set h
 psycopg's server-side prepared statements (``prepare_threshold``) are switched off, and
 LISTEN goes to a separate session DSN (``listen_dsn``) or is replaced by polling. It
 cannot be detected soundly from the client (the pooler's ``SHOW`` commands live on its
-admin console), so it is explicit: ``pooler=`` / ``PGFLOW_POOLER``.
+admin console), so it is explicit: ``pooler=``, a ``pgflow_pooler=`` parameter in the
+DSN (stripped before libpq sees it), or ``PGFLOW_POOLER``. (The listener does check the
+property it needs: see :class:`pgflow.streamer.Listener`.)
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any
+from urllib.parse import unquote
 
 import psycopg
 from psycopg import AsyncConnection
@@ -38,13 +42,56 @@ LISTEN_DSN_ENV = "PGFLOW_LISTEN_DSN"
 POOLERS = ("none", "session", "transaction")
 
 
-def resolve_pooler(pooler: str | None = None) -> str:
-    """``pooler`` or ``$PGFLOW_POOLER`` (default ``"none"``), validated.
+#: pgflow's own DSN parameter: ``postgresql://…/app?pgflow_pooler=transaction`` or
+#: ``host=… pgflow_pooler=transaction``; removed before the DSN reaches libpq (which
+#: rejects parameters it does not know).
+POOLER_PARAM = "pgflow_pooler"
+_KV_POOLER = re.compile(r"(?:^|\s+)pgflow_pooler\s*=\s*(?:'([^']*)'|(\S*))")
+
+
+def split_pooler(dsn: str) -> tuple[str, str | None]:
+    """``dsn`` without a ``pgflow_pooler`` parameter, and that parameter's value.
+
+    The rest of the DSN is kept byte for byte (a URL's other query parameters are not
+    re-encoded: libpq does not read ``+`` as a space, for one).
+    """
+    if dsn.startswith(("postgresql://", "postgres://")):
+        base, sep, query = dsn.partition("?")
+        if not sep:
+            return dsn, None
+        kept, value = [], None
+        for part in query.split("&"):
+            key, _, raw = part.partition("=")
+            if unquote(key) == POOLER_PARAM:
+                value = unquote(raw)
+            else:
+                kept.append(part)
+        if value is None:
+            return dsn, None
+        return (f"{base}?{'&'.join(kept)}" if kept else base), value
+    match = _KV_POOLER.search(dsn)
+    if match is None:
+        return dsn, None
+    value = match.group(1) if match.group(1) is not None else match.group(2)
+    return (dsn[: match.start()] + dsn[match.end() :]).strip(), value
+
+
+def libpq_dsn(dsn: str) -> str:
+    """``dsn`` as libpq accepts it (pgflow's own parameters removed)."""
+    return split_pooler(dsn)[0]
+
+
+def resolve_pooler(pooler: str | None = None, dsn: str | None = None) -> str:
+    """``pooler``, else the DSN's ``pgflow_pooler``, else ``$PGFLOW_POOLER``, else
+    ``"none"``; validated.
 
     Statement pooling is refused: pgflow's guarantees rest on multi-statement
     transactions (batch + effects + cursor commit together).
     """
     source = "pooler"
+    if pooler is None and dsn is not None:
+        pooler = split_pooler(dsn)[1]
+        source = f"{POOLER_PARAM} in the DSN"
     if pooler is None:
         pooler, source = os.environ.get(POOLER_ENV) or "none", POOLER_ENV
     mode = pooler.strip().lower()
@@ -58,9 +105,9 @@ def resolve_pooler(pooler: str | None = None) -> str:
     return mode
 
 
-def transaction_pooled(pooler: str | None = None) -> bool:
+def transaction_pooled(pooler: str | None = None, dsn: str | None = None) -> bool:
     """True when consecutive transactions may run on different server sessions."""
-    return resolve_pooler(pooler) == "transaction"
+    return resolve_pooler(pooler, dsn) == "transaction"
 
 
 def resolve_listen_dsn(dsn: str, listen_dsn: str | None, pooler: str | None) -> str | None:
@@ -75,7 +122,7 @@ def resolve_listen_dsn(dsn: str, listen_dsn: str | None, pooler: str | None) -> 
     if listen_dsn is not None:
         validate_dsn(listen_dsn)
         return listen_dsn
-    return None if transaction_pooled(pooler) else dsn
+    return None if transaction_pooled(pooler, dsn) else dsn
 
 
 def resolve_dsn(dsn: str | None = None) -> str:
@@ -99,9 +146,13 @@ def resolve_dsn(dsn: str | None = None) -> str:
 
 
 def validate_dsn(dsn: str) -> None:
-    """Raise :class:`ConfigError` when ``dsn`` is not a parseable libpq connection string."""
+    """Raise :class:`ConfigError` when ``dsn`` is not a parseable libpq connection string
+    (or has a bad ``pgflow_pooler``)."""
+    libpq, pooler = split_pooler(dsn)
+    if pooler is not None:
+        resolve_pooler(None, dsn)
     try:
-        conninfo_to_dict(dsn)
+        conninfo_to_dict(libpq)
     except psycopg.ProgrammingError as exc:
         raise ConfigError(f"malformed DSN {redact(dsn)!r}: {first_line(exc)}") from None
 
@@ -109,7 +160,7 @@ def validate_dsn(dsn: str) -> None:
 def redact(dsn: str) -> str:
     """The DSN with any password replaced, for error messages and logs."""
     try:
-        params = conninfo_to_dict(dsn)
+        params = conninfo_to_dict(libpq_dsn(dsn))
     except psycopg.ProgrammingError:
         return dsn.split("@")[-1] if "@" in dsn else dsn
     if "password" in params:
@@ -133,9 +184,9 @@ def connect_kwargs(dsn: str, pooler: str | None = None) -> dict[str, Any]:
     prepares a query after 5 runs; the next transaction may land on a session that
     never saw it: ``prepared statement "_pg3_1" does not exist``)."""
     kwargs: dict[str, Any] = {}
-    if "connect_timeout" not in conninfo_to_dict(dsn):
+    if "connect_timeout" not in conninfo_to_dict(libpq_dsn(dsn)):
         kwargs["connect_timeout"] = DEFAULT_CONNECT_TIMEOUT
-    if transaction_pooled(pooler):
+    if transaction_pooled(pooler, dsn):
         kwargs["prepare_threshold"] = None
     return kwargs
 
@@ -162,7 +213,7 @@ async def connect(
     validate_dsn(dsn)
     try:
         return await AsyncConnection.connect(
-            dsn, autocommit=autocommit, **connect_kwargs(dsn, pooler)
+            libpq_dsn(dsn), autocommit=autocommit, **connect_kwargs(dsn, pooler)
         )
     except psycopg.OperationalError as exc:
         message = first_line(exc)
@@ -189,7 +240,7 @@ async def open_pool(
     if autocommit:
         kwargs["autocommit"] = True
     pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
-        dsn,
+        libpq_dsn(dsn),
         min_size=min_size,
         max_size=max_size,
         open=False,

@@ -74,7 +74,7 @@ class Engine(Generic[T, S]):
         self._listen_dsn = listen_dsn
         self.configure(pooler=pooler, listen_dsn=listen_dsn)
         if isinstance(dsn_or_pool, AsyncConnectionPool):
-            _db.check_pool(dsn_or_pool, pooler)
+            _db.check_pool(dsn_or_pool, pooler)  # (a pool's conninfo has no pgflow_pooler)
             self._pool = dsn_or_pool
             self._dsn = str(dsn_or_pool.conninfo)
         elif dsn_or_pool is not None:
@@ -97,8 +97,9 @@ class Engine(Generic[T, S]):
 
     @property
     def pooler(self) -> str:
-        """``none``, ``session`` or ``transaction`` (``pooler=`` else ``$PGFLOW_POOLER``)."""
-        return _db.resolve_pooler(self._pooler)
+        """``none``, ``session`` or ``transaction``: ``pooler=``, else the DSN's
+        ``pgflow_pooler``, else ``$PGFLOW_POOLER``."""
+        return _db.resolve_pooler(self._pooler, self.dsn)
 
     @property
     def listen_dsn(self) -> str | None:
@@ -134,7 +135,7 @@ class Engine(Generic[T, S]):
                     self.dsn,
                     max_size=self.pool_size,
                     name=f"pgflow:{self.name}",
-                    pooler=self._pooler,
+                    pooler=self.pooler,
                     autocommit=True,
                 )
                 self.owns_pool = True

@@ -260,11 +260,13 @@ class Builder(Generic[T, S]):
         ``dsn_or_pool``: a DSN (None: ``PGFLOW_DATABASE_URL``), or an open
         ``AsyncConnectionPool`` to share. Nothing connects until first use.
 
-        ``pooler="transaction"`` (default ``$PGFLOW_POOLER``, else ``"none"``) when the
-        DSN goes through a transaction-mode pooler (pgbouncer, RDS Proxy, Supavisor):
-        no server-side prepared statements, and LISTEN needs ``listen_dsn`` (default
-        ``$PGFLOW_LISTEN_DSN``), a DSN that reaches PostgreSQL directly or through a
-        session-mode pooler; without it consumers poll (``polling_frequency``).
+        ``pooler="transaction"`` (default: the DSN's ``pgflow_pooler``, else
+        ``$PGFLOW_POOLER``, else ``"none"``) when the DSN goes through a
+        transaction-mode pooler (pgbouncer, RDS Proxy, Supavisor): no server-side
+        prepared statements, and LISTEN needs ``listen_dsn`` (default
+        ``$PGFLOW_LISTEN_DSN``), a DSN that reaches the same database directly or
+        through a session-mode pooler; without it consumers poll
+        (``polling_frequency``).
         """
         from .workflow import Workflow
 

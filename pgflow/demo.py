@@ -31,8 +31,7 @@ from datetime import timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-import psycopg
-
+from . import _db
 from ._connector_runner import dead_letter_consumer
 from .api import API, run_id_for
 from .builder import Builder
@@ -223,7 +222,7 @@ async def run_demo(dsn: str, *, timeout: float = 20.0, tag: str | None = None) -
             event(f"pay-8{tag}", "order-1", "payment.refunded", amount="120.00", currency="EUR")
         )
         await _wait(lambda: _settled(dsn, 4, 2), timeout)
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+    async with await _db.connect(dsn) as conn:
         cur = await conn.execute(
             "SELECT foreign_id, status, run_state, object->'notes' FROM pgflow.runs"
             " WHERE workflow = %s ORDER BY foreign_id, created_at",
@@ -242,7 +241,7 @@ async def run_demo(dsn: str, *, timeout: float = 20.0, tag: str | None = None) -
 
 
 async def _settled(dsn: str, finished: int, dead: int) -> bool:
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+    async with await _db.connect(dsn) as conn:
         cur = await conn.execute(
             "SELECT (SELECT count(*) FROM pgflow.records WHERE workflow = %s"
             "        AND run_state = 'COMPLETED'),"
@@ -255,7 +254,7 @@ async def _settled(dsn: str, finished: int, dead: int) -> bool:
 
 async def _reset(dsn: str) -> None:
     """Forget earlier demo runs so the printed table shows this one only."""
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+    async with await _db.connect(dsn) as conn:
         await conn.execute("DELETE FROM pgflow.records WHERE workflow = %s", (WORKFLOW,))
         await conn.execute("DELETE FROM pgflow.timeouts WHERE workflow = %s", (WORKFLOW,))
         await conn.execute(

@@ -421,3 +421,59 @@ def test_sync_client_through_the_pooler(pgflow_dsn: str, monkeypatch: pytest.Mon
         for i in range(12):  # well past psycopg's prepare threshold of 5
             client.trigger(f"sync-{i}")
             assert client.latest(f"sync-{i}").status is S.NEW
+
+
+# -- the option inside the DSN (one DATABASE_URL carries it) ------------------------------
+
+
+@pytest.mark.parametrize(
+    "dsn, libpq, pooler",
+    [
+        (
+            "postgresql://u@h:6432/app?pgflow_pooler=transaction",
+            "postgresql://u@h:6432/app",
+            "transaction",
+        ),
+        (
+            "postgresql://u@h/app?sslmode=require&pgflow_pooler=transaction&application_name=a+b",
+            "postgresql://u@h/app?sslmode=require&application_name=a+b",  # not re-encoded
+            "transaction",
+        ),
+        (
+            "host=h port=6432 pgflow_pooler=transaction dbname=app",
+            "host=h port=6432 dbname=app",
+            "transaction",
+        ),
+        ("host=h pgflow_pooler = 'session'", "host=h", "session"),
+        (
+            "postgresql://u@h/app?options=-c%20x%3D1",
+            "postgresql://u@h/app?options=-c%20x%3D1",
+            None,
+        ),
+    ],
+)
+def test_pgflow_pooler_dsn_parameter_is_split_off(dsn: str, libpq: str, pooler: str | None) -> None:
+    assert _db.split_pooler(dsn) == (libpq, pooler)
+    _db.validate_dsn(dsn)  # accepted by pgflow, although libpq would refuse it
+
+
+def test_a_bad_pgflow_pooler_in_the_dsn_is_a_one_line_error() -> None:
+    with pytest.raises(ConfigError, match="pgflow_pooler in the DSN must be one of"):
+        _two_status_builder().build("host=h pgflow_pooler=bogus")
+
+
+async def test_pooler_given_in_the_dsn_alone(
+    pgflow_dsn: str, direct_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No environment, no argument: ``pgflow_pooler=transaction`` in the DSN is enough
+    for the workflow, its worker and the CLI (and never reaches libpq)."""
+    monkeypatch.delenv("PGFLOW_POOLER")
+    monkeypatch.delenv("PGFLOW_LISTEN_DSN")
+    dsn = f"{pgflow_dsn} pgflow_pooler=transaction"
+    async with _two_status_builder().build(dsn) as wf:
+        assert wf.engine.pooler == "transaction" and wf.engine.listen_dsn is None
+        for i in range(12):  # past psycopg's prepare threshold
+            await wf.trigger(f"in-dsn-{i}")
+        for i in range(12):
+            await require(wf, f"in-dsn-{i}", S.DONE)
+    assert await asyncio.to_thread(main, ["runs", "--dsn", dsn, "--csv"]) == 0

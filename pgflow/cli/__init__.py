@@ -70,7 +70,8 @@ def add_dsn_argument(parser: argparse.ArgumentParser) -> None:
         choices=_db.POOLERS,
         default=None,
         help="connection pooler in front of --dsn: 'transaction' for pgbouncer "
-        "transaction mode, RDS Proxy, Supavisor (default: $PGFLOW_POOLER, else none)",
+        "transaction mode, RDS Proxy, Supavisor (default: $PGFLOW_POOLER, else none; "
+        "a pgflow_pooler parameter in the DSN wins)",
     )
 
 
