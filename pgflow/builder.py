@@ -301,6 +301,8 @@ class Builder(Generic[T, S]):
         pool_size: int = 10,
         pause_retry: timedelta | None = timedelta(hours=1),
         clock: Clock | None = None,
+        pooler: str | None = None,
+        listen_dsn: str | None = None,
     ) -> Workflow[T, S]:
         """Validate the graph and return the :class:`pgflow.Workflow` that runs it.
 
@@ -314,6 +316,14 @@ class Builder(Generic[T, S]):
 
         ``clock``: what timeouts, retries and schedules read (default: the database's
         clock); :class:`pgflow.testing.Clock` makes them testable in milliseconds.
+
+        ``pooler="transaction"`` (default: the DSN's ``pgflow_pooler``, else
+        ``$PGFLOW_POOLER``, else ``"none"``) when the DSN goes through a
+        transaction-mode pooler (pgbouncer, RDS Proxy, Supavisor): no server-side
+        prepared statements, and LISTEN needs ``listen_dsn`` (default
+        ``$PGFLOW_LISTEN_DSN``), a DSN that reaches the same database directly or
+        through a session-mode pooler; without it consumers poll
+        (``polling_frequency``).
         """
         from .workflow import Workflow
 
@@ -333,4 +343,6 @@ class Builder(Generic[T, S]):
             pool_size=pool_size,
             custom_delete=self.custom_delete,
             clock=clock,
+            pooler=pooler,
+            listen_dsn=listen_dsn,
         )

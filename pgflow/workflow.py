@@ -9,6 +9,8 @@ processed by one of them at a time (advisory lock + cursor compare-and-set), and
 killed worker's shards are picked up by the others at their next poll.
 
 Connection budget per process: one LISTEN connection plus the pool (``pool_size``).
+Behind a transaction pooler (``pooler="transaction"``) the LISTEN connection goes to
+``listen_dsn`` (a direct or session-pooled DSN); without one the consumers poll.
 """
 
 from __future__ import annotations
@@ -68,18 +70,21 @@ class Workflow(API[T, S], Generic[T, S]):
         pool_size: int = 10,
         custom_delete: Callable[[T], Any] | None = None,
         clock: Clock | None = None,
+        pooler: str | None = None,
+        listen_dsn: str | None = None,
     ) -> None:
-        super().__init__(
-            Engine(
-                graph,
-                object_type,
-                dsn_or_pool,
-                hooks=hooks,
-                pool_size=pool_size,
-                custom_delete=custom_delete,
-                clock=clock,
-            )
+        engine: Engine[T, S] = Engine(
+            graph,
+            object_type,
+            dsn_or_pool,
+            hooks=hooks,
+            pool_size=pool_size,
+            custom_delete=custom_delete,
+            clock=clock,
+            pooler=pooler,
+            listen_dsn=listen_dsn,
         )
+        super().__init__(engine)
         self.graph = graph
         self.object_type = object_type
         self.consumers: list[Consumer] = []
@@ -111,7 +116,9 @@ class Workflow(API[T, S], Generic[T, S]):
         if self._running:
             return
         engine = self._engine
-        listener = await acquire_listener(engine.dsn)  # shared by the process's workflows
+        # shared by the process's workflows; without a LISTEN session (transaction
+        # pooler, no listen_dsn) an in-process hub: consumers poll, and say so once
+        listener = await acquire_listener(engine.listen_dsn)
         engine.listener = listener
         pool = await engine.pool()
         if engine.notifier is not None:

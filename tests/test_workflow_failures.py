@@ -154,7 +154,10 @@ async def test_schedule_triggers_once_per_tick(pgflow_dsn: str) -> None:
         with __import__("pytest").raises(pgflow.ConfigError):
             await wf.schedule("nightly", "not a cron")
         await wf.schedule("nightly", "* * * * *")
-        async with await psycopg.AsyncConnection.connect(pgflow_dsn, autocommit=True) as conn:
+        # prepare_threshold=None: tests/test_pooled.py runs this through pgbouncer too
+        async with await psycopg.AsyncConnection.connect(
+            pgflow_dsn, autocommit=True, prepare_threshold=None
+        ) as conn:
             for _ in range(3):
                 # Make the tick due now (instead of waiting for the next minute).
                 await conn.execute(

@@ -394,12 +394,6 @@ async def _show(conn: AsyncConnection[Any], args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------- stuck
 async def _stuck(conn: AsyncConnection[Any], args: argparse.Namespace) -> int:
-    if args.after:
-        try:
-            await conn.execute("SELECT set_config('pgflow.stuck_after', %s::interval::text, false)",
-                               [args.after])  # fmt: skip
-        except psycopg.errors.DataError as exc:
-            raise ConfigError(f"--after {args.after!r}: {_db.first_line(exc)}") from None
     fmt = selected_format(args)
     cols = (
         "*"
@@ -414,7 +408,18 @@ async def _stuck(conn: AsyncConnection[Any], args: argparse.Namespace) -> int:
         params.append(args.workflow)
     sql += " ORDER BY updated_at LIMIT %s"
     params.append(args.limit + 1)
-    names, rows = await _fetch(conn, sql, params)
+    # The threshold is a transaction-local setting read by the view, in the same
+    # transaction as the query: a session SET would be lost behind a transaction pooler.
+    async with conn.transaction():
+        if args.after:
+            try:
+                await conn.execute(
+                    "SELECT set_config('pgflow.stuck_after', %s::interval::text, true)",
+                    [args.after],
+                )
+            except psycopg.errors.DataError as exc:
+                raise ConfigError(f"--after {args.after!r}: {_db.first_line(exc)}") from None
+        names, rows = await _fetch(conn, sql, params)
     truncated = len(rows) > args.limit
     print(render(names, _with_short_ids(names, rows[: args.limit], fmt), fmt, truncated=truncated))
     return 0

@@ -89,12 +89,17 @@ def _describe(value: Any) -> str:
     return f"a {type(value).__name__} ({value!r:.60})"
 
 
-def build_workflow(spec: str, dsn: str | None, pool_size: int | None = None) -> Workflow[Any, Any]:
+def build_workflow(
+    spec: str, dsn: str | None, pool_size: int | None = None, listen_dsn: str | None = None
+) -> Workflow[Any, Any]:
     target = resolve_workflow(load_target(spec), dsn)
     if isinstance(target, Builder):
-        return target.build(dsn) if pool_size is None else target.build(dsn, pool_size=pool_size)
+        if pool_size is None:
+            return target.build(dsn, listen_dsn=listen_dsn)
+        return target.build(dsn, pool_size=pool_size, listen_dsn=listen_dsn)
     if dsn is not None:
         target.engine.set_dsn(dsn)
+    target.engine.configure(listen_dsn=listen_dsn)
     if pool_size is not None:
         if pool_size < 2:
             raise ConfigError("--pool-size must be at least 2")
@@ -137,6 +142,13 @@ def register(subparsers: Any) -> None:
         default=None,
         help="connections in the worker's pool (default: $PGFLOW_POOL_SIZE, else the "
         "workflow's own, 10); the worker also holds one LISTEN connection",
+    )
+    parser.add_argument(
+        "--listen-dsn",
+        default=None,
+        help="a direct (or session-pooled) connection string for the LISTEN connection "
+        "when --dsn goes through a transaction pooler (default: $PGFLOW_LISTEN_DSN; "
+        "without one the worker polls)",
     )
     parser.set_defaults(func=run)
 
@@ -184,7 +196,9 @@ def list_workers(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     pool_size = args.pool_size if args.pool_size is not None else _pool_size_default()
-    workflows = [build_workflow(target, args.dsn, pool_size) for target in args.targets]
+    workflows = [
+        build_workflow(target, args.dsn, pool_size, args.listen_dsn) for target in args.targets
+    ]
     asyncio.run(serve(*workflows))
     return 0
 
