@@ -133,16 +133,26 @@ def _params(filter: Filter, after: Position, limit: int) -> tuple[int, dict[str,
 class Batch:
     """Events read in one chunk and the reader's position after each of them.
 
-    A batch may hold a position and no events: the reader only moves (it left an
-    exhausted diff, or an idle consumer caught its snapshot up)."""
+    A batch may hold a position and no events (``moved``): the reader only moves (it
+    left an exhausted diff, or an idle consumer caught its snapshot up)."""
 
     events: list[Event]
-    positions: list[Position]
+    read: DiffRead | None = None
+    moved: Position | None = None
 
     @property
     def position(self) -> Position | None:
-        """The position after the last event (None when the batch is empty)."""
-        return self.positions[-1] if self.positions else None
+        """The position after the last event (None when there is nowhere to move)."""
+        if self.events and self.read is not None:
+            return self.read.position_at(len(self.events) - 1)
+        return self.moved
+
+    @property
+    def positions(self) -> list[Position]:
+        """The position after each event (or the move, for a batch without events)."""
+        if self.read is None or not self.events:
+            return [] if self.moved is None else [self.moved]
+        return [self.read.position_at(i) for i in range(len(self.events))]
 
     def __len__(self) -> int:
         return len(self.events)
@@ -175,7 +185,7 @@ async def read_batch(
         # a batch boundary): go on from its end — and if nothing is newer, the batch
         # is just that move (no events, a position), so the reader leaves the diff.
         ahead = await read_batch(conn, filter, Position(after.upto), limit, lag)
-        return ahead if ahead.position is not None else Batch([], [Position(after.upto)])
+        return ahead if ahead.position is not None else Batch([], moved=Position(after.upto))
     return _batch(after, rows, limit, lag is not None)
 
 
@@ -184,12 +194,12 @@ def _batch(
 ) -> Batch:
     """A :class:`Batch` from rows of :func:`_read_sql`; lagged: up to the first unripe."""
     read = DiffRead.from_rows(after, rows, limit, skip)
-    events = [event_from_row(r) for r in read.rows]
+    start = read.offset
+    raw = read.raw
     if lagged:
-        ripe = [bool(r[-1]) for r in read.rows]
-        cut = ripe.index(False) if False in ripe else len(ripe)
-        return Batch(events[:cut], read.positions[:cut])
-    return Batch(events, read.positions)
+        ripe = [bool(r[-1]) for r in raw]
+        raw = raw[: ripe.index(False) if False in ripe else len(ripe)]
+    return Batch([event_from_row(r, start) for r in raw], read)
 
 
 async def head_position(conn: AsyncConnection[Any]) -> Position:
