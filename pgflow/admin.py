@@ -105,9 +105,12 @@ async def set_run_state(
     *,
     object_json: str | _Unset | None = UNSET,
     hook: Hook | None = None,
+    reason: str | None = None,
 ) -> RawRecord:
     """Move a run to ``state`` if its current run state allows it, else
-    :class:`InvalidTransition` (and nothing changes)."""
+    :class:`InvalidTransition` (and nothing changes). ``reason`` (why a person paused or
+    cancelled it) is stored in the change event's headers, shown by ``pgflow.run_history``
+    and the console."""
     allowed = _ALLOWED_FROM.get(state)
     if allowed is None:
         raise InvalidTransition(f"run state {state} cannot be set directly")
@@ -120,6 +123,7 @@ async def set_run_state(
             run_state=state,
             object_json=object_json,
             reset_errors=state is RunState.RUNNING,
+            headers={"reason": reason} if reason else None,
         )
         assert new is not None  # the row is locked: the compare-and-set cannot miss
         if hook is not None:
@@ -134,9 +138,12 @@ async def pause(
     run_id: UUID | str | None = None,
     *,
     hook: Hook | None = None,
+    reason: str | None = None,
 ) -> RawRecord:
     """Stop a run in progress where it is; :func:`resume` continues it."""
-    return await set_run_state(conn, workflow, foreign_id, run_id, RunState.PAUSED, hook=hook)
+    return await set_run_state(
+        conn, workflow, foreign_id, run_id, RunState.PAUSED, hook=hook, reason=reason
+    )
 
 
 async def resume(
@@ -158,9 +165,12 @@ async def cancel(
     run_id: UUID | str | None = None,
     *,
     hook: Hook | None = None,
+    reason: str | None = None,
 ) -> RawRecord:
     """End a run for good (it frees the foreign id for a new ``trigger``)."""
-    return await set_run_state(conn, workflow, foreign_id, run_id, RunState.CANCELLED, hook=hook)
+    return await set_run_state(
+        conn, workflow, foreign_id, run_id, RunState.CANCELLED, hook=hook, reason=reason
+    )
 
 
 async def retry(
