@@ -12,7 +12,8 @@
   this host is refused too.
 * **Headers** — a CSP without any inline or eval'd script (htmx runs with ``allowEval``
   off), ``X-Frame-Options: DENY`` / ``frame-ancestors 'none'`` against clickjacking,
-  ``nosniff``, ``no-referrer`` and ``no-store``.
+  ``nosniff``, ``same-origin`` referrers (a stricter ``no-referrer`` makes browsers send
+  ``Origin: null`` on the console's own forms) and ``no-store``.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ SECURITY_HEADERS = [
     (b"content-security-policy", CSP.encode()),
     (b"x-frame-options", b"DENY"),
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
+    (b"referrer-policy", b"same-origin"),
     (b"cache-control", b"no-store"),
 ]
 
