@@ -50,7 +50,7 @@ async def _seed(dsn: str) -> dict[str, Any]:
         await conn.execute(
             "UPDATE pgflow.records SET last_error = %s WHERE run_id = %s",
             [
-                "Traceback (most recent call last):\n  File \"shop.py\", line 3, in charge\n"
+                'Traceback (most recent call last):\n  File "shop.py", line 3, in charge\n'
                 "ValueError: card declined",
                 ids["orders/order-2"],
             ],
@@ -58,7 +58,7 @@ async def _seed(dsn: str) -> dict[str, Any]:
         cur = await conn.execute(
             "INSERT INTO pgflow.dead_letters (consumer, event_id, foreign_id, type, payload,"
             " headers, reason, attempts) VALUES ('orders--payments', 'evt-77', 'order-2',"
-            " 'payment', '{\"amount\": 12, \"card\": \"4242\"}', '{\"source\": \"psp\"}',"
+            ' \'payment\', \'{"amount": 12, "card": "4242"}\', \'{"source": "psp"}\','
             " 'ValueError: card declined (after 5 attempts)', 5) RETURNING id"
         )
         row = await cur.fetchone()

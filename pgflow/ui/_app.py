@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
@@ -260,9 +261,8 @@ class Console:
             or rec["object"] is None,
             trace=self.trace_link(rec.get("trace_id")),
             trace_link=self.trace_link,
-            done=request.query_params.get("done")
-            if request.query_params.get("done") in q.ACTIONS
-            else None,
+            done=_DONE.get(request.query_params.get("done") or ""),
+            reason=_current_reason(rec, history),
             actions=_actions_for(rec["run_state"]),
         )
 
@@ -292,10 +292,15 @@ class Console:
             stuck = await q.stuck_runs(conn)
         self.lag.add(lag)
         consumers = sorted({r["consumer"] for r in lag})
-        charts = {
-            c: (sparkline(self.lag.series(c, 0)), sparkline(self.lag.series(c, 1)))
-            for c in consumers
-        }
+        charts = {}
+        for c in consumers:
+            events, seconds = self.lag.series(c, 0), self.lag.series(c, 1)
+            charts[c] = {
+                "events": sparkline(events),
+                "seconds": sparkline(seconds),
+                "events_now": f"{int(events[-1]):,}" if events else "",
+                "seconds_now": _dur(seconds[-1]) if seconds else "",
+            }
         return self.render(
             request, "consumers.html", lag=lag, horizon=hz, stuck=stuck, charts=charts,
             consumers=consumers,
@@ -403,13 +408,16 @@ class Console:
         return RedirectResponse(str(url), status_code=303)
 
     async def error_page(self, request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
+        if isinstance(exc, HTTPException):
+            code, message = exc.status_code, str(exc.detail)
+        else:  # a database error: one line, logged; the console keeps serving
+            log.warning("pgflow ui: %s %s: %s", request.method, request.url.path, exc)
+            code, message = 503, f"database error: {_db.first_line(exc)}"
+            if isinstance(exc, psycopg.errors.UndefinedTable):
+                message += " (is the pgflow schema installed? run `pgflow migrate`)"
         if not hasattr(request.state, "csrf"):
-            return Response(f"{exc.detail}\n", status_code=exc.status_code)
-        return self.render(
-            request, "error.html", status_code=exc.status_code, message=exc.detail,
-            code=exc.status_code,
-        )  # fmt: skip
+            return Response(f"{message}\n", status_code=code)
+        return self.render(request, "error.html", status_code=code, message=message, code=code)
 
 
 def _csv_cell(value: Any) -> Any:
@@ -425,6 +433,23 @@ def _uuid(raw: str) -> UUID:
         return UUID(raw)
     except ValueError:
         raise HTTPException(404, f"not a run id: {raw!r}") from None
+
+
+_DONE = {"pause": "Paused", "resume": "Resumed", "retry": "Retried", "cancel": "Cancelled"}
+
+
+def _current_reason(rec: dict[str, Any], history: list[dict[str, Any]]) -> str | None:
+    """Why the run is in its run state: ``run_state_reason`` when the schema has it,
+    else the reason stored with the change that put it there."""
+    if rec.get("run_state_reason"):
+        return str(rec["run_state_reason"])
+    if history and history[-1].get("run_state") == rec["run_state"]:
+        for h in reversed(history):
+            if h.get("run_state") != rec["run_state"]:
+                break
+            if h.get("reason"):
+                return str(h["reason"])
+    return None
 
 
 def _actions_for(run_state: str) -> list[str]:
@@ -485,7 +510,7 @@ def create_app(
     app = Starlette(
         routes=routes,
         middleware=[Middleware(Guard, token=token, auth=auth)],
-        exception_handlers={HTTPException: console.error_page},
+        exception_handlers={HTTPException: console.error_page, psycopg.Error: console.error_page},
         lifespan=lifespan,
     )
     app.state.console = console

@@ -110,6 +110,8 @@ def sparkline(values: Sequence[float], width: int = 180, height: int = 36) -> Ma
     """A tiny line chart of ``values`` (oldest first), scaled to its own maximum."""
     if not values:
         return Markup(f'<svg class="spark" width="{width}" height="{height}"></svg>')
+    if len(values) == 1:  # one sample so far: a flat line at its level
+        values = [values[0], values[0]]
     top = max(max(values), 1e-9)
     step = width / max(len(values) - 1, 1)
     pts = " ".join(
