@@ -79,3 +79,12 @@ def test_tracing_bench_quick(pgflow_server: TestDatabases, tmp_path: Path) -> No
     assert {row["tracing"] for row in doc["rows"]} >= {"off", "on"}
     assert all(row["runs_per_s"] > 0 for row in doc["rows"])
     assert "on / off" in stdout
+
+
+def test_ui_bench_quick(pgflow_server: TestDatabases, tmp_path: Path) -> None:
+    doc, stdout = _run_bench("ui", pgflow_server, tmp_path)
+    assert doc["load"]["runs"] == 20_000 and doc["load"]["events"] == 100_000
+    pages = {row["page"] for row in doc["pages"]}
+    assert {"runs (all)", "run", "workflows", "consumers", "dead letters", "query"} <= pages
+    assert all(row["p95_ms"] > 0 for row in doc["pages"])
+    assert "slowest page p95" in stdout

@@ -56,7 +56,9 @@ def graph_svg(
         for row, status in enumerate(members):
             pos[status] = (_PAD + col * _DX, _PAD + row * _DY)
     width = _PAD * 2 + (max(columns, default=0)) * _DX + _W
-    height = _PAD * 2 + (max((len(m) for m in columns.values()), default=1) - 1) * _DY + _H + 60
+    back = any(pos[dest][0] <= pos[src][0] for src, dest, _ in graph.edges())
+    rows = max((len(m) for m in columns.values()), default=1)
+    height = _PAD * 2 + (rows - 1) * _DY + _H + (60 if back else 0)
 
     out: list[str] = [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="graph" width="{width}" '
