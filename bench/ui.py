@@ -29,7 +29,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
+import psycopg
+from _common import (
     Timer,
     bench_args,
     print_table,
@@ -38,8 +39,6 @@ from _common import (  # noqa: E402
     summarize,
     write_results,
 )
-
-import psycopg  # noqa: E402
 
 LOAD_RUNS = """
 INSERT INTO pgflow.records (run_id, workflow, foreign_id, status, run_state, object,
@@ -69,7 +68,8 @@ FROM (SELECT i, CASE WHEN i %% 1000 < 970 THEN 'COMPLETED'
 LOAD_EVENTS = """
 INSERT INTO pgflow.events (stream, type, foreign_id, run_id, version, headers, created_at)
 SELECT r.workflow, r.status, r.foreign_id, r.run_id, v,
-       jsonb_build_object('run_state', r.run_state, 'change', CASE WHEN v = 1 THEN 'trigger' ELSE 'step' END),
+       jsonb_build_object('run_state', r.run_state,
+                          'change', CASE WHEN v = 1 THEN 'trigger' ELSE 'step' END),
        r.created_at + v * interval '1 second'
 FROM pgflow.records r
 CROSS JOIN generate_series(1, %(per_run)s::int) AS v
@@ -190,8 +190,10 @@ async def measure(dsn: str, requests: int) -> list[dict[str, Any]]:
             ("runs foreign id prefix", lambda i: f"/runs?foreign_id=order-{rng.randint(1, n)}"),
             (
                 "runs time window",
-                lambda i: "/runs?created_after=2000-01-01T00:00&created_before="
-                + time.strftime("%Y-%m-%dT%H:%M", time.gmtime(time.time() - 86400 * 10)),
+                lambda i: (
+                    "/runs?created_after=2000-01-01T00:00&created_before="
+                    + time.strftime("%Y-%m-%dT%H:%M", time.gmtime(time.time() - 86400 * 10))
+                ),
             ),
             ("run", lambda i: f"/runs/{run_ids[i % len(run_ids)]}"),
             ("workflows", lambda i: "/workflows"),
@@ -199,8 +201,10 @@ async def measure(dsn: str, requests: int) -> list[dict[str, Any]]:
             ("dead letters", lambda i: "/dead-letters"),
             (
                 "query",
-                lambda i: "/query?sql=SELECT+status,+run_state+FROM+runs+WHERE+workflow+%3D+"
-                f"'orders'+AND+foreign_id+%3D+'order-{rng.randint(1, n)}'",
+                lambda i: (
+                    "/query?sql=SELECT+status,+run_state+FROM+runs+WHERE+workflow+%3D+"
+                    f"'orders'+AND+foreign_id+%3D+'order-{rng.randint(1, n)}'"
+                ),
             ),
         ]
         assert deep.status_code == 200
