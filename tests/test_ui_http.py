@@ -317,3 +317,42 @@ def test_refuses_non_loopback_without_token(capsys: Any) -> None:
     assert "refusing to serve the console on 0.0.0.0 without a token" in capsys.readouterr().err
     assert main(["ui", "--trace-url", "http://jaeger/trace"]) == 1
     assert "{trace_id}" in capsys.readouterr().err
+
+
+def test_pgflow_ui_serves_with_uvicorn(pgflow_dsn: str, seeded: dict[str, Any]) -> None:
+    """`pgflow ui` end to end: a real uvicorn process on loopback, token enforced."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pgflow_cli = [sys.executable, "-c", "import sys, pgflow.cli; sys.exit(pgflow.cli.main())"]
+    cmd = [*pgflow_cli, "ui", "--dsn", pgflow_dsn, "--port", str(port)]
+    proc = subprocess.Popen([*cmd, "--token", TOKEN], stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                resp = httpx.get(f"{base}/runs", timeout=2)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert time.monotonic() < deadline, "pgflow ui did not start"
+                time.sleep(0.2)
+        assert resp.status_code == 401
+        ok = httpx.get(f"{base}/runs", headers={"authorization": f"Bearer {TOKEN}"})
+        assert ok.status_code == 200 and "order-3" in ok.text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    bad = subprocess.run(
+        [*pgflow_cli, "ui", "--dsn", "postgresql://127.0.0.1:1/x"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
