@@ -119,16 +119,19 @@ async def load(dsn: str, runs: int, events: int) -> dict[str, float]:
         row = await cur.fetchone()
         assert row is not None
         tx, last = row
-        for consumer, stream, types, shards in (
-            ("orders-CREATED", "orders", ["CREATED"], 4),
-            ("orders-PAID", "orders", ["PAID"], 2),
-            ("refunds-CREATED", "refunds", ["CREATED"], 1),
+        for consumer, stream, types, shards, behind in (
+            ("orders-CREATED", "orders", ["CREATED"], 4, 5_000),
+            ("orders-PAID", "orders", ["PAID"], 2, 5_000),
+            ("refunds-CREATED", "refunds", ["CREATED"], 1, 5_000),
+            # a consumer that never ran: the whole stream ahead of it
+            ("orders-audit", "orders", None, 2, None),
         ):
             for shard in range(shards):
+                at = (tx, max(0, last - behind)) if behind else ("0", 0)
                 await conn.execute(
                     "INSERT INTO pgflow.cursors (consumer, shard, shard_count, tx, id, stream,"
                     " types) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                    [consumer, shard, shards, tx, max(0, last - 5_000), stream, types],
+                    [consumer, shard, shards, *at, stream, types],
                 )
         await conn.execute(
             "INSERT INTO pgflow.dead_letters (consumer, event_id, foreign_id, type, payload,"

@@ -356,3 +356,51 @@ def test_pgflow_ui_serves_with_uvicorn(pgflow_dsn: str, seeded: dict[str, Any]) 
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+async def _lag_vs_view(dsn: str) -> tuple[list[Any], list[Any]]:
+    from pgflow.events import NewEvent, append
+
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await append(
+            conn,
+            [
+                NewEvent(stream="orders", type=t, foreign_id=f"x-{i}", version=1)
+                for i in range(60)
+                for t in ("CREATED", "PAID", "SHIPPED")
+            ],
+        )
+        await conn.execute(
+            "INSERT INTO pgflow.cursors (consumer, shard, shard_count, stream, types) VALUES"
+            " ('all', 0, 1, 'orders', NULL),"
+            " ('two-types', 0, 3, 'orders', ARRAY['PAID', 'SHIPPED']),"
+            " ('two-types', 1, 3, 'orders', ARRAY['PAID', 'SHIPPED']),"
+            " ('two-types', 2, 3, 'orders', ARRAY['PAID', 'SHIPPED']),"
+            " ('none', 0, 1, 'refunds', ARRAY['NOPE'])"
+        )
+        # one cursor part-way: past the first 30 events of the stream
+        await conn.execute(
+            "UPDATE pgflow.cursors SET (tx, id) = (SELECT tx, id FROM pgflow.events"
+            " WHERE stream = 'orders' ORDER BY tx, id OFFSET 29 LIMIT 1) WHERE consumer = 'all'"
+        )
+        ours = await q.consumer_lag(conn, cap=50)
+        cur = await conn.execute(
+            "SELECT consumer, shard, lag_events, oldest_pending_at FROM pgflow.consumer_lag"
+            " ORDER BY consumer, shard_count, shard"
+        )
+        return ours, await cur.fetchall()
+
+
+def test_consumer_lag_matches_the_view_up_to_the_cap(
+    pgflow_dsn: str, seeded: dict[str, Any]
+) -> None:
+    ours, view = asyncio.run(_lag_vs_view(pgflow_dsn))
+    assert [(r["consumer"], r["shard"]) for r in ours] == [(v[0], v[1]) for v in view]
+    for r, (consumer, shard, events, oldest) in zip(ours, view, strict=True):
+        assert r["lag"].value == min(events, 51), (consumer, shard)
+        assert r["lag"].exact == (events <= 50), (consumer, shard)
+        assert r["oldest"] == oldest, (consumer, shard)  # the same oldest pending event
+        assert (r["lag_seconds"] > 0) == (events > 0)
+    assert {r["consumer"]: str(r["lag"]) for r in ours}["none"] == "0"
+    shown = [str(r["lag"]) for r in ours if r["consumer"] == "all"]
+    assert shown == ["50+"]  # 7 seeded + 180 appended - 30 passed
