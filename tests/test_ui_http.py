@@ -404,3 +404,22 @@ def test_consumer_lag_matches_the_view_up_to_the_cap(
     assert {r["consumer"]: str(r["lag"]) for r in ours}["none"] == "0"
     shown = [str(r["lag"]) for r in ours if r["consumer"] == "all"]
     assert shown == ["50+"]  # 7 seeded + 180 appended - 30 passed
+
+
+def test_dns_rebinding_refused_without_token(pgflow_dsn: str, seeded: dict[str, Any]) -> None:
+    from pgflow.cli._ui import LOOPBACK_NAMES
+
+    app = pgflow.ui.app(pgflow_dsn, allowed_hosts=LOOPBACK_NAMES)
+    with TestClient(app, base_url="http://127.0.0.1:8100") as c:
+        assert c.get("/runs").status_code == 200
+        assert c.get("/runs", headers={"host": "localhost:8100"}).status_code == 200
+        rebound = c.get("/runs", headers={"host": "evil.example:8100"})
+        assert rebound.status_code == 400 and "order-" not in rebound.text
+        csrf = _csrf(c)
+        post = c.post(
+            f"/runs/{seeded['orders/order-2']}/cancel",
+            data={"csrf": csrf},
+            headers={"host": "evil.example:8100"},
+        )
+        assert post.status_code == 400
+    assert record(pgflow_dsn, seeded["orders/order-2"])["version"] == 1

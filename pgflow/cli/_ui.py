@@ -2,7 +2,8 @@
 
 Loopback by default. Any other address is refused unless a token is set (``--token`` or
 ``PGFLOW_UI_TOKEN``): the console shows payloads and can pause or cancel runs, so it is
-never open to a network by accident. The database is checked before binding, so a bad
+never open to a network by accident. Without a token only loopback ``Host`` names are
+answered (DNS rebinding). The database is checked before binding, so a bad
 DSN or a missing schema is a one-line error, not a stack trace on the first request.
 """
 
@@ -18,6 +19,9 @@ from ..errors import ConfigError
 from . import with_connection
 
 DEFAULT_PORT = 8100
+#: Host headers accepted without a token: a page elsewhere whose DNS name rebinds to
+#: 127.0.0.1 sends its own name and is refused (with a token it has no cookie anyway)
+LOOPBACK_NAMES = ["127.0.0.1", "localhost", "[::1]", "::1"]
 
 
 def register(subparsers: Any) -> None:
@@ -107,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         token=args.token,
         read_only=args.read_only,
         trace_url=args.trace_url,
+        allowed_hosts=None if args.token else LOOPBACK_NAMES,
     )
     uvicorn.run(console, host=args.host, port=args.port, log_level="warning", proxy_headers=False)
     return 0

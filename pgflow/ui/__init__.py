@@ -20,7 +20,7 @@ headers), ``_svg`` (graph and chart drawings), ``_app`` (routes). Needs the ``ui
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -46,6 +46,7 @@ def app(
     trace_url: str | None = None,
     page_size: int = 50,
     pool_size: int = 4,
+    allowed_hosts: Sequence[str] | None = None,
 ) -> Starlette:
     """The console as an ASGI app.
 
@@ -57,6 +58,10 @@ def app(
     ``?token=``). ``auth``: a hook ``request -> bool`` (or awaitable) for when the console
     is mounted in an app with its own login. ``read_only``: no actions.
     ``trace_url``: link template for traces, e.g. ``http://jaeger:16686/trace/{trace_id}``.
+    ``allowed_hosts``: ``Host`` header values to accept (Starlette's TrustedHostMiddleware;
+    ``pgflow ui`` without a token allows only loopback names, against DNS rebinding).
+    A DSN's pool runs with ``jit = off``; do the same for a pool you pass (the console's
+    queries are short index walks that JIT compilation slows down).
     """
     from ._app import create_app
 
@@ -69,4 +74,5 @@ def app(
         trace_url=trace_url,
         page_size=page_size,
         pool_size=pool_size,
+        allowed_hosts=allowed_hosts,
     )

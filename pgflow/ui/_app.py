@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -28,6 +28,7 @@ from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
@@ -477,6 +478,7 @@ def create_app(
     trace_url: str | None = None,
     page_size: int = 50,
     pool_size: int = 4,
+    allowed_hosts: Sequence[str] | None = None,
 ) -> Starlette:
     """See :func:`pgflow.ui.app`."""
     console = Console(
@@ -516,7 +518,12 @@ def create_app(
     ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(Guard, token=token, auth=auth)],
+        middleware=[
+            # Host check first: against DNS rebinding (a page on evil.example whose name
+            # resolves to 127.0.0.1 would otherwise be same-origin with the console)
+            Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts or ["*"])),
+            Middleware(Guard, token=token, auth=auth),
+        ],
         exception_handlers={HTTPException: console.error_page, psycopg.Error: console.error_page},
         lifespan=lifespan,
     )
