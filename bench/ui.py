@@ -123,8 +123,10 @@ async def load(dsn: str, runs: int, events: int) -> dict[str, float]:
             ("orders-CREATED", "orders", ["CREATED"], 4, 5_000),
             ("orders-PAID", "orders", ["PAID"], 2, 5_000),
             ("refunds-CREATED", "refunds", ["CREATED"], 1, 5_000),
-            # a consumer that never ran: the whole stream ahead of it
+            # consumers that never ran: the whole stream ahead of them (one of every
+            # type, one of a rare type: 1 % of the events)
             ("orders-audit", "orders", None, 2, None),
+            ("orders-PAID-v2", "orders", ["PAID"], 2, None),
         ):
             for shard in range(shards):
                 at = (tx, max(0, last - behind)) if behind else ("0", 0)

@@ -288,7 +288,8 @@ class Console:
                 counts = await q.status_counts(conn, name, statuses, active_only=graph is not None)
                 svg = None
                 if graph is not None:
-                    link = str(request.url_for("runs")) + f"?workflow={name}&status={{status}}"
+                    runs_url = request.url_for("runs").include_query_params(workflow=name)
+                    link = f"{runs_url}&status={{status}}"
                     svg = graph_svg(graph, {k: f"{v} active" for k, v in counts.items()}, link)
                 views.append({"name": name, "graph": graph, "svg": svg, "counts": counts})
         return self.render(request, "workflows.html", workflows=views)

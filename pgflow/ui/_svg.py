@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import quote
 
 from markupsafe import Markup, escape
 
@@ -101,7 +102,7 @@ def graph_svg(
             f"{escape(count)}</text></g>"
         )
         if link:
-            href = escape(link.format(status=status.name))
+            href = escape(link.replace("{status}", quote(status.name, safe="")))
             box = f'<a href="{href}">{box}</a>'
         out.append(box)
     out.append("</svg>")
