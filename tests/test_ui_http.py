@@ -121,8 +121,7 @@ def test_actions_need_csrf_and_same_origin(pgflow_dsn: str, seeded: dict[str, An
     assert rec["run_state"] == "RUNNING" and rec["version"] == 3
     with psycopg.connect(pgflow_dsn) as conn:
         reasons = conn.execute(
-            "SELECT change, reason FROM pgflow.run_history h"
-            " CROSS JOIN LATERAL (SELECT h.headers ->> 'reason' AS reason) r"
+            "SELECT change, headers ->> 'reason' FROM pgflow.run_history"
             " WHERE run_id = %s ORDER BY step",
             [run_id],
         ).fetchall()
