@@ -422,3 +422,13 @@ def test_dns_rebinding_refused_without_token(pgflow_dsn: str, seeded: dict[str, 
         )
         assert post.status_code == 400
     assert record(pgflow_dsn, seeded["orders/order-2"])["version"] == 1
+
+
+def test_cookies_are_secure_behind_https(pgflow_dsn: str) -> None:
+    with TestClient(pgflow.ui.app(pgflow_dsn, token=TOKEN), base_url="https://ops.example") as c:
+        login = c.get(f"/runs?token={TOKEN}", follow_redirects=False)
+    cookies = login.headers.get_list("set-cookie")
+    assert len(cookies) == 2 and all("Secure" in h and "HttpOnly" in h for h in cookies)
+    with TestClient(pgflow.ui.app(pgflow_dsn, token=TOKEN)) as c:  # plain http (loopback)
+        login = c.get(f"/runs?token={TOKEN}", follow_redirects=False)
+    assert not any("Secure" in h for h in login.headers.get_list("set-cookie"))

@@ -103,6 +103,7 @@ class Guard:
                     cookie[CSRF_COOKIE] = csrf
                     cookie[CSRF_COOKIE]["path"] = cookie_path
                     cookie[CSRF_COOKIE]["samesite"] = "Strict"
+                    cookie[CSRF_COOKIE]["secure"] = request.url.scheme == "https"
                     cookie[CSRF_COOKIE]["httponly"] = True
                     headers.append((b"set-cookie", cookie.output(header="").strip().encode()))
                 message = {**message, "headers": headers}
@@ -133,7 +134,12 @@ class Guard:
         target = url.path + (f"?{url.query}" if url.query else "")
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(
-            TOKEN_COOKIE, self.token, path=cookie_path, httponly=True, samesite="strict"
+            TOKEN_COOKIE,
+            self.token,
+            path=cookie_path,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",  # behind a TLS proxy
         )
         return response
 
