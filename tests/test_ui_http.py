@@ -52,7 +52,9 @@ def test_token_required_everywhere(pgflow_dsn: str, seeded: dict[str, Any]) -> N
             assert resp.status_code == 401, path
             _assert_security_headers(resp)
         assert c.get("/runs", headers={"authorization": "Bearer wrong"}).status_code == 401
-        assert c.get("/runs", cookies={"pgflow_ui_token": "wrong"}).status_code == 401
+        c.cookies.set("pgflow_ui_token", "wrong")
+        assert c.get("/runs").status_code == 401
+        c.cookies.delete("pgflow_ui_token")
         assert c.get(f"/runs?token={TOKEN}x", follow_redirects=False).status_code == 401
         # an action with a valid CSRF pair but no token: refused before it runs
         c.cookies.set("pgflow_ui_csrf", "c" * 40)
