@@ -8,9 +8,14 @@ writes ``bench/results/stream.json``. Phases (each ~10 s, ~2 s with ``--quick``)
 a) tail throughput of one shard: a preloaded backlog consumed with ``consume_once``
    (advisory lock + cursor CAS per batch, trivial handler), against the same
    statements hand-written with psycopg (the ratio is pgflow's own overhead);
+   then the catch-up of a much larger backlog (1,000,000 events; 50,000 with
+   ``--quick``): its rate must not fall below the tail's (no per-batch sort of the
+   backlog);
 b) commit -> handler latency: one writer commits an event every few ms and pokes the
    Notifier; a Consumer receives it (same process, one monotonic clock) via
-   NOTIFY (cross-connection), via the in-process poke, and by polling only;
+   NOTIFY (cross-connection), via the in-process poke, and by polling only; and via
+   NOTIFY again while another session holds a transaction with an xid open in ANOTHER
+   database of the server for the whole phase (0.1 stalled every reader then);
 c) writer throughput: 32 writer connections (in a child process) each committing
    one-event transactions, alone vs. with Listener + Notifier + Consumer running, and
    the bad alternative: ``pg_notify`` inside every write transaction.
@@ -47,10 +52,13 @@ from pgflow.cursors import (
     ensure_cursor,
 )
 from pgflow.events import Event, NewEvent, append
+from pgflow.snapshots import diff_read_sql
 from pgflow.streamer import Filter, Listener, Notifier
 
 GOALS = {
     "tail_events_per_s": 50_000,
+    "tail_vs_raw": 0.8,
+    "held_p50_ratio": 1.5,
     "notify_p50_ms": 5.0,
     "notify_p99_ms": 25.0,
     "writer_ratio": 0.9,
@@ -108,6 +116,12 @@ async def bench_tail(dsn: str, n: int) -> dict[str, Any]:
         assert seen == n, (seen, n)
 
         # The same statements, hand-written: tuples, no Event objects, no helpers.
+        read = diff_read_sql(
+            relation="pgflow.events",
+            columns="e.id, e.tx, e.stream, e.type, e.foreign_id, e.run_id, e.version,"
+            " e.shard_hash, e.headers, e.traceparent, e.created_at",
+            where=["e.stream = %(stream)s"],
+        )
         raw_seen = 0
         async with await psycopg.AsyncConnection.connect(dsn) as conn:
             await conn.execute(
@@ -123,29 +137,38 @@ async def bench_tail(dsn: str, n: int) -> dict[str, Any]:
                             ("raw",),
                         )
                         cur = await conn.execute(
-                            "SELECT tx, id FROM pgflow.cursors WHERE consumer = 'raw'"
-                            " AND shard = 0 AND shard_count = 1"
+                            "SELECT snap::text, upto::text, after_id, lo, hi FROM pgflow.cursors"
+                            " WHERE consumer = 'raw' AND shard = 0 AND shard_count = 1"
                         )
                         old = await cur.fetchone()
                         assert old is not None
                         cur = await conn.execute(
-                            "SELECT e.id, e.tx, e.stream, e.type, e.foreign_id, e.run_id,"
-                            " e.version, e.shard_hash, e.headers, e.traceparent, e.created_at"
-                            " FROM pgflow.events e WHERE e.stream = %s"
-                            " AND (e.tx, e.id) > (%s::xid8, %s::bigint)"
-                            " AND e.tx < pg_snapshot_xmin(pg_current_snapshot())"
-                            " ORDER BY e.tx, e.id LIMIT %s",
-                            ("tail", old[0], old[1], BATCH),
+                            read,
+                            {
+                                "stream": "tail",
+                                "__s1": old[0],
+                                "__upto": old[1],
+                                "__after": old[2],
+                                "__lo": old[3],
+                                "__hi": old[4],
+                                "__limit": BATCH + 1,
+                            },
                         )
                         rows = await cur.fetchall()
                         if not rows:
                             break
+                        more = len(rows) > BATCH
+                        rows = rows[:BATCH]
                         raw_seen += len(rows)
+                        s2, lo, hi, last = rows[0][0], rows[0][1], rows[0][2], rows[-1][3]
+                        new = (old[0], s2, last, lo, hi) if more else (s2, None, 0, None, None)
                         await conn.execute(
-                            "UPDATE pgflow.cursors SET tx = %s::xid8, id = %s, updated_at = now()"
-                            " WHERE consumer = 'raw' AND shard = 0 AND shard_count = 1"
-                            " AND tx = %s::xid8 AND id = %s",
-                            (rows[-1][1], rows[-1][0], old[0], old[1]),
+                            "UPDATE pgflow.cursors SET snap = %s::pg_snapshot,"
+                            " upto = %s::pg_snapshot, after_id = %s, lo = %s, hi = %s,"
+                            " updated_at = now() WHERE consumer = 'raw' AND shard = 0"
+                            " AND shard_count = 1 AND snap::text = %s"
+                            " AND upto::text IS NOT DISTINCT FROM %s AND after_id = %s",
+                            (*new, old[0], old[1], old[2]),
                         )
         assert raw_seen == n, (raw_seen, n)
     finally:
@@ -163,12 +186,64 @@ async def bench_tail(dsn: str, n: int) -> dict[str, Any]:
     }
 
 
+async def bench_catchup(dsn: str, n: int) -> dict[str, Any]:
+    """Consume an ``n``-event backlog from the start of the log with ``consume_once``."""
+    await _preload(dsn, "catchup", n, per_tx=5000)
+    pool = await _pool(dsn)
+    seen = batches = 0
+
+    async def handler(events: list[Event], conn: Any) -> None:
+        nonlocal seen
+        seen += len(events)
+
+    try:
+        key, flt = CursorKey("catchup"), Filter("catchup")
+        async with pool.connection() as conn:
+            await ensure_cursor(conn, key, flt)
+        with Timer() as t:
+            while True:
+                r = await consume_once(pool, key, flt, handler, batch_size=BATCH)
+                if r.outcome is not BatchOutcome.APPLIED:
+                    break
+                batches += 1
+    finally:
+        await pool.close()
+    assert seen == n, (seen, n)
+    return {"events": n, "batches": batches, "seconds": t.seconds, "events_per_s": n / t.seconds}
+
+
 # ------------------------------------------------------------------------ (b) latency
 
 
-async def bench_latency(dsn: str, mode: str, seconds: float) -> dict[str, Any]:
-    """Commit -> handler latency; ``mode`` is ``notify``, ``poke`` or ``poll``."""
-    stream = f"lat_{mode}"
+def _other_database(dsn: str) -> str:
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    params = conninfo_to_dict(dsn)
+    params["dbname"] = "postgres"
+    return make_conninfo("", **params)
+
+
+async def bench_latency(
+    dsn: str, mode: str, seconds: float, *, held_elsewhere: bool = False
+) -> dict[str, Any]:
+    """Commit -> handler latency; ``mode`` is ``notify``, ``poke`` or ``poll``.
+
+    ``held_elsewhere``: a session in another database holds a transaction with an xid
+    open for the whole phase."""
+    import psycopg
+
+    holder = None
+    if held_elsewhere:
+        holder = await psycopg.AsyncConnection.connect(_other_database(dsn))
+        await holder.execute("SELECT pg_current_xact_id()")
+    try:
+        return await _latency(dsn, mode, seconds, f"lat_{mode}{'_held' if holder else ''}")
+    finally:
+        if holder is not None:
+            await holder.close()
+
+
+async def _latency(dsn: str, mode: str, seconds: float, stream: str) -> dict[str, Any]:
     wpool = await _pool(dsn)
     cpool = await _pool(dsn)
     listener = Listener(dsn) if mode != "poll" else None
@@ -383,10 +458,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"server: {args.server_label}", flush=True)
         print(f"(a) tail throughput: {n_tail:,} events, batch {BATCH}", flush=True)
         tail = await bench_tail(dsn, n_tail)
+        n_catchup = 50_000 if args.quick else 1_000_000
+        print(f"(a) catch-up: {n_catchup:,} events, batch {BATCH}", flush=True)
+        catchup = await bench_catchup(dsn, n_catchup)
         latency = []
         for mode in ("notify", "poke", "poll"):
             print(f"(b) latency via {mode}: {seconds:g} s", flush=True)
             latency.append(await bench_latency(dsn, mode, seconds))
+        print(f"(b) latency via notify, xid held in another database: {seconds:g} s", flush=True)
+        held = await bench_latency(dsn, "notify", seconds, held_elsewhere=True)
         # Interleaved rounds, so drift (table growth, autovacuum, other load on the
         # machine) hits every variant alike instead of whichever runs last.
         rounds = 1 if args.quick else 3
@@ -420,7 +500,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "notify_in_tx_ratio": bad["tps"] / alone["tps"],
     }
     notify = latency[0]
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "metric": "(a) tail, pgflow consume_once",
             "value": tail["pgflow_events_per_s"],
@@ -428,7 +508,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "goal": f">= {GOALS['tail_events_per_s']:,}",
         },
         {"metric": "(a) tail, raw psycopg", "value": tail["raw_events_per_s"], "unit": "events/s"},
-        {"metric": "(a) pgflow / raw", "value": tail["pgflow_vs_raw"], "unit": "ratio"},
+        {
+            "metric": "(a) pgflow / raw",
+            "value": tail["pgflow_vs_raw"],
+            "unit": "ratio",
+            "goal": f">= {GOALS['tail_vs_raw']}",
+        },
+        {
+            "metric": f"(a) catch-up of {catchup['events']:,} events",
+            "value": catchup["events_per_s"],
+            "unit": "events/s",
+            "goal": ">= tail",
+        },
     ]
     for lat in latency:
         label = {
@@ -441,6 +532,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if lat["mode"] == "notify":
                 row["goal"] = f"<= {GOALS[f'notify_{p}_ms']:g}"
             rows.append(row)
+    for p in ("p50", "p99"):
+        rows.append(
+            {
+                "metric": f"(b) latency NOTIFY, xid held elsewhere, {p}",
+                "value": held[f"{p}_ms"],
+                "unit": "ms",
+            }
+        )
+    held_ratio = held["p50_ms"] / notify["p50_ms"]
+    rows.append(
+        {
+            "metric": "(b) held / not held p50",
+            "value": held_ratio,
+            "unit": "ratio",
+            "goal": f"<= {GOALS['held_p50_ratio']}",
+        }
+    )
     rows += [
         {"metric": "(c) writers alone", "value": alone["tps"], "unit": "tx/s"},
         {"metric": "(c) writers + listener (wake-ups)", "value": listening["tps"], "unit": "tx/s"},
@@ -465,6 +573,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     ]
     met = {
         "tail_events_per_s": tail["pgflow_events_per_s"] >= GOALS["tail_events_per_s"],
+        "tail_vs_raw": tail["pgflow_vs_raw"] >= GOALS["tail_vs_raw"],
+        "catchup_vs_tail": catchup["events_per_s"] >= tail["pgflow_events_per_s"],
+        "held_p50_ratio": held_ratio <= GOALS["held_p50_ratio"],
         "notify_p50_ms": notify["p50_ms"] <= GOALS["notify_p50_ms"],
         "notify_p99_ms": notify["p99_ms"] <= GOALS["notify_p99_ms"],
         "writer_ratio": writers["listener_ratio"] >= GOALS["writer_ratio"],
@@ -480,7 +591,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "goals": GOALS,
         "goals_met": met,
         "tail": tail,
+        "catchup": catchup,
         "latency": latency,
+        "latency_held_elsewhere": held,
         "writers": writers,
         "table": rows,
     }

@@ -115,7 +115,7 @@ async def load(dsn: str, runs: int, events: int) -> dict[str, float]:
                 await conn.execute(indexdef)
         took["events_index_s"] = t.seconds
         # consumers a few thousand events behind the end; dead letters; timers
-        cur = await conn.execute("SELECT tx, id FROM pgflow.events ORDER BY id DESC LIMIT 1")
+        cur = await conn.execute("SELECT tx::text, id FROM pgflow.events ORDER BY id DESC LIMIT 1")
         row = await cur.fetchone()
         assert row is not None
         tx, last = row
@@ -129,11 +129,18 @@ async def load(dsn: str, runs: int, events: int) -> dict[str, float]:
             ("orders-PAID-v2", "orders", ["PAID"], 2, None),
         ):
             for shard in range(shards):
-                at = (tx, max(0, last - behind)) if behind else ("0", 0)
+                # a snapshot position part-way through the last load transaction's diff
+                # (everything before it read, its events read up to `after_id`), or the
+                # default snapshot '1:1:' (nothing read)
+                snap, upto = (f"{tx}:{tx}:", f"{int(tx) + 1}:{int(tx) + 1}:")
+                after_id = max(0, last - behind) if behind else 0
+                if not behind:
+                    snap, upto = "1:1:", None
                 await conn.execute(
-                    "INSERT INTO pgflow.cursors (consumer, shard, shard_count, tx, id, stream,"
-                    " types) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                    [consumer, shard, shards, *at, stream, types],
+                    "INSERT INTO pgflow.cursors (consumer, shard, shard_count, snap, upto,"
+                    " after_id, stream, types) VALUES (%s, %s, %s, %s::pg_snapshot,"
+                    " %s::pg_snapshot, %s, %s, %s)",
+                    [consumer, shard, shards, snap, upto, after_id, stream, types],
                 )
         await conn.execute(
             "INSERT INTO pgflow.dead_letters (consumer, event_id, foreign_id, type, payload,"

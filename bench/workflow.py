@@ -53,6 +53,7 @@ from _common import (
 )
 
 import pgflow
+from pgflow.snapshots import diff_read_sql
 
 GOALS = {"one_step_runs_per_s": 2000, "overhead_ratio": 0.7}
 CONCURRENCY = 32
@@ -87,14 +88,17 @@ async def pgflow_worker(dsn: str, steps: int) -> None:
     await serve(make_workflow(steps, dsn))
 
 
-HAND_READ = (
-    "SELECT e.id, e.tx, e.foreign_id, e.run_id, e.version, e.traceparent FROM pgflow.events e"
-    " WHERE e.stream = %(stream)s AND e.type = %(type)s"
-    " AND (e.tx, e.id) > (%(tx)s::xid8, %(id)s::bigint)"
-    " AND e.tx < pg_snapshot_xmin(pg_current_snapshot())"
-    " AND int4eq(e.shard_hash %% %(shard_count)s::int4, %(shard)s::int4)"
-    " ORDER BY e.tx, e.id LIMIT %(limit)s"
+# The same snapshot-diff read pgflow issues (pgflow.snapshots), as one SQL string.
+HAND_READ = diff_read_sql(
+    relation="pgflow.events",
+    columns="e.id, e.tx, e.foreign_id, e.run_id, e.version, e.traceparent",
+    where=[
+        "e.stream = %(stream)s",
+        "e.type = %(type)s",
+        "int4eq(e.shard_hash %% %(shard_count)s::int4, %(shard)s::int4)",
+    ],
 )
+HAND_LIMIT = 200
 
 
 async def hand_shard(dsn: str, shard: int, shards: int, stop: asyncio.Event) -> None:
@@ -114,26 +118,37 @@ async def hand_shard(dsn: str, shard: int, shards: int, stop: asyncio.Event) -> 
         async with conn.transaction():
             await conn.execute("SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
             cur = await conn.execute(
-                "SELECT tx, id FROM pgflow.cursors WHERE consumer = 'hand/START'"
-                " AND shard = %s AND shard_count = %s",
+                "SELECT snap::text, upto::text, after_id, lo, hi FROM pgflow.cursors"
+                " WHERE consumer = 'hand/START' AND shard = %s AND shard_count = %s",
                 (shard, shards),
             )
-            row = await cur.fetchone()
-            assert row is not None
-            old_tx, old_id = row
+            old = await cur.fetchone()
+            assert old is not None
             cur = await conn.execute(
                 HAND_READ,
                 {
                     "stream": "hand1",
                     "type": "START",
-                    "tx": str(old_tx),
-                    "id": old_id,
-                    "limit": 200,
+                    "__s1": old[0],
+                    "__upto": old[1],
+                    "__after": old[2],
+                    "__lo": old[3],
+                    "__hi": old[4],
+                    "__limit": HAND_LIMIT + 1,
                     "shard": shard,
                     "shard_count": shards,
                 },
             )
-            events = await cur.fetchall()
+            rows = await cur.fetchall()
+            more = len(rows) > HAND_LIMIT
+            rows = rows[:HAND_LIMIT]
+            events = [r[4:] for r in rows]
+            if not rows and old[1] is not None:  # an exhausted diff: move to its end
+                await conn.execute(
+                    "UPDATE pgflow.cursors SET snap = upto, upto = NULL, after_id = 0"
+                    " WHERE consumer = 'hand/START' AND shard = %s AND shard_count = %s",
+                    (shard, shards),
+                )
             if events:
                 cur = await conn.execute(
                     "SELECT run_id, version, status, run_state, object FROM pgflow.records"
@@ -157,14 +172,17 @@ async def hand_shard(dsn: str, shard: int, shards: int, stop: asyncio.Event) -> 
                         [m[2] for m in moves],
                     ),
                 )
-                last = events[-1]
+                s2, lo, hi = rows[0][0], rows[0][1], rows[0][2]
+                new = (old[0], s2, events[-1][0], lo, hi) if more else (s2, None, 0, None, None)
                 await conn.execute(
-                    "UPDATE pgflow.cursors SET tx = %s::xid8, id = %s, updated_at = now()"
+                    "UPDATE pgflow.cursors SET snap = %s::pg_snapshot, upto = %s::pg_snapshot,"
+                    " after_id = %s, lo = %s, hi = %s, updated_at = now()"
                     " WHERE consumer = 'hand/START' AND shard = %s AND shard_count = %s"
-                    " AND tx = %s::xid8 AND id = %s",
-                    (str(last[1]), last[0], shard, shards, str(old_tx), old_id),
+                    " AND snap::text = %s AND upto::text IS NOT DISTINCT FROM %s"
+                    " AND after_id = %s",
+                    (*new, shard, shards, old[0], old[1], old[2]),
                 )
-        if len(events) < 200:
+        if not more:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.002)
     await conn.close()

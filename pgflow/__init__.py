@@ -5,6 +5,7 @@ The public API is re-exported here; modules whose names start with ``_`` are pri
 
 from __future__ import annotations
 
+from . import timers
 from .api import API, run_id_for
 from .builder import Builder
 from .capture import capture, uncapture
@@ -22,11 +23,12 @@ from .errors import (
 )
 from .events import Event, NewEvent, Position
 from .graph import Graph
+from .listing import Page
 from .migrations import migrate
 from .records import Record, RunState
 from .run import Run
 from .streamer import Filter, Listener, Notifier, stream
-from .workflow import Workflow
+from .workflow import ConsumerState, Workflow
 
 __version__ = "0.1.0"
 
@@ -38,6 +40,7 @@ __all__ = [
     "Connector",
     "ConnectorConsumer",
     "ConnectorEvent",
+    "ConsumerState",
     "Consumer",
     "CursorKey",
     "DatabaseUnavailable",
@@ -49,6 +52,7 @@ __all__ = [
     "NewEvent",
     "Notifier",
     "NotFound",
+    "Page",
     "PgflowError",
     "Position",
     "Record",
@@ -61,5 +65,6 @@ __all__ = [
     "migrate",
     "run_id_for",
     "stream",
+    "timers",
     "uncapture",
 ]

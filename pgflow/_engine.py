@@ -22,6 +22,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from . import _db
 from ._codec import ObjectCodec, StatusCodec
+from .clock import Clock, SystemClock
 from .errors import InvalidTransition
 from .graph import Graph
 from .records import UNSET, RawRecord, Record, RunState, write_change
@@ -56,8 +57,17 @@ class Engine(Generic[T, S]):
         *,
         hooks: Hooks,
         pool_size: int = 10,
+        custom_delete: Callable[[T], Any] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.graph = graph
+        #: what time it is for timeouts, retries and schedules (see pgflow.clock)
+        self.clock: Clock = clock if clock is not None else SystemClock()
+        #: ``fn(object) -> object`` (or None after scrubbing in place): what data
+        #: deletion keeps of a run's object (luno ``WithCustomDelete``)
+        self.custom_delete = custom_delete
+        #: schedule filters registered in this process, by foreign id (see schedule())
+        self.schedule_filters: dict[str, Callable[[Any], Any]] = {}
         self.name = graph.workflow
         self.objects: ObjectCodec[T] = ObjectCodec(object_type)
         self.statuses: StatusCodec[S] = StatusCodec(graph.statuses)
@@ -158,6 +168,15 @@ class Engine(Generic[T, S]):
             meta=raw.meta,
         )
 
+    async def scrub(self, stored: Any) -> str | None:
+        """What data deletion keeps of a stored object: ``custom_delete`` applied to it
+        (default: nothing). The admin functions call this as their ``scrub``."""
+        if self.custom_delete is None or stored is None:
+            return None
+        obj = self.objects.load(stored)
+        kept = await maybe_await(self.custom_delete(obj))
+        return self.objects.dump(obj if kept is None else kept)
+
     def make_run(self, raw: RawRecord, conn: AsyncConnection[Any]) -> Run[T, S]:
         return Run(self, raw, self.to_record(raw), conn)
 
@@ -216,7 +235,9 @@ class Engine(Generic[T, S]):
             await self.fire("complete", run)
         return new
 
-    async def change_state(self, run: Run[T, S], state: RunState) -> None:
+    async def change_state(
+        self, run: Run[T, S], state: RunState, reason: str | None = None
+    ) -> None:
         """Pause or cancel ``run`` inside its transaction (``run.pause()``/``cancel()``)."""
         from .admin import set_run_state
 
@@ -227,12 +248,37 @@ class Engine(Generic[T, S]):
             run.run_id,
             state,
             object_json=self.objects.dump(run.object),
+            reason=reason,
         )
         run._moved(new)
         run.changed = True
         kind = _HOOK_FOR_STATE.get(state)
         if kind:
             await self.fire(kind, run)
+
+    async def save_and_repeat(self, run: Run[T, S]) -> None:
+        """Store ``run.object`` at the same status with a new version and event (the
+        step runs again when the event comes round); ``run.save_and_repeat()``."""
+        from .records import load_run
+
+        locked = await load_run(run.tx, self.name, run.foreign_id, run.run_id, lock=True)
+        if locked is None or locked.version != run.version:
+            raise InvalidTransition(
+                f"workflow {self.name!r}: run {run.run_id} of {run.foreign_id!r} moved "
+                "while its step ran; nothing was saved"
+            )
+        new = await write_change(
+            run.tx,
+            locked,
+            change="save_and_repeat",
+            status=locked.status,
+            run_state=RunState.RUNNING,
+            object_json=self.objects.dump(run.object),
+            reset_errors=True,
+        )
+        assert new is not None  # the row is locked
+        run._moved(new)
+        run.changed = True
 
     def state_hook(
         self, state: RunState

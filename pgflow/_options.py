@@ -28,7 +28,7 @@ class Options:
     pause_after_err_count: int | None = 5
     #: the polling timer that backs up LISTEN/NOTIFY wake-ups (and the timer poller)
     polling_frequency: timedelta = timedelta(seconds=1)
-    #: events per batch transaction (batches hold the xid horizon while they run)
+    #: events per batch transaction (a batch holds a transaction open while it runs)
     batch_size: int = 100
     #: only process events at least this old (0: at once)
     consume_lag: timedelta = timedelta(0)
@@ -36,6 +36,9 @@ class Options:
     lag_alert: timedelta | None = None
     #: connectors: attempts per event before it is dead-lettered
     max_retries: int = 5
+    #: resume a run paused by ``pause_after_err_count`` after this long (None: stay
+    #: paused until resumed by hand); luno ``WithPauseRetry``, same 1 h default
+    pause_retry: timedelta | None = timedelta(hours=1)
 
     def backoff(self, attempt: int, cap: timedelta = timedelta(minutes=10)) -> timedelta:
         """Delay before retry number ``attempt`` (1-based): err_backoff * 2**(attempt-1)."""
@@ -45,9 +48,9 @@ class Options:
 
 OPTION_NAMES = frozenset(f.name for f in fields(Options))
 _INTS = {"parallel_count", "batch_size", "pause_after_err_count", "max_retries"}
-_DURATIONS = {"err_backoff", "polling_frequency", "consume_lag", "lag_alert"}
+_DURATIONS = {"err_backoff", "polling_frequency", "consume_lag", "lag_alert", "pause_retry"}
 _ZERO_OK = {"consume_lag"}
-_NONE_OK = {"pause_after_err_count", "lag_alert"}
+_NONE_OK = {"pause_after_err_count", "lag_alert", "pause_retry"}
 
 
 def _duration(value: Any) -> timedelta:

@@ -39,7 +39,7 @@ import enum
 import logging
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 from uuid import UUID
 
@@ -55,7 +55,7 @@ from .observability import metrics, step_span
 from .records import PROCESSABLE_STATES, RawRecord, RunState, load_many
 from .streamer import Filter
 
-__all__ = ["RetryBatch", "StepConsumer", "error_text", "record_error"]
+__all__ = ["AUTO_PAUSE_REASON", "RetryBatch", "StepConsumer", "error_text", "record_error"]
 
 logger = logging.getLogger("pgflow.steps")
 
@@ -84,7 +84,9 @@ WITH v AS (
     SET version = r.version + 1, updated_at = now(), status = v.status,
         run_state = v.run_state, object = v.object::jsonb, err_count = 0,
         last_error = NULL, retry_at = NULL,
-        traceparent = coalesce(v.traceparent, r.traceparent)
+        traceparent = coalesce(v.traceparent, r.traceparent),
+        meta = CASE WHEN r.run_state = v.run_state THEN r.meta
+                    ELSE r.meta - 'run_state_reason' END
     FROM v WHERE r.run_id = v.run_id AND r.version = v.version
     RETURNING r.run_id, r.workflow, r.foreign_id, r.status, r.run_state, r.version,
               r.traceparent
@@ -102,6 +104,10 @@ def error_text(exc: BaseException) -> str:
     return text if len(text) <= 2000 else text[:1997] + "..."
 
 
+#: The run-state reason of a run paused by ``pause_after_err_count`` (luno's words).
+AUTO_PAUSE_REASON = "max error retry threshold hit"
+
+
 async def record_error(
     engine: Engine[Any, Any],
     conn: AsyncConnection[Any],
@@ -110,22 +116,29 @@ async def record_error(
     *,
     err_backoff_s: float,
     pause_after: int | None,
+    pause_retry: timedelta | None = None,
 ) -> RawRecord | None:
     """Count a failed attempt on ``rec``; schedule its retry or pause the run.
 
     Compare-and-set on the version without bumping it: the retry event re-emitted by
     the poller carries the same version, so it is still current when it arrives.
+
+    A pause here records :data:`AUTO_PAUSE_REASON` and, with ``pause_retry``, sets the
+    paused run's ``retry_at`` to when the timer poller resumes it (a pause by hand
+    clears ``retry_at``, so only automatic pauses are resumed automatically).
     """
     count = rec.err_count + 1
     pausing = pause_after is not None and count >= pause_after
+    now = engine.clock.sql_now()
     cur = await conn.execute(
         "UPDATE pgflow.records SET err_count = err_count + 1, last_error = %s,"
         " retry_at = CASE WHEN %s THEN NULL"
-        "   ELSE now() + make_interval(secs => least(%s * 2 ^ least(err_count, 30), 600))"
+        "   ELSE coalesce(%s, now())"
+        "        + make_interval(secs => least(%s * 2 ^ least(err_count, 30), 600))"
         " END,"
         " updated_at = now()"
         " WHERE run_id = %s AND version = %s RETURNING err_count",
-        (error_text(exc), pausing, err_backoff_s, rec.run_id, rec.version),
+        (error_text(exc), pausing, now, err_backoff_s, rec.run_id, rec.version),
     )
     row = await cur.fetchone()
     if row is None:
@@ -134,20 +147,29 @@ async def record_error(
         from .admin import pause
 
         logger.warning(
-            "%s: run %s of %r paused after %d errors: %s",
+            "%s: run %s of %r paused after %d errors%s: %s",
             rec.workflow,
             rec.run_id,
             rec.foreign_id,
             row[0],
+            f" (resumed in {pause_retry})" if pause_retry is not None else "",
             error_text(exc),
         )
-        return await pause(
+        paused = await pause(
             conn,
             rec.workflow,
             rec.foreign_id,
             rec.run_id,
             hook=engine.state_hook(RunState.PAUSED),
+            reason=AUTO_PAUSE_REASON,
         )
+        if pause_retry is not None:
+            await conn.execute(
+                "UPDATE pgflow.records SET retry_at = coalesce(%s, now()) + %s"
+                " WHERE run_id = %s AND version = %s",
+                (now, pause_retry, paused.run_id, paused.version),
+            )
+        return paused
     return None
 
 
@@ -351,6 +373,7 @@ class StepConsumer(Generic[T, S]):
             exc,
             err_backoff_s=spec.options.err_backoff.total_seconds(),
             pause_after=spec.options.pause_after_err_count,
+            pause_retry=spec.options.pause_retry,
         )
         if paused is None:
             metrics.retry(self.name, self.shard)

@@ -1,8 +1,10 @@
 """Time-driven work: timeouts, step retries, cron schedules, data erasure.
 
 * :class:`TimerArmer` — a consumer per timeout status: for each run that reaches the
-  status it calls ``timer(run, now)`` and stores the due time in ``pgflow.timeouts``
-  (one row per run, status and record version, so re-delivery arms nothing twice).
+  status it calls each of the status's ``timer(run, now)`` and stores the due times in
+  ``pgflow.timeouts`` (one row per run, status, record version and timer, so
+  re-delivery arms nothing twice). The first timeout that moves the run voids the
+  others (their version no longer matches).
 * :class:`Poller` — one per Workflow process, every ``polling_frequency``:
 
   - fires due timeouts exactly once: the row is claimed with
@@ -12,6 +14,9 @@
     a timeout whose run moved on (version changed) is completed without firing;
   - re-emits the current event of runs whose step failed once ``retry_at`` passed
     (see :mod:`pgflow._steps` for why retries are events);
+  - resumes runs paused after too many errors once their ``pause_retry`` delay
+    (``retry_at`` of a PAUSED run) has passed: luno's paused-records retry, except that
+    a run paused by hand stays paused (its pause cleared ``retry_at``);
   - triggers cron schedules once per tick (row lock + ``next_at`` update in the
     trigger's transaction; ticks missed while no worker ran are skipped, not
     replayed);
@@ -41,7 +46,10 @@ from .observability import metrics, step_span
 from .records import PROCESSABLE_STATES, RawRecord, load_many
 from .streamer import Filter
 
-__all__ = ["Poller", "TimerArmer"]
+__all__ = ["PAUSE_RETRY_REASON", "Poller", "TimerArmer"]
+
+#: The run-state reason of a run resumed by ``pause_retry``.
+PAUSE_RETRY_REASON = "pause_retry: resumed automatically"
 
 logger = logging.getLogger("pgflow.timers")
 
@@ -58,12 +66,18 @@ def _current(rec: RawRecord | None, status: str, version: int) -> bool:
     )
 
 
-class TimerArmer(Generic[T, S]):
-    """Arms ``pgflow.timeouts`` rows for runs reaching a timeout's status."""
+class _Void(Exception):
+    """The run moved while its timeout's ``expire`` ran: the timeout is void."""
 
-    def __init__(self, engine: Engine[T, S], spec: TimeoutSpec[S], shard: int) -> None:
+
+class TimerArmer(Generic[T, S]):
+    """Arms ``pgflow.timeouts`` rows for runs reaching a timeout status (all of the
+    status's timeouts, so one cursor per status whatever their number)."""
+
+    def __init__(self, engine: Engine[T, S], specs: list[TimeoutSpec[S]], shard: int) -> None:
         self.engine = engine
-        self.spec = spec
+        self.specs = specs
+        spec = self.spec = specs[0]
         self.shard = shard
         self.name = f"{engine.name}/{spec.status.name}/timeout"
         opts = spec.options
@@ -90,42 +104,56 @@ class TimerArmer(Generic[T, S]):
     async def handle(self, events: list[Event], conn: AsyncConnection[Any]) -> None:
         records = await load_many(conn, [e.run_id for e in events if e.run_id is not None])
         rows: list[tuple[Any, ...]] = []
-        now = datetime.now(UTC)
+        now = self.engine.clock.now()
         for event in events:
             rec = records.get(event.run_id) if event.run_id is not None else None
             if rec is None or not _current(rec, event.type, event.version):
                 continue
             run = self.engine.make_run(rec, conn)
-            try:
-                due = await maybe_await(self.spec.timer(run, now))
-            except Exception as exc:
-                # Not retried automatically (a re-emitted event would re-run the step of
-                # this status too); the error is visible on the record, `pgflow retry`
-                # re-arms.
-                metrics.error(self.name, self.shard)
-                logger.warning("%s: timer failed for %r: %s", self.key, rec.foreign_id, exc)
-                await conn.execute(
-                    "UPDATE pgflow.records SET err_count = err_count + 1, last_error = %s"
-                    " WHERE run_id = %s AND version = %s",
-                    (error_text(exc), rec.run_id, rec.version),
-                )
-                continue
-            if due is None:
-                continue
-            if not isinstance(due, datetime):
-                logger.warning("%s: timer returned %r, not a datetime; ignored", self.key, due)
-                continue
-            if due.tzinfo is None:
-                due = due.replace(tzinfo=UTC)
-            rows.append((rec.workflow, rec.foreign_id, rec.run_id, rec.status, rec.version, due))
+            for spec in self.specs:
+                due = await self._due(spec, run, rec, conn, now)
+                if due is not None:
+                    rows.append(
+                        (rec.workflow, rec.foreign_id, rec.run_id, rec.status, rec.version,
+                         due, spec.index)
+                    )  # fmt: skip
         if rows:
             async with conn.cursor() as cur:
                 await cur.executemany(
                     "INSERT INTO pgflow.timeouts"
-                    " (workflow, foreign_id, run_id, status, version, expire_at)"
-                    " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                    " (workflow, foreign_id, run_id, status, version, expire_at, timer)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
                     rows,
                 )
+
+    async def _due(
+        self,
+        spec: TimeoutSpec[S],
+        run: Any,
+        rec: RawRecord,
+        conn: AsyncConnection[Any],
+        now: datetime,
+    ) -> datetime | None:
+        try:
+            due = await maybe_await(spec.timer(run, now))
+        except Exception as exc:
+            # Not retried automatically (a re-emitted event would re-run the step of
+            # this status too); the error is visible on the record, `pgflow retry`
+            # re-arms.
+            metrics.error(self.name, self.shard)
+            logger.warning("%s: timer failed for %r: %s", self.key, rec.foreign_id, exc)
+            await conn.execute(
+                "UPDATE pgflow.records SET err_count = err_count + 1, last_error = %s"
+                " WHERE run_id = %s AND version = %s",
+                (error_text(exc), rec.run_id, rec.version),
+            )
+            return None
+        if due is None:
+            return None
+        if not isinstance(due, datetime):
+            logger.warning("%s: timer returned %r, not a datetime; ignored", self.key, due)
+            return None
+        return due if due.tzinfo is not None else due.replace(tzinfo=UTC)
 
 
 class Poller(Generic[T, S]):
@@ -137,12 +165,24 @@ class Poller(Generic[T, S]):
         self.batch = batch
         self.name = f"{engine.name}/poller"
         self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
         self.fired = 0  #: timeouts fired by this process (tests, metrics)
+        engine.clock.on_change(self.wake)
 
     def stop(self) -> None:
         self._stopping.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Look for due work now (the clock jumped); safe from any thread."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake.set)
+
+    _loop: asyncio.AbstractEventLoop | None = None
 
     async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
         delay = 0.05
         failing = False
         while not self._stopping.is_set():
@@ -167,14 +207,21 @@ class Poller(Generic[T, S]):
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
 
     async def tick(self) -> bool:
         """One pass over all timer work; True when a full batch suggests more is due."""
         pool = await self.engine.pool()
         busy = False
         async with pool.connection() as conn:
-            for job in (self.fire_timeouts, self.emit_retries, self.fire_schedules, self.erase):
+            for job in (
+                self.fire_timeouts,
+                self.emit_retries,
+                self.resume_paused,
+                self.fire_schedules,
+                self.erase,
+            ):
                 if await job(conn) >= self.batch:
                     busy = True
         return busy
@@ -188,25 +235,30 @@ class Poller(Generic[T, S]):
             cur = await conn.execute(
                 "UPDATE pgflow.timeouts t SET completed = true WHERE t.id IN ("
                 " SELECT id FROM pgflow.timeouts WHERE workflow = %s AND NOT completed"
-                " AND expire_at <= now() ORDER BY expire_at LIMIT %s FOR UPDATE SKIP LOCKED)"
-                " RETURNING t.id, t.run_id, t.status, t.version",
-                (engine.name, self.batch),
+                " AND expire_at <= coalesce(%s, now()) ORDER BY expire_at LIMIT %s"
+                " FOR UPDATE SKIP LOCKED)"
+                " RETURNING t.id, t.run_id, t.status, t.version, t.timer",
+                (engine.name, engine.clock.sql_now(), self.batch),
             )
             rows = await cur.fetchall()
             if not rows:
                 return 0
             records = await load_many(conn, [r[1] for r in rows])
-            now = datetime.now(UTC)
-            for timeout_id, run_id, status, version in rows:
+            now = engine.clock.now()
+            for timeout_id, run_id, status, version, timer in rows:
                 rec = records.get(run_id)
                 try:
-                    spec = engine.graph.timeouts.get(engine.statuses.load(status))
+                    specs = engine.graph.timeouts.get(engine.statuses.load(status), [])
                 except ValueError:
-                    spec = None
+                    specs = []
+                spec = specs[timer] if 0 <= timer < len(specs) else None
                 if spec is None or rec is None or not _current(rec, status, version):
                     continue  # the run moved on: the timeout is void, claimed as done
-                if await self._expire(conn, spec, rec, timeout_id, now):
+                moved = await self._expire(conn, spec, rec, timeout_id, now)
+                if moved is not None:
                     fired += 1
+                    # a sibling timeout of this run in the same batch sees the move
+                    records[run_id] = moved
         self.fired += fired
         if fired:
             engine.poke()
@@ -219,7 +271,8 @@ class Poller(Generic[T, S]):
         rec: RawRecord,
         timeout_id: int,
         now: datetime,
-    ) -> bool:
+    ) -> RawRecord | None:
+        """Run ``expire`` in a savepoint; the run's record after it (None: not fired)."""
         engine = self.engine
         attributes = {
             "workflow": engine.name,
@@ -239,11 +292,15 @@ class Poller(Generic[T, S]):
                     if dest is not None and not run.changed:
                         if not isinstance(dest, engine.statuses.enum):
                             raise InvalidTransition(f"expire returned {dest!r}, not a status")
-                        await engine.transition(
+                        new = await engine.transition(
                             run, dest, change="timeout", allowed=spec.to, traceparent=tp
                         )
+                        if new is None:  # moved concurrently: expire's writes roll back
+                            raise _Void
             metrics.success(self.name, 0)
-            return True
+            return run._raw
+        except _Void:
+            return None
         except psycopg.OperationalError:
             raise
         except Exception as exc:
@@ -258,16 +315,16 @@ class Poller(Generic[T, S]):
                 backoff,
             )
             await conn.execute(
-                "UPDATE pgflow.timeouts SET completed = false, expire_at = now() + %s"
-                " WHERE id = %s",
-                (backoff, timeout_id),
+                "UPDATE pgflow.timeouts SET completed = false,"
+                " expire_at = coalesce(%s, now()) + %s WHERE id = %s",
+                (engine.clock.sql_now(), backoff, timeout_id),
             )
             await conn.execute(
                 "UPDATE pgflow.records SET err_count = err_count + 1, last_error = %s"
                 " WHERE run_id = %s AND version = %s",
                 (error_text(exc), rec.run_id, rec.version),
             )
-            return False
+            return None
 
     # -- step retries -----------------------------------------------------------------
 
@@ -276,11 +333,11 @@ class Poller(Generic[T, S]):
             cur = await conn.execute(
                 "UPDATE pgflow.records r SET retry_at = NULL WHERE r.run_id IN ("
                 " SELECT run_id FROM pgflow.records WHERE workflow = %s"
-                " AND retry_at <= now() AND run_state IN ('INITIATED', 'RUNNING')"
+                " AND retry_at <= coalesce(%s, now()) AND run_state IN ('INITIATED', 'RUNNING')"
                 " ORDER BY retry_at LIMIT %s FOR UPDATE SKIP LOCKED)"
                 " RETURNING r.run_id, r.workflow, r.foreign_id, r.status, r.version,"
                 " r.traceparent, r.err_count, r.run_state",
-                (self.engine.name, self.batch),
+                (self.engine.name, self.engine.clock.sql_now(), self.batch),
             )
             rows = await cur.fetchall()
             if rows:
@@ -307,6 +364,30 @@ class Poller(Generic[T, S]):
             self.engine.poke()
         return len(rows)
 
+    # -- pause retry ------------------------------------------------------------------
+
+    async def resume_paused(self, conn: AsyncConnection[Any]) -> int:
+        """Resume runs paused after too many errors whose ``pause_retry`` has passed."""
+        async with conn.transaction():
+            cur = await conn.execute(
+                "SELECT foreign_id, run_id FROM pgflow.records"
+                " WHERE workflow = %s AND run_state = 'PAUSED'"
+                " AND retry_at <= coalesce(%s, now())"
+                " ORDER BY retry_at LIMIT %s FOR UPDATE SKIP LOCKED",
+                (self.engine.name, self.engine.clock.sql_now(), self.batch),
+            )
+            rows = await cur.fetchall()
+            for foreign_id, run_id in rows:
+                rec = await admin.resume(
+                    conn, self.engine.name, foreign_id, run_id, reason=PAUSE_RETRY_REASON
+                )
+                logger.info(
+                    "%s: run %s of %r resumed by pause_retry", self.name, rec.run_id, foreign_id
+                )
+        if rows:
+            self.engine.poke()
+        return len(rows)
+
     # -- schedules --------------------------------------------------------------------
 
     async def fire_schedules(self, conn: AsyncConnection[Any]) -> int:
@@ -314,40 +395,67 @@ class Poller(Generic[T, S]):
 
         from .api import API, run_id_for
 
-        api: API[T, S] = API(self.engine, conn)
+        engine = self.engine
+        api: API[T, S] = API(engine, conn)
         triggered = 0
         async with conn.transaction():
+            # a filtered schedule is fired only by a process that has its filter
             cur = await conn.execute(
-                "SELECT foreign_id, spec, next_at FROM pgflow.schedules WHERE workflow = %s"
-                " AND next_at <= now() ORDER BY next_at LIMIT %s FOR UPDATE SKIP LOCKED",
-                (self.engine.name, self.batch),
+                "SELECT foreign_id, spec, next_at, initial, filtered FROM pgflow.schedules"
+                " WHERE workflow = %s AND next_at <= coalesce(%s, now())"
+                " AND (NOT filtered OR foreign_id = ANY(%s))"
+                " ORDER BY next_at LIMIT %s FOR UPDATE SKIP LOCKED",
+                (engine.name, engine.clock.sql_now(), list(engine.schedule_filters), self.batch),
             )
             rows = await cur.fetchall()
-            now = datetime.now(UTC)
-            for foreign_id, spec, tick in rows:
-                try:
-                    await api.trigger(
-                        foreign_id,
-                        run_id=run_id_for("schedule", self.engine.name, foreign_id, str(tick)),
-                        headers={"schedule": spec, "tick": tick.isoformat()},
-                    )
-                    triggered += 1
-                except WorkflowInProgress:
-                    logger.info(
-                        "%s: schedule tick %s for %r skipped: a run is in progress",
-                        self.name,
-                        tick,
-                        foreign_id,
-                    )
+            now = engine.clock.now()
+            for foreign_id, spec, tick, initial, filtered in rows:
+                if not filtered or await self._passes(foreign_id, tick):
+                    try:
+                        await api.trigger(
+                            foreign_id,
+                            None if initial is None else engine.objects.load(initial),
+                            run_id=run_id_for("schedule", engine.name, foreign_id, str(tick)),
+                            headers={"schedule": spec, "tick": tick.isoformat()},
+                        )
+                        triggered += 1
+                    except WorkflowInProgress:
+                        logger.info(
+                            "%s: schedule tick %s for %r skipped: a run is in progress",
+                            self.name,
+                            tick,
+                            foreign_id,
+                        )
                 next_at = croniter(spec, max(now, tick)).get_next(datetime)
                 await conn.execute(
                     "UPDATE pgflow.schedules SET next_at = %s, last_at = %s"
                     " WHERE workflow = %s AND foreign_id = %s",
-                    (next_at, tick, self.engine.name, foreign_id),
+                    (next_at, tick, engine.name, foreign_id),
                 )
         if triggered:
-            self.engine.poke()
+            engine.poke()
         return len(rows)
+
+    async def _passes(self, foreign_id: str, tick: datetime) -> bool:
+        """The schedule filter's verdict on ``tick``; an error skips the tick (logged),
+        as retrying it at every poll would spin (luno #161)."""
+        fn = self.engine.schedule_filters.get(foreign_id)
+        if fn is None:  # unscheduled here meanwhile
+            return False
+        try:
+            ok = bool(await maybe_await(fn(tick)))
+        except Exception as exc:
+            logger.warning(
+                "%s: schedule filter for %r failed at tick %s (tick skipped): %s",
+                self.name,
+                foreign_id,
+                tick,
+                error_text(exc),
+            )
+            return False
+        if not ok:
+            logger.info("%s: schedule tick %s for %r filtered out", self.name, tick, foreign_id)
+        return ok
 
     # -- data erasure -----------------------------------------------------------------
 
@@ -361,7 +469,20 @@ class Poller(Generic[T, S]):
             )
             rows = await cur.fetchall()
             for foreign_id, run_id in rows:
-                await admin.erase_data(conn, self.engine.name, foreign_id, run_id)
+                try:
+                    await admin.erase_data(
+                        conn, self.engine.name, foreign_id, run_id, scrub=self.engine.scrub
+                    )
+                except psycopg.OperationalError:
+                    raise
+                except Exception as exc:  # a failing custom_delete: retried next tick
+                    logger.warning(
+                        "%s: data deletion of %r (run %s) failed: %s",
+                        self.name,
+                        foreign_id,
+                        run_id,
+                        error_text(exc),
+                    )
         if rows:
             self.engine.poke()
         return len(rows)

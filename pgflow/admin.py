@@ -9,6 +9,14 @@ CLI has no Python hooks to fire; pass ``hook=`` to run your own).
 
 Every change is a record update plus its event (``write_change``); a resume or retry
 re-emits the run's current status event, which is what makes its step run again.
+Each takes an optional ``reason``: stored as the run state's reason
+(``Record.run_state_reason``, the ``run_state_reason`` column of ``pgflow.runs``) and
+in the event's headers, so "who paused this and why" is answered by the record.
+
+Data deletion follows luno: only a finished run (completed or cancelled) can have its
+data deleted, and deletion can be repeated (a DATA_DELETED run may be deleted again,
+e.g. after a scrub function learned about a new personal field). Cancel a run in
+progress first.
 """
 
 from __future__ import annotations
@@ -41,6 +49,9 @@ __all__ = [
 ]
 
 Hook = Callable[[RawRecord, AsyncConnection[Any]], Awaitable[None]]
+#: ``scrub(object_json) -> object_json``: what erasure leaves of a run's stored object
+#: (None: nothing). A workflow's ``custom_delete`` is turned into one (see the engine).
+Scrub = Callable[[Any], Awaitable[str | None]]
 
 #: run state -> the states it may be entered from
 _ALLOWED_FROM: dict[RunState, frozenset[RunState]] = {
@@ -48,13 +59,7 @@ _ALLOWED_FROM: dict[RunState, frozenset[RunState]] = {
     RunState.CANCELLED: frozenset({RunState.INITIATED, RunState.RUNNING, RunState.PAUSED}),
     RunState.RUNNING: frozenset({RunState.PAUSED}),
     RunState.REQUESTED_DATA_DELETED: frozenset(
-        {
-            RunState.INITIATED,
-            RunState.RUNNING,
-            RunState.PAUSED,
-            RunState.COMPLETED,
-            RunState.CANCELLED,
-        }
+        {RunState.COMPLETED, RunState.CANCELLED, RunState.DATA_DELETED}
     ),
 }
 #: run states ``retry`` accepts (a paused run is resumed by it)
@@ -108,12 +113,12 @@ async def set_run_state(
     reason: str | None = None,
 ) -> RawRecord:
     """Move a run to ``state`` if its current run state allows it, else
-    :class:`InvalidTransition` (and nothing changes). ``reason`` (why a person paused or
-    cancelled it) is stored in the change event's headers, shown by ``pgflow.run_history``
-    and the console."""
+    :class:`InvalidTransition` (and nothing changes). ``reason`` becomes the run
+    state's reason (None clears the previous one)."""
     allowed = _ALLOWED_FROM.get(state)
     if allowed is None:
         raise InvalidTransition(f"run state {state} cannot be set directly")
+    _check_reason(reason)
     async with conn.transaction():
         rec = await _locked_for(conn, workflow, foreign_id, run_id, _VERB[state], allowed)
         new = await write_change(
@@ -123,12 +128,19 @@ async def set_run_state(
             run_state=state,
             object_json=object_json,
             reset_errors=state is RunState.RUNNING,
-            headers={"reason": reason} if reason else None,
+            # a pause by hand is not resumed by pause_retry (only automatic ones are)
+            clear_retry=state is not RunState.RUNNING,
+            reason=reason,
         )
         assert new is not None  # the row is locked: the compare-and-set cannot miss
         if hook is not None:
             await hook(new, conn)
         return new
+
+
+def _check_reason(reason: str | None) -> None:
+    if reason is not None and not isinstance(reason, str):
+        raise TypeError(f"reason must be a string or None, got {type(reason).__name__}")
 
 
 async def pause(
@@ -153,9 +165,12 @@ async def resume(
     run_id: UUID | str | None = None,
     *,
     hook: Hook | None = None,
+    reason: str | None = None,
 ) -> RawRecord:
     """Continue a paused run: its error count is reset and its current step runs again."""
-    return await set_run_state(conn, workflow, foreign_id, run_id, RunState.RUNNING, hook=hook)
+    return await set_run_state(
+        conn, workflow, foreign_id, run_id, RunState.RUNNING, hook=hook, reason=reason
+    )
 
 
 async def cancel(
@@ -178,12 +193,17 @@ async def retry(
     workflow: str,
     foreign_id: str,
     run_id: UUID | str | None = None,
+    *,
+    reason: str | None = None,
 ) -> RawRecord:
     """Run the current step again now: reset errors, unpause, re-emit its event."""
+    _check_reason(reason)
     async with conn.transaction():
         rec = await _locked_for(conn, workflow, foreign_id, run_id, "retry", _RETRYABLE)
         state = RunState.RUNNING if rec.run_state is RunState.PAUSED else rec.run_state
-        new = await write_change(conn, rec, change="retry", run_state=state, reset_errors=True)
+        new = await write_change(
+            conn, rec, change="retry", run_state=state, reset_errors=True, reason=reason
+        )
         assert new is not None
         return new
 
@@ -193,25 +213,39 @@ async def request_data_deletion(
     workflow: str,
     foreign_id: str,
     run_id: UUID | str | None = None,
+    *,
+    reason: str | None = None,
 ) -> RawRecord:
-    """First half of ``delete_data``: mark the run REQUESTED_DATA_DELETED."""
-    return await set_run_state(conn, workflow, foreign_id, run_id, RunState.REQUESTED_DATA_DELETED)
+    """First half of ``delete_data``: mark a finished run REQUESTED_DATA_DELETED (a
+    worker's timer poller, or the caller, then erases it: :func:`erase_data`)."""
+    return await set_run_state(
+        conn, workflow, foreign_id, run_id, RunState.REQUESTED_DATA_DELETED, reason=reason
+    )
 
 
 async def erase_data(
-    conn: AsyncConnection[Any], workflow: str, foreign_id: str, run_id: UUID | str
+    conn: AsyncConnection[Any],
+    workflow: str,
+    foreign_id: str,
+    run_id: UUID | str,
+    *,
+    scrub: Scrub | None = None,
 ) -> RawRecord | None:
-    """Second half: erase the object and last error, mark DATA_DELETED (events stay as
-    the audit trail). Returns None when the run was not waiting for erasure."""
+    """Second half: replace the object by what ``scrub`` keeps of it (default:
+    nothing, NULL), clear the last error, mark DATA_DELETED (events stay as the audit
+    trail; the deletion's reason is kept). Returns None when the run was not waiting
+    for erasure. A failing ``scrub`` raises and changes nothing."""
     async with conn.transaction():
         rec = await _locked(conn, workflow, foreign_id, run_id)
         if rec.run_state is not RunState.REQUESTED_DATA_DELETED:
             return None
+        kept = None if scrub is None else await scrub(rec.object)
         return await write_change(
             conn,
             rec,
             change="data_deleted",
             run_state=RunState.DATA_DELETED,
-            object_json=None,
+            object_json=kept,
             reset_errors=True,
+            reason=rec.run_state_reason,
         )

@@ -24,8 +24,8 @@ import contextlib
 import enum
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import psycopg
@@ -35,6 +35,7 @@ from . import admin
 from ._batch_api import Batch
 from ._engine import Engine, maybe_await
 from .errors import ConfigError, InvalidTransition, NotFound, WorkflowInProgress
+from .listing import Order, Page, list_records
 from .observability import current_traceparent, trigger_span
 from .records import (
     PROCESSABLE_STATES,
@@ -211,29 +212,54 @@ class API(Generic[T, S]):
         async with self._read() as conn:
             return await load_run(conn, self.name, foreign_id, run_id) is not None
 
-    async def schedule(self, foreign_id: str, spec: str) -> datetime:
+    async def schedule(
+        self,
+        foreign_id: str,
+        spec: str,
+        *,
+        initial: T | None = None,
+        filter: Callable[[datetime], bool | Awaitable[bool]] | None = None,
+    ) -> datetime:
         """Trigger ``foreign_id`` on the cron ``spec`` (e.g. ``"*/5 * * * *"``, UTC).
 
         The timer poller triggers once per tick (exactly once across processes); a tick
         that finds a run still in progress is skipped. Returns the next tick.
-        Re-scheduling replaces the spec.
+        Re-scheduling replaces the spec, the value and the filter.
+
+        ``initial``: the object each tick's run starts with (luno
+        ``WithScheduleInitialValue``); stored with the schedule, so any worker uses it.
+        ``filter(tick) -> bool`` (may be async): called at each tick; False (or an
+        error, logged) skips that tick (luno ``WithScheduleFilter``). A filter is Python
+        code, not data: only processes that called ``schedule(..., filter=...)`` fire
+        such a schedule — call it at start-up in every worker, as with luno.
         """
         from croniter import croniter
 
         if not isinstance(spec, str) or not croniter.is_valid(spec):
             raise ConfigError(f"invalid cron spec {spec!r} (e.g. '*/5 * * * *')")
-        next_at: datetime = croniter(spec, datetime.now(UTC)).get_next(datetime)
+        if filter is not None and not callable(filter):
+            raise ConfigError(f"schedule filter must be callable, got {filter!r}")
+        engine = self._engine
+        initial_json = None if initial is None else engine.objects.dump(initial)
+        next_at: datetime = croniter(spec, engine.clock.now()).get_next(datetime)
         async with self._tx(single=True) as conn:
             await conn.execute(
-                "INSERT INTO pgflow.schedules (workflow, foreign_id, spec, next_at)"
-                " VALUES (%s, %s, %s, %s) ON CONFLICT (workflow, foreign_id)"
-                " DO UPDATE SET spec = excluded.spec, next_at = excluded.next_at",
-                (self.name, foreign_id, spec, next_at),
+                "INSERT INTO pgflow.schedules (workflow, foreign_id, spec, next_at, initial,"
+                " filtered) VALUES (%s, %s, %s, %s, %s::jsonb, %s)"
+                " ON CONFLICT (workflow, foreign_id) DO UPDATE SET spec = excluded.spec,"
+                " next_at = excluded.next_at, initial = excluded.initial,"
+                " filtered = excluded.filtered",
+                (self.name, foreign_id, spec, next_at, initial_json, filter is not None),
             )
+        if filter is None:
+            engine.schedule_filters.pop(foreign_id, None)
+        else:
+            engine.schedule_filters[foreign_id] = filter
         return next_at
 
     async def unschedule(self, foreign_id: str) -> bool:
         """Remove ``foreign_id``'s schedule; True when there was one."""
+        self._engine.schedule_filters.pop(foreign_id, None)
         async with self._tx(single=True) as conn:
             cur = await conn.execute(
                 "DELETE FROM pgflow.schedules WHERE workflow = %s AND foreign_id = %s",
@@ -326,6 +352,46 @@ class API(Generic[T, S]):
             if sub is not None:
                 sub.close()
 
+    async def list(
+        self,
+        *,
+        status: S | Iterable[S] | None = None,
+        run_state: RunState | str | Iterable[RunState | str] | None = None,
+        foreign_id: str | Iterable[str] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        order: Order = "desc",
+        limit: int = 50,
+        after: str | None = None,
+    ) -> Page[Record[T, S]]:
+        """One page of this workflow's runs (luno ``List`` with ``FilterBy...``).
+
+        Keyset-paginated: pass ``page.after`` back as ``after=`` for the next page;
+        ``page.after`` is None on the last one. See :mod:`pgflow.listing`.
+        """
+        statuses = self._engine.statuses
+        names: list[str] | None = None
+        if status is not None:
+            items = [status] if isinstance(status, enum.Enum | str) else list(status)
+            try:
+                names = [statuses.coerce(s).name for s in items]
+            except ValueError as exc:
+                raise ValueError(f"workflow {self.name!r}: status: {exc}") from None
+        async with self._read() as conn:
+            page = await list_records(
+                conn,
+                self.name,
+                status=names,
+                run_state=run_state,
+                foreign_id=foreign_id,
+                created_after=created_after,
+                created_before=created_before,
+                order=order,
+                limit=limit,
+                after=after,
+            )
+        return Page([self._record(raw) for raw in page.records], page.after)
+
     # -- moving runs from outside ----------------------------------------------------
 
     async def update_status(self, foreign_id: str, status: S) -> Record[T, S]:
@@ -386,41 +452,81 @@ class API(Generic[T, S]):
             )
         return raw
 
-    async def pause(self, foreign_id: str, run_id: str | uuid.UUID | None = None) -> Record[T, S]:
+    async def pause(
+        self,
+        foreign_id: str,
+        run_id: str | uuid.UUID | None = None,
+        *,
+        reason: str | None = None,
+    ) -> Record[T, S]:
+        """Pause the run in progress (``reason`` is kept as ``run_state_reason``)."""
         hook = self._engine.state_hook(RunState.PAUSED)
         async with self._tx() as conn:
-            raw = await admin.pause(conn, self.name, foreign_id, run_id, hook=hook)
+            raw = await admin.pause(conn, self.name, foreign_id, run_id, hook=hook, reason=reason)
         return self._record(raw)
 
-    async def resume(self, foreign_id: str, run_id: str | uuid.UUID | None = None) -> Record[T, S]:
+    async def resume(
+        self,
+        foreign_id: str,
+        run_id: str | uuid.UUID | None = None,
+        *,
+        reason: str | None = None,
+    ) -> Record[T, S]:
+        """Continue a paused run: errors reset, its current step runs again."""
         async with self._tx() as conn:
-            raw = await admin.resume(conn, self.name, foreign_id, run_id)
+            raw = await admin.resume(conn, self.name, foreign_id, run_id, reason=reason)
         return self._record(raw)
 
-    async def cancel(self, foreign_id: str, run_id: str | uuid.UUID | None = None) -> Record[T, S]:
+    async def cancel(
+        self,
+        foreign_id: str,
+        run_id: str | uuid.UUID | None = None,
+        *,
+        reason: str | None = None,
+    ) -> Record[T, S]:
+        """End the run for good (``reason`` is kept as ``run_state_reason``)."""
         hook = self._engine.state_hook(RunState.CANCELLED)
         async with self._tx() as conn:
-            raw = await admin.cancel(conn, self.name, foreign_id, run_id, hook=hook)
+            raw = await admin.cancel(conn, self.name, foreign_id, run_id, hook=hook, reason=reason)
         return self._record(raw)
 
-    async def retry(self, foreign_id: str, run_id: str | uuid.UUID | None = None) -> Record[T, S]:
+    async def retry(
+        self,
+        foreign_id: str,
+        run_id: str | uuid.UUID | None = None,
+        *,
+        reason: str | None = None,
+    ) -> Record[T, S]:
         """Run the current step again now (reset errors; unpause)."""
         async with self._tx() as conn:
-            raw = await admin.retry(conn, self.name, foreign_id, run_id)
+            raw = await admin.retry(conn, self.name, foreign_id, run_id, reason=reason)
         return self._record(raw)
 
-    async def delete_data(self, foreign_id: str, run_id: str | uuid.UUID) -> Record[T, S]:
-        """Erase the run's object (PII), keeping its events as the audit trail.
+    async def delete_data(
+        self,
+        foreign_id: str,
+        run_id: str | uuid.UUID | None = None,
+        *,
+        reason: str | None = None,
+    ) -> Record[T, S]:
+        """Erase a finished run's personal data, keeping its events as the audit trail.
 
-        Two transactions: REQUESTED_DATA_DELETED, then DATA_DELETED with the object
-        gone; if the process dies in between, the timer poller finishes the erasure.
+        Only a COMPLETED or CANCELLED run (or one whose data was already deleted:
+        deletion is repeatable) qualifies; else :class:`pgflow.InvalidTransition`.
+        The object is replaced by what the builder's ``custom_delete`` keeps of it
+        (default: nothing). Two transactions: REQUESTED_DATA_DELETED, then DATA_DELETED;
+        if the process dies in between, a worker's timer poller finishes the erasure.
         Bound to a connection both happen in the caller's transaction.
         """
         async with self._tx() as conn:
-            raw = await admin.request_data_deletion(conn, self.name, foreign_id, run_id)
+            raw = await admin.request_data_deletion(
+                conn, self.name, foreign_id, run_id, reason=reason
+            )
         try:
             async with self._tx() as conn:
-                done = await admin.erase_data(conn, self.name, foreign_id, raw.run_id)
+                done = await admin.erase_data(
+                    conn, self.name, foreign_id, raw.run_id, scrub=self._engine.scrub
+                )
         except psycopg.OperationalError:
             return self._record(raw)  # the poller finishes it
         return self._record(done or raw)

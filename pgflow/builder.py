@@ -11,16 +11,19 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from ._options import parse_options
+from ._options import Options, parse_options
 from .errors import BuildError
 from .graph import CallbackSpec, ConnectorSpec, Graph, StepSpec, TimeoutSpec
+from .records import UNSET, _Unset
 
 if TYPE_CHECKING:  # pragma: no cover
     from psycopg import AsyncConnection
     from psycopg_pool import AsyncConnectionPool
 
+    from .clock import Clock
     from .workflow import Workflow
 
 __all__ = ["Builder"]
@@ -56,9 +59,14 @@ class Builder(Generic[T, S]):
         status_enum: type[S],
         *,
         start: S | None = None,
+        custom_delete: Callable[[T], T | None] | None = None,
         **defaults: Any,
     ) -> None:
         self.name = name
+        #: luno ``WithCustomDelete``: ``fn(object) -> object`` (or None after changing
+        #: it in place) decides what ``delete_data`` keeps: erase the personal fields,
+        #: keep the rest. Without it the object is erased whole (NULL).
+        self.custom_delete = custom_delete
         self.type = type
         self.status_enum = status_enum
         self.start = start
@@ -99,7 +107,11 @@ class Builder(Generic[T, S]):
         **options: Any,
     ) -> Builder[T, S]:
         """On reaching ``status``, arm ``timer(run, now) -> datetime | None``; when it is
-        due, ``expire(run, now) -> S | None`` moves the run (exactly once)."""
+        due, ``expire(run, now) -> S | None`` moves the run (exactly once).
+
+        A status may have several timeouts (e.g. a reminder after 1 day and an expiry
+        after 7): each is armed on its own; the first to fire and move the run voids
+        the others. :mod:`pgflow.timers` has ready-made ``timer`` functions."""
         self._regs.append(_Registration("timeout", status, (timer, expire), tuple(to), options))
         return self
 
@@ -138,8 +150,11 @@ class Builder(Generic[T, S]):
 
     # -- validating ------------------------------------------------------------------
 
-    def graph(self) -> Graph[S]:
-        """Validate and return the graph; raises :class:`BuildError` listing all problems."""
+    def graph(self, *, pause_retry: timedelta | _Unset | None = UNSET) -> Graph[S]:
+        """Validate and return the graph; raises :class:`BuildError` listing all problems.
+
+        ``pause_retry`` (from :meth:`build`) is the default under the builder's own
+        defaults and each step's options."""
         problems: list[str] = []
         if not isinstance(self.name, str) or not self.name.strip():
             problems.append("workflow name must be a non-empty string")
@@ -150,7 +165,15 @@ class Builder(Generic[T, S]):
             )
         if not list(self.status_enum):
             problems.append(f"status enum {self.status_enum.__name__} has no members")
-        base, base_problems = parse_options(f"workflow {self.name!r} defaults", self.defaults)
+        root = Options()
+        if not isinstance(pause_retry, _Unset):
+            root, retry_problems = parse_options(
+                f"workflow {self.name!r} build", {"pause_retry": pause_retry}
+            )
+            problems += retry_problems
+        if self.custom_delete is not None and not callable(self.custom_delete):
+            problems.append(f"custom_delete: {self.custom_delete!r} is not callable")
+        base, base_problems = parse_options(f"workflow {self.name!r} defaults", self.defaults, root)
         problems += base_problems
 
         def check_status(where: str, status: Any) -> bool:
@@ -163,7 +186,7 @@ class Builder(Generic[T, S]):
 
         steps: dict[S, StepSpec[S]] = {}
         callbacks: dict[S, list[CallbackSpec[S]]] = {}
-        timeouts: dict[S, TimeoutSpec[S]] = {}
+        timeouts: dict[S, list[TimeoutSpec[S]]] = {}
         first_from: S | None = None
         for reg in self._regs:
             label = getattr(reg.status, "name", repr(reg.status))
@@ -197,10 +220,21 @@ class Builder(Generic[T, S]):
             elif reg.kind == "callback":
                 callbacks.setdefault(status, []).append(CallbackSpec(status, reg.fns[0], to))
             else:
-                if status in timeouts:
-                    problems.append(f"duplicate consumer: two timeouts on {status.name}")
+                # several per status, like luno; they share the status's armer consumer,
+                # so consumer options must agree
+                same = timeouts.setdefault(status, [])
+                if same and (
+                    same[0].options.parallel_count != options.parallel_count
+                    or same[0].options.consume_lag != options.consume_lag
+                ):
+                    problems.append(
+                        f"{where}: timeouts on one status must share parallel_count and "
+                        "consume_lag (they are armed by one consumer)"
+                    )
                     continue
-                timeouts[status] = TimeoutSpec(status, reg.fns[0], reg.fns[1], to, options)
+                same.append(
+                    TimeoutSpec(status, reg.fns[0], reg.fns[1], to, options, index=len(same))
+                )
 
         connectors: dict[str, ConnectorSpec] = {}
         for name, connector, fn, opts in self._connectors:
@@ -252,15 +286,25 @@ class Builder(Generic[T, S]):
         dsn_or_pool: str | AsyncConnectionPool[AsyncConnection[Any]] | None = None,
         *,
         pool_size: int = 10,
+        pause_retry: timedelta | None = timedelta(hours=1),
+        clock: Clock | None = None,
     ) -> Workflow[T, S]:
         """Validate the graph and return the :class:`pgflow.Workflow` that runs it.
 
         ``dsn_or_pool``: a DSN (None: ``PGFLOW_DATABASE_URL``), or an open
         ``AsyncConnectionPool`` to share. Nothing connects until first use.
+
+        ``pause_retry``: a run paused after ``pause_after_err_count`` errors is resumed
+        this long after it paused (luno ``WithPauseRetry``, same 1 h default; None:
+        ``DisablePauseRetry``). A step's own ``pause_retry=`` option overrides it. Runs
+        paused by hand are never resumed automatically.
+
+        ``clock``: what timeouts, retries and schedules read (default: the database's
+        clock); :class:`pgflow.testing.Clock` makes them testable in milliseconds.
         """
         from .workflow import Workflow
 
-        graph = self.graph()
+        graph = self.graph(pause_retry=pause_retry)
         if pool_size < 2:
             raise BuildError(f"workflow {self.name!r}: pool_size must be at least 2")
         return Workflow(
@@ -273,4 +317,6 @@ class Builder(Generic[T, S]):
                 "cancel": tuple(self._on_cancel),
             },
             pool_size=pool_size,
+            custom_delete=self.custom_delete,
+            clock=clock,
         )

@@ -8,7 +8,8 @@ written in the app's own transaction, so a change is recorded if and only if it
 commits, and nothing there NOTIFYs (a per-row NOTIFY serialises every writer in the
 cluster). Readers poll.
 
-The change log is tailed like any other table, gap-free by ``(tx, id)``::
+The change log is tailed like any other table, gap-free in snapshot batches (see
+:mod:`pgflow.snapshots`)::
 
     from pgflow.capture import changes_stream, change_translator
     from pgflow.connectors import table
@@ -17,7 +18,7 @@ The change log is tailed like any other table, gap-free by ``(tx, id)``::
 
 Costs and limits: each captured write also inserts a change row (with two JSONB images
 for an UPDATE); UPDATEs that change nothing are not recorded; TRUNCATE is not captured;
-the log grows until pruned (:func:`prune_changes`, once every consumer is past).
+the log grows until pruned (``pgflow prune`` deletes rows every reader has read).
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ async def uncapture(conn_or_dsn: AsyncConnection[Any] | str, table: str) -> None
 
 
 async def prune_changes(conn_or_dsn: AsyncConnection[Any] | str, older_than: timedelta) -> None:
-    """Delete change rows older than ``older_than``. Only safe once every consumer of
-    the change log has passed them (check ``pgflow.cursors``)."""
+    """Delete ALL change rows older than ``older_than``, read or not. ``pgflow prune``
+    (:func:`pgflow.retention.prune`) is the safe way: it deletes only the rows every
+    reader of the change log has read."""
     await _run(
         conn_or_dsn,
         "DELETE FROM pgflow.changes WHERE created_at < now() - %s::interval",

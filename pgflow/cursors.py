@@ -4,9 +4,9 @@ A consumer batch is ONE transaction::
 
     BEGIN
       pg_try_advisory_xact_lock(consumer, shard)   -- shard ownership, takes no xid
-      SELECT cursor, events after it (gap-free)     -- one statement, one snapshot
+      SELECT cursor, the next chunk of its diff     -- one statement (pgflow.snapshots)
       handler(batch, conn)                          -- effects, in this transaction
-      UPDATE cursor ... WHERE (tx, id) = old        -- compare-and-set, forwards only
+      UPDATE cursor ... WHERE position = old        -- compare-and-set
     COMMIT
 
 so a crash anywhere loses nothing and doubles nothing. The advisory lock makes each
@@ -30,18 +30,9 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from .events import Event, Position
-from .streamer import (
-    _RECHECK_MIN,
-    Filter,
-    Listener,
-    _events,
-    _held_back_sql,
-    _params,
-    _read_sql,
-    held_back,
-    read_batch,
-)
+from .events import Event
+from .snapshots import CURSOR_ROW, Position
+from .streamer import Batch, Filter, Listener, _batch, _params, _read_sql, read_batch
 
 __all__ = [
     "BatchHandler",
@@ -106,6 +97,15 @@ async def ensure_cursor(
     )
 
 
+#: The stored position's columns, in :class:`Position`'s field order.
+POSITION_COLUMNS = "snap::text, upto::text, after_id, lo, hi"
+
+
+def position_from_row(row: Any) -> Position:
+    """A :class:`Position` from the five :data:`POSITION_COLUMNS`."""
+    return Position(str(row[0]), row[1], int(row[2]), row[3], row[4])
+
+
 async def load_cursor(conn: AsyncConnection[Any], key: CursorKey) -> Position:
     """The stored position (the start of the log when the cursor does not exist)."""
     return await _load(conn, key) or Position.start()
@@ -113,11 +113,42 @@ async def load_cursor(conn: AsyncConnection[Any], key: CursorKey) -> Position:
 
 async def _load(conn: AsyncConnection[Any], key: CursorKey) -> Position | None:
     cur = await conn.execute(
-        "SELECT tx, id FROM pgflow.cursors WHERE consumer = %s AND shard = %s AND shard_count = %s",
+        f"SELECT {POSITION_COLUMNS} FROM pgflow.cursors"
+        " WHERE consumer = %s AND shard = %s AND shard_count = %s",
         (key.consumer, key.shard, key.shard_count),
     )
     row = await cur.fetchone()
-    return Position(int(row[0]), int(row[1])) if row else None
+    return position_from_row(row) if row else None
+
+
+#: An idle consumer moves its snapshot to the present at most this often (seconds):
+#: often enough that prune and ``pgflow.consumer_lag`` see it caught up, rarely enough
+#: that waiting costs no writes worth counting.
+IDLE_ADVANCE_AFTER = 10.0
+
+#: ``SET`` list and compare-and-set test for a position (named parameters).
+_SET_POSITION = (
+    "snap = %(snap)s::pg_snapshot, upto = %(upto)s::pg_snapshot, after_id = %(after)s,"
+    " lo = %(lo)s, hi = %(hi)s, updated_at = now()"
+)
+_AT_POSITION = (
+    "{c}snap::text = %(old_snap)s AND {c}upto::text IS NOT DISTINCT FROM %(old_upto)s"
+    " AND {c}after_id = %(old_after)s"
+)
+
+
+def position_params(old: Position, new: Position) -> dict[str, Any]:
+    """Parameters for :data:`_SET_POSITION` (``new``) and :data:`_AT_POSITION` (``old``)."""
+    return {
+        "snap": new.snapshot,
+        "upto": new.upto,
+        "after": new.after_id,
+        "lo": new.lo,
+        "hi": new.hi,
+        "old_snap": old.snapshot,
+        "old_upto": old.upto,
+        "old_after": old.after_id,
+    }
 
 
 async def advance_cursor(
@@ -126,15 +157,54 @@ async def advance_cursor(
     """Compare-and-set the cursor from ``old`` to ``new`` in the caller's transaction.
 
     Returns False (and changes nothing) when the stored cursor is no longer ``old``:
-    someone else applied these events; the caller must roll back. Never moves back.
+    someone else applied these events; the caller must roll back.
     """
-    if new <= old:
+    if not new.could_follow(old):
         raise ValueError(f"cursor must move forwards: {old} -> {new}")
     cur = await conn.execute(
-        "UPDATE pgflow.cursors SET tx = %s::xid8, id = %s, updated_at = now()"
-        " WHERE consumer = %s AND shard = %s AND shard_count = %s"
-        " AND tx = %s::xid8 AND id = %s",
-        (str(new.tx), new.id, key.consumer, key.shard, key.shard_count, str(old.tx), old.id),
+        f"UPDATE pgflow.cursors SET {_SET_POSITION}"
+        " WHERE consumer = %(consumer)s AND shard = %(shard)s AND shard_count = %(shard_count)s"
+        " AND " + _AT_POSITION.format(c=""),
+        {
+            **position_params(old, new),
+            "consumer": key.consumer,
+            "shard": key.shard,
+            "shard_count": key.shard_count,
+        },
+    )
+    return cur.rowcount == 1
+
+
+async def upsert_cursor(
+    conn: AsyncConnection[Any],
+    key: CursorKey,
+    old: Position,
+    new: Position,
+    stream: str | None = None,
+    source: str | None = None,
+) -> bool:
+    """:func:`advance_cursor` that also creates a missing row (a missing row means the
+    start of the log, :func:`load_cursor`'s answer). False when not at ``old``.
+    ``stream``/``source`` are recorded on a new row (what it reads, for lag and prune)."""
+    if old != Position.start():
+        return await advance_cursor(conn, key, old, new)
+    cur = await conn.execute(
+        "INSERT INTO pgflow.cursors AS c"
+        " (consumer, shard, shard_count, stream, source, snap, upto, after_id, lo, hi)"
+        " VALUES (%(consumer)s, %(shard)s, %(shard_count)s, %(stream)s, %(source)s,"
+        " %(snap)s::pg_snapshot, %(upto)s::pg_snapshot, %(after)s, %(lo)s, %(hi)s)"
+        " ON CONFLICT (consumer, shard, shard_count) DO UPDATE SET snap = excluded.snap,"
+        " upto = excluded.upto, after_id = excluded.after_id, lo = excluded.lo,"
+        " hi = excluded.hi, updated_at = now()"
+        " WHERE " + _AT_POSITION.format(c="c."),
+        {
+            **position_params(old, new),
+            "consumer": key.consumer,
+            "shard": key.shard,
+            "shard_count": key.shard_count,
+            "stream": stream,
+            "source": source,
+        },
     )
     return cur.rowcount == 1
 
@@ -155,7 +225,7 @@ async def try_lock_shard(conn: AsyncConnection[Any], key: CursorKey) -> bool:
 
 class BatchOutcome(enum.Enum):
     LOCKED = "locked"  #: another process holds this shard right now
-    EMPTY = "empty"  #: nothing new below the horizon
+    EMPTY = "empty"  #: nothing new has committed
     APPLIED = "applied"  #: a batch was handled and the cursor moved
     LOST = "lost"  #: the CAS failed; effects were rolled back
 
@@ -165,28 +235,27 @@ class BatchResult:
     outcome: BatchOutcome
     events: int = 0
     position: Position | None = None
-    #: committed events of the filter still wait above the xid horizon: poll again soon
-    held_back: bool = False
 
 
 @lru_cache(maxsize=256)
 def _consume_sql(types: int, sharded: bool, lagged: bool) -> str:
-    """Cursor row, the batch after it, and the held-back flag in ONE statement.
+    """Cursor row and the next chunk of its diff in ONE statement.
 
-    One snapshot, one round trip instead of three: at the tail a consumer runs many
-    small batches, and each round trip it saves is CPU the writers get back. (The
-    advisory lock stays a separate, earlier statement: this statement's snapshot must
-    be taken after the lock is held, or it could read a cursor the previous owner
-    has just moved.)
+    One round trip instead of two: at the tail a consumer runs many small batches, and
+    each round trip it saves is CPU the writers get back. (The advisory lock stays a
+    separate, earlier statement: this statement must run after the lock is held, or it
+    could read a cursor the previous owner has just moved.)
     """
-    read = _read_sql(types, sharded, lagged, "(c.tx, c.id)")
-    held = "false" if lagged else f"({_held_back_sql(types, sharded)})"
+    read = _read_sql(types, sharded, lagged, CURSOR_ROW)
     return (
-        f"SELECT c.tx, c.id, {held}, b.* FROM pgflow.cursors c"
-        f" LEFT JOIN LATERAL ({read}) AS b ON true"
+        "SELECT c.snap::text, c.upto::text, c.after_id, c.lo, c.hi,"
+        " pg_current_snapshot()::text,"
+        f" c.updated_at < now() - interval '{IDLE_ADVANCE_AFTER} seconds', r.*"
+        " FROM pgflow.cursors c"
+        f" LEFT JOIN LATERAL ({read}) AS r ON true"
         " WHERE c.consumer = %(c_consumer)s AND c.shard = %(c_shard)s"
         " AND c.shard_count = %(c_shard_count)s"
-        " ORDER BY b.tx, b.id"
+        " ORDER BY r.__id"
     )
 
 
@@ -196,8 +265,8 @@ async def _read_at_cursor(
     filter: Filter,
     batch_size: int,
     lag: timedelta | None,
-) -> tuple[Position | None, list[Event], bool]:
-    """(stored cursor or None, the batch after it, committed events held back?)."""
+) -> tuple[Position | None, Batch]:
+    """(stored cursor or None, the batch after it)."""
     types, params = _params(filter, Position.start(), batch_size)
     params.update(c_consumer=key.consumer, c_shard=key.shard, c_shard_count=key.shard_count)
     if lag is not None:
@@ -206,12 +275,18 @@ async def _read_at_cursor(
     cur = await conn.execute(sql, params)
     rows = await cur.fetchall()
     if not rows:  # no cursor row yet: read from the start of the log
-        batch = await read_batch(conn, filter, Position.start(), batch_size, lag)
-        pending = len(batch) < batch_size and lag is None and await held_back(conn, filter)
-        return None, batch, pending
-    stored = Position(int(rows[0][0]), int(rows[0][1]))
-    batch = _events([r[3:] for r in rows if r[3] is not None], lag is not None)
-    return stored, batch, len(batch) < batch_size and bool(rows[0][2])
+        return None, await read_batch(conn, filter, Position.start(), batch_size, lag)
+    stored = position_from_row(rows[0])
+    if rows[0][7] is None:  # the LEFT JOIN found nothing new
+        if stored.upto is not None:  # an exhausted diff: go on from its end
+            return stored, await read_batch(conn, filter, stored, batch_size, lag)
+        if rows[0][6] and stored.snapshot != rows[0][5]:
+            # Idle for a while: move the snapshot to this statement's own (nothing of
+            # this filter committed in between, or it would have been read), so prune
+            # and the lag view see this consumer caught up.
+            return stored, Batch([], [Position(rows[0][5])])
+        return stored, _batch(stored, [], batch_size, False)
+    return stored, _batch(stored, rows, batch_size, lag is not None, skip=7)
 
 
 async def consume_once(
@@ -229,12 +304,13 @@ async def consume_once(
             async with conn.transaction():
                 if not await try_lock_shard(conn, key):
                     return BatchResult(BatchOutcome.LOCKED)
-                stored, batch, pending = await _read_at_cursor(conn, key, filter, batch_size, lag)
+                stored, batch = await _read_at_cursor(conn, key, filter, batch_size, lag)
                 old = stored or Position.start()
-                if not batch:
-                    return BatchResult(BatchOutcome.EMPTY, 0, old, pending)
-                await handler(batch, conn)
-                new = batch[-1].position
+                new = batch.position
+                if new is None:
+                    return BatchResult(BatchOutcome.EMPTY, 0, old)
+                if batch.events:
+                    await handler(batch.events, conn)
                 if stored is None:
                     # No row yet (the caller skipped ensure_cursor): create it at the
                     # start so the CAS below can succeed — without this every batch
@@ -242,7 +318,9 @@ async def consume_once(
                     await ensure_cursor(conn, key, filter)
                 if not await advance_cursor(conn, key, old, new):
                     raise LostCursor(str(key))
-                return BatchResult(BatchOutcome.APPLIED, len(batch), new, pending)
+                if not batch.events:
+                    return BatchResult(BatchOutcome.EMPTY, 0, new)
+                return BatchResult(BatchOutcome.APPLIED, len(batch), new)
         except LostCursor:
             logger.info("%s: cursor moved concurrently; batch rolled back", key)
             return BatchResult(BatchOutcome.LOST)
@@ -297,7 +375,6 @@ class Consumer:
     async def run(self) -> None:
         sub = self.listener.subscribe(self.filter.stream) if self.listener else None
         backoff = 0.0
-        recheck = _RECHECK_MIN
         failing_since_logged = False
         try:
             while not self._stopping.is_set():
@@ -341,16 +418,6 @@ class Consumer:
                     self.on_batch(result)
                 if result.outcome is BatchOutcome.APPLIED and result.events == self.batch_size:
                     continue  # more is waiting
-                if result.outcome is BatchOutcome.APPLIED:
-                    recheck = _RECHECK_MIN  # progress: held-back rechecks start small again
-                if result.held_back:
-                    # Committed events wait for an older transaction to end; that
-                    # transaction may never notify, so look again soon (backing off),
-                    # or at the next notification, whichever comes first.
-                    await self._sleep(recheck, sub)
-                    recheck = min(recheck * 2, self.poll_interval)
-                    continue
-                recheck = _RECHECK_MIN
                 await self._sleep(self.poll_interval, sub)
         finally:
             if sub is not None:

@@ -17,6 +17,12 @@ broker, a webhook, or a captured ``payments`` table). The connector function
 Each run then takes one step: fulfil a paid order, notify the customer of a failed
 payment, record a refund. ``pgflow demo`` runs it all on the embedded PostgreSQL (or
 ``--dsn``) and prints the runs and the SQL to look at them.
+
+The demo runs against whatever database it is given — often the developer's own, since
+every doc snippet sets ``PGFLOW_DATABASE_URL`` — so it never touches data it did not
+create: its workflow has its own name (:data:`WORKFLOW`, not ``orders``, which the docs'
+examples use), it deletes nothing, and it reports only the runs and dead letters of this
+invocation (event ids carry a fresh tag, run ids derive from them).
 """
 
 from __future__ import annotations
@@ -59,7 +65,8 @@ __all__ = [
     "sample_events",
 ]
 
-WORKFLOW = "orders"
+#: the demo's own workflow name (a user's ``orders`` workflow is never touched)
+WORKFLOW = "pgflow-demo"
 CONNECTOR = "payment-processor"
 #: the demo connector's ``pgflow.dead_letters.consumer`` (scoped to the workflow)
 DEAD_LETTER_CONSUMER = dead_letter_consumer(WORKFLOW, CONNECTOR)
@@ -208,31 +215,32 @@ async def _wait(predicate: Any, timeout: float) -> None:
 
 async def run_demo(dsn: str, *, timeout: float = 20.0, tag: str | None = None) -> DemoResult:
     """Migrate, run the workflow over :func:`sample_events` (+ a refund once order-1
-    is fulfilled) and return what happened. Clears earlier demo data first."""
+    is fulfilled) and return what happened in this invocation. Deletes nothing: earlier
+    demo runs stay, and are simply not reported."""
     started = time.monotonic()
-    tag = f"-{secrets.token_hex(2)}" if tag is None else tag
+    tag = f"-{secrets.token_hex(4)}" if tag is None else tag
     await migrate(dsn)
-    await _reset(dsn)
     events = sample_events(tag)
+    refund = event(f"pay-8{tag}", "order-1", "payment.refunded", amount="120.00", currency="EUR")
+    mine = _Invocation([*events, refund])
     memory = MemoryConnector(events)
     wf = build_orders(dsn, memory)
     async with wf:
-        await _wait(lambda: _settled(dsn, 3, 2), timeout)
+        await _wait(lambda: mine.settled(dsn, 3, 2), timeout)
         # A refund for a fulfilled order starts a new run for it.
-        memory.append(
-            event(f"pay-8{tag}", "order-1", "payment.refunded", amount="120.00", currency="EUR")
-        )
-        await _wait(lambda: _settled(dsn, 4, 2), timeout)
+        memory.append(refund)
+        await _wait(lambda: mine.settled(dsn, 4, 2), timeout)
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         cur = await conn.execute(
             "SELECT foreign_id, status, run_state, object->'notes' FROM pgflow.runs"
-            " WHERE workflow = %s ORDER BY foreign_id, created_at",
-            (WORKFLOW,),
+            " WHERE workflow = %s AND run_id = ANY(%s::uuid[]) ORDER BY foreign_id, created_at",
+            (WORKFLOW, mine.run_ids),
         )
         runs = [(r[0], r[1], r[2], ", ".join(r[3] or [])) for r in await cur.fetchall()]
         cur = await conn.execute(
-            "SELECT event_id, reason FROM pgflow.dead_letter_queue WHERE consumer = %s ORDER BY id",
-            (DEAD_LETTER_CONSUMER,),
+            "SELECT event_id, reason FROM pgflow.dead_letter_queue"
+            " WHERE consumer = %s AND event_id = ANY(%s) ORDER BY id",
+            (DEAD_LETTER_CONSUMER, mine.event_ids),
         )
         dead = [(r[0], r[1]) for r in await cur.fetchall()]
     ran = {r[0] for r in runs}
@@ -241,27 +249,24 @@ async def run_demo(dsn: str, *, timeout: float = 20.0, tag: str | None = None) -
     return DemoResult(runs, dead, sorted(set(skipped)), time.monotonic() - started)
 
 
-async def _settled(dsn: str, finished: int, dead: int) -> bool:
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        cur = await conn.execute(
-            "SELECT (SELECT count(*) FROM pgflow.records WHERE workflow = %s"
-            "        AND run_state = 'COMPLETED'),"
-            "       (SELECT count(*) FROM pgflow.dead_letters WHERE consumer = %s)",
-            (WORKFLOW, DEAD_LETTER_CONSUMER),
-        )
-        row = await cur.fetchone()
-    return row is not None and row[0] >= finished and row[1] >= dead
+class _Invocation:
+    """The runs and dead letters one demo invocation can create (by its event ids)."""
 
+    def __init__(self, events: Sequence[ConnectorEvent]) -> None:
+        self.event_ids = sorted({e.id for e in events})
+        self.run_ids = [run_id_for(CONNECTOR, e) for e in self.event_ids]
 
-async def _reset(dsn: str) -> None:
-    """Forget earlier demo runs so the printed table shows this one only."""
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        await conn.execute("DELETE FROM pgflow.records WHERE workflow = %s", (WORKFLOW,))
-        await conn.execute("DELETE FROM pgflow.timeouts WHERE workflow = %s", (WORKFLOW,))
-        await conn.execute(
-            "DELETE FROM pgflow.dead_letters WHERE consumer = %s", (DEAD_LETTER_CONSUMER,)
-        )
-        await conn.commit()
+    async def settled(self, dsn: str, finished: int, dead: int) -> bool:
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            cur = await conn.execute(
+                "SELECT (SELECT count(*) FROM pgflow.records WHERE workflow = %s"
+                "        AND run_id = ANY(%s::uuid[]) AND run_state = 'COMPLETED'),"
+                "       (SELECT count(*) FROM pgflow.dead_letters WHERE consumer = %s"
+                "        AND event_id = ANY(%s))",
+                (WORKFLOW, self.run_ids, DEAD_LETTER_CONSUMER, self.event_ids),
+            )
+            row = await cur.fetchone()
+        return row is not None and row[0] >= finished and row[1] >= dead
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

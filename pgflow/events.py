@@ -4,6 +4,10 @@
 (the events table is the outbox and the stream at once); nothing here NOTIFYs, because
 NOTIFY inside a write transaction serialises every committer on a cluster-wide lock.
 Wake-ups are sent after commit by :class:`pgflow.streamer.Notifier`.
+
+``tx`` is stamped by the database (a BEFORE INSERT trigger sets it to the writer's
+transaction id whatever the INSERT says): a forged ``tx`` would put an event into a
+snapshot diff that was already read, and it would never be delivered.
 """
 
 from __future__ import annotations
@@ -18,23 +22,9 @@ from uuid import UUID
 
 from psycopg import AsyncConnection
 
+from .snapshots import Position
+
 __all__ = ["Event", "NewEvent", "Position", "append", "shard_hash"]
-
-
-@dataclass(frozen=True, order=True, slots=True)
-class Position:
-    """A reader's place in the log: the ``(tx, id)`` of the last event it consumed.
-
-    The pair, not the id alone, is the cursor: ids are assigned at INSERT but become
-    visible at COMMIT, in any order; transaction ids below the xid horizon are final.
-    """
-
-    tx: int = 0
-    id: int = 0
-
-    @classmethod
-    def start(cls) -> Position:
-        return cls(0, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,10 +40,6 @@ class Event:
     headers: Mapping[str, str]
     traceparent: str | None
     created_at: datetime
-
-    @property
-    def position(self) -> Position:
-        return Position(self.tx, self.id)
 
 
 @dataclass(frozen=True, slots=True)

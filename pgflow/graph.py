@@ -19,6 +19,9 @@ __all__ = ["CallbackSpec", "ConnectorSpec", "Graph", "StepSpec", "TimeoutSpec"]
 
 S = TypeVar("S", bound=enum.Enum)
 
+#: mermaid diagram directions: top-bottom, bottom-top, left-right, right-left
+DIRECTIONS = ("TB", "BT", "LR", "RL")
+
 
 def _fn_name(fn: Any) -> str:
     return str(getattr(fn, "__name__", None) or type(fn).__name__)
@@ -54,6 +57,9 @@ class TimeoutSpec(Generic[S]):
     expire: Callable[..., Any]
     to: tuple[S, ...]
     options: Options
+    #: position among the timeouts of ``status`` (``pgflow.timeouts.timer``): a status
+    #: may have several (luno), each armed and fired on its own
+    index: int = 0
 
     @property
     def name(self) -> str:
@@ -77,7 +83,7 @@ class Graph(Generic[S]):
     start: S
     steps: dict[S, StepSpec[S]] = field(default_factory=dict)
     callbacks: dict[S, list[CallbackSpec[S]]] = field(default_factory=dict)
-    timeouts: dict[S, TimeoutSpec[S]] = field(default_factory=dict)
+    timeouts: dict[S, list[TimeoutSpec[S]]] = field(default_factory=dict)
     connectors: dict[str, ConnectorSpec] = field(default_factory=dict)
 
     def destinations(self, status: S) -> set[S]:
@@ -87,8 +93,8 @@ class Graph(Generic[S]):
             out.update(self.steps[status].to)
         for cb in self.callbacks.get(status, ()):
             out.update(cb.to)
-        if status in self.timeouts:
-            out.update(self.timeouts[status].to)
+        for spec in self.timeouts.get(status, ()):
+            out.update(spec.to)
         return out
 
     def is_terminal(self, status: S) -> bool:
@@ -104,9 +110,10 @@ class Graph(Generic[S]):
             used.add(status)
             for cb in cbs:
                 used.update(cb.to)
-        for status, spec in self.timeouts.items():
+        for status, specs in self.timeouts.items():
             used.add(status)
-            used.update(spec.to)
+            for spec in specs:
+                used.update(spec.to)
         return [s for s in self.statuses if s in used]
 
     def edges(self) -> Iterator[tuple[S, S, str]]:
@@ -118,13 +125,24 @@ class Graph(Generic[S]):
             for cb in cbs:
                 for dest in cb.to:
                     yield status, dest, f"callback {cb.name}"
-        for status, spec in self.timeouts.items():
-            for dest in spec.to:
-                yield status, dest, f"timeout {spec.name}"
+        for status, specs in self.timeouts.items():
+            for spec in specs:
+                for dest in spec.to:
+                    yield status, dest, f"timeout {spec.name}"
 
-    def mermaid(self) -> str:
-        """The graph as a mermaid ``stateDiagram-v2`` (paste into any mermaid viewer)."""
-        lines = ["stateDiagram-v2", f"    %% workflow {self.workflow}"]
+    def mermaid(self, direction: str | None = None) -> str:
+        """The graph as a mermaid ``stateDiagram-v2`` (paste into any mermaid viewer).
+
+        ``direction``: ``"TB"`` (top to bottom, mermaid's default), ``"BT"``, ``"LR"``
+        or ``"RL"`` (luno ``CreateDiagram``'s direction)."""
+        lines = ["stateDiagram-v2"]
+        if direction is not None:
+            if direction.upper() not in DIRECTIONS:
+                raise ValueError(
+                    f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}"
+                )
+            lines.append(f"    direction {direction.upper()}")
+        lines.append(f"    %% workflow {self.workflow}")
         lines.append(f"    [*] --> {self.start.name}")
         for src, dest, label in self.edges():
             lines.append(f"    {src.name} --> {dest.name}: {label}")

@@ -21,6 +21,7 @@ from psycopg import AsyncConnection
 
 from . import _db
 from .errors import SchemaError
+from .snapshots import CONSUMED
 
 logger = logging.getLogger("pgflow.migrate")
 
@@ -91,10 +92,13 @@ async def check_schema(conn: AsyncConnection[Any]) -> None:
             f"database schema version {max(versions)} is newer than this pgflow "
             f"(knows up to {newest}): upgrade pgflow"
         )
-    if max(versions) < newest:
+    missing = sorted({m.version for m in known_migrations()} - set(versions))
+    if missing:
+        # Not only "max < newest": a database migrated by a build that had a later
+        # migration but not an earlier one (two branches) lacks the earlier one.
         raise SchemaError(
-            f"database schema version {max(versions)} is older than this pgflow "
-            f"({newest}): run `pgflow migrate`"
+            f"database schema version {max(versions)} lacks migration(s) "
+            f"{', '.join(f'{v:04d}' for v in missing)} of this pgflow: run `pgflow migrate`"
         )
 
 
@@ -156,17 +160,20 @@ async def migrate_connection(
 async def check_xid_counter(conn: AsyncConnection[Any], *, repair: bool) -> None:
     """Detect a transaction-id counter that went backwards (dump/restore, new cluster).
 
-    Events and cursors are ordered by the writer's transaction id. After a restore into
-    a fresh cluster, new transactions get *smaller* ids than the stored events, so new
-    events would sort before existing cursors and never be delivered.
+    Positions are snapshots and rows carry their writer's transaction id. After a
+    restore into a fresh cluster, new transactions get *smaller* ids than the stored
+    rows and positions, so stored rows would look "in the future" to every snapshot and
+    new ones would look "already read".
 
     ``repair`` renumbers the stored transaction ids into the range below the server's
-    counter while keeping, for every cursor, exactly the same set of events before and
-    after it (see :func:`repair_xid_reset`). Run it while no pgflow worker is running.
+    counter while keeping, for every cursor, exactly the same set of events read and
+    unread (see :func:`repair_xid_reset`). Run it while no pgflow worker is running.
     """
     cur = await conn.execute(
-        "SELECT greatest((SELECT max(tx) FROM pgflow.events),"
-        " (SELECT max(tx) FROM pgflow.cursors)) >= pg_current_xact_id()"
+        "SELECT greatest((SELECT max(tx) FROM pgflow.events), (SELECT max(tx) FROM"
+        " pgflow.changes), (SELECT max(greatest(pg_snapshot_xmax(snap),"
+        " coalesce(pg_snapshot_xmax(upto), '0'))) FROM pgflow.cursors)"
+        ") > pg_current_xact_id()"
     )
     row = await cur.fetchone()
     if not row or not row[0]:
@@ -181,29 +188,75 @@ async def check_xid_counter(conn: AsyncConnection[Any], *, repair: bool) -> None
     logger.warning("repaired event/cursor transaction ids after an xid counter reset")
 
 
+
+
 async def repair_xid_reset(conn: AsyncConnection[Any]) -> None:
-    """Renumber ``tx`` of stored events and cursors to small values, preserving delivery.
+    """Renumber stored transaction ids to small values, preserving what each cursor read.
 
-    Only the order relative to cursors matters: a cursor must keep seeing the same
-    events as "done" and the same ones as "to do". (Setting every ``tx`` to one value
-    is NOT enough: ``(tx, id)`` order differs from id order, so a cursor would then skip
-    an undelivered event with a lower id, or repeat a delivered one with a higher id.)
+    For every event, ``k`` = how many cursors of its stream have read it. The cursors
+    of a stream have read nested sets of events (each a snapshot taken at some time),
+    so cursor ``c`` has read exactly the events with ``k >= t_c`` for a threshold
+    ``t_c``. Events get ``tx = 3 + K - k`` (``K``: the most cursors of any stream) and
+    cursor ``c`` the snapshot ``(4 + K - t_c)`` with nothing in progress: it sees as
+    read exactly what it had read. A cursor in the middle of a diff whose read set is
+    not nested with its stream's others is refused with its name (run the workers on
+    the old server until it has finished, or delete the cursor row to re-read).
 
-    With the distinct cursor positions ``p1 < p2 < … < pm``, the events between
-    ``p(k-1)`` and ``pk`` get ``tx = k`` (after ``pm``: ``m + 1``), and cursor ``pk``
-    becomes ``(k, largest id of the events now at tx k)``. Within one new ``tx`` the
-    events keep their id order. Everything stays below the server's counter, so new
-    events sort after all of it.
+    Connector cursors over other tables (``stream`` NULL: ``pgflow.changes``, app
+    tables) cannot be renumbered from here: they are refused unless still at the start.
+    Rows of ``pgflow.changes`` are then all given ``tx = 3`` (visible to every new
+    snapshot, unread by every cursor at the start).
     """
     async with conn.transaction():
-        await conn.execute("LOCK TABLE pgflow.events, pgflow.cursors IN EXCLUSIVE MODE")
         await conn.execute(
-            "CREATE TEMP TABLE pgflow_xid_marks ON COMMIT DROP AS"
-            " SELECT row_number() OVER (ORDER BY tx, id) AS k, tx, id FROM"
-            " (SELECT DISTINCT tx, id FROM pgflow.cursors WHERE (tx, id) > ('0'::xid8, 0)) c"
+            "LOCK TABLE pgflow.events, pgflow.cursors, pgflow.changes IN EXCLUSIVE MODE"
         )
         cur = await conn.execute(
-            "SELECT count(*) + 1 < pg_current_xact_id()::text::bigint FROM pgflow_xid_marks"
+            "SELECT consumer FROM pgflow.cursors WHERE stream IS NULL"
+            " AND (snap::text <> '1:1:' OR upto IS NOT NULL) ORDER BY consumer LIMIT 1"
+        )
+        row = await cur.fetchone()
+        if row:
+            raise SchemaError(
+                f"cannot repair the xid reset: connector cursor {row[0]!r} reads a table"
+                " other than pgflow.events (its position names that table's transaction"
+                " ids); delete its row in pgflow.cursors to re-read the source from the"
+                " start, or reset it by hand, then run the repair again"
+            )
+        await conn.execute(
+            "CREATE TEMP TABLE pgflow_xid_k ON COMMIT DROP AS"
+            " SELECT e.id, (SELECT count(*) FROM pgflow.cursors c WHERE c.stream = e.stream"
+            f" AND {CONSUMED}) AS k FROM pgflow.events e"
+        )
+        await conn.execute("CREATE INDEX ON pgflow_xid_k (id)")
+        await conn.execute(
+            "CREATE TEMP TABLE pgflow_xid_t ON COMMIT DROP AS"
+            " SELECT c.consumer, c.shard, c.shard_count, coalesce(("
+            "   SELECT min(x.k) FROM pgflow.events e JOIN pgflow_xid_k x ON x.id = e.id"
+            f"  WHERE e.stream = c.stream AND {CONSUMED}), 1000000000) AS t,"
+            " EXISTS (SELECT 1 FROM pgflow.events e JOIN pgflow_xid_k x ON x.id = e.id"
+            f"  WHERE e.stream = c.stream AND NOT {CONSUMED} AND x.k >= ("
+            "   SELECT min(x2.k) FROM pgflow.events e2 JOIN pgflow_xid_k x2 ON x2.id = e2.id"
+            "   WHERE e2.stream = c.stream AND"
+            f"  {CONSUMED.replace('e.', 'e2.')})) AS tangled"
+            " FROM pgflow.cursors c WHERE c.stream IS NOT NULL"
+        )
+        cur = await conn.execute(
+            "SELECT consumer, shard, shard_count FROM pgflow_xid_t WHERE tangled LIMIT 1"
+        )
+        row = await cur.fetchone()
+        if row:
+            raise SchemaError(
+                f"cannot repair the xid reset: cursor {row[0]!r} (shard {row[1]} of"
+                f" {row[2]}) stopped in the middle of a batch that overlaps other"
+                " cursors of its stream; delete its row in pgflow.cursors to re-read"
+                " its stream, then run the repair again"
+            )
+        cur = await conn.execute("SELECT coalesce(max(k), 0) FROM pgflow_xid_k")
+        row = await cur.fetchone()
+        most = int(row[0]) if row else 0
+        cur = await conn.execute(
+            "SELECT %s::bigint + 5 < pg_current_xact_id()::text::bigint", (most,)
         )
         row = await cur.fetchone()
         if not row or not row[0]:
@@ -211,21 +264,24 @@ async def repair_xid_reset(conn: AsyncConnection[Any]) -> None:
                 "cannot repair the xid reset: more consumer cursors than transaction ids "
                 "used by this server so far"
             )
-        # New tx of an event: 1 + the number of cursor positions strictly before it.
         await conn.execute(
-            "CREATE TEMP TABLE pgflow_xid_map ON COMMIT DROP AS"
-            " SELECT e.id, 1 + (SELECT count(*) FROM pgflow_xid_marks m"
-            "   WHERE (m.tx, m.id) < (e.tx, e.id)) AS k"
-            " FROM pgflow.events e"
+            "UPDATE pgflow.cursors c SET snap = (s.x::text || ':' || s.x::text || ':')"
+            "::pg_snapshot, upto = NULL, after_id = 0, lo = NULL, hi = NULL"
+            " FROM (SELECT consumer, shard, shard_count, 4 + %(most)s - least(t, %(most)s + 1)"
+            "  AS x FROM pgflow_xid_t) s"
+            " WHERE (c.consumer, c.shard, c.shard_count) = (s.consumer, s.shard, s.shard_count)",
+            {"most": most},
         )
         await conn.execute(
-            "UPDATE pgflow.cursors c SET tx = m.k::text::xid8, id = coalesce("
-            " (SELECT max(x.id) FROM pgflow_xid_map x WHERE x.k = m.k), 0)"
-            " FROM pgflow_xid_marks m WHERE (c.tx, c.id) = (m.tx, m.id)"
+            "UPDATE pgflow.events e SET tx = (3 + %s - x.k)::text::xid8"
+            " FROM pgflow_xid_k x WHERE x.id = e.id",
+            (most,),
         )
+        await conn.execute("UPDATE pgflow.changes SET tx = '3'::xid8")
+        # Cursors of streams with no events yet, and connector cursors at the start.
         await conn.execute(
-            "UPDATE pgflow.events e SET tx = x.k::text::xid8"
-            " FROM pgflow_xid_map x WHERE x.id = e.id"
+            "UPDATE pgflow.cursors SET snap = '1:1:', upto = NULL, after_id = 0"
+            " WHERE stream IS NULL"
         )
 
 

@@ -11,6 +11,12 @@ Two uses, one mechanism (``initdb`` + ``pg_ctl`` from a local PostgreSQL install
 PostgreSQL refuses to run as root. When root, the server runs as the ``postgres``
 system user (or ``nobody``), and the data directory is kept outside ``/root`` (which
 that user cannot enter) — ``/var/lib/pgflow`` by default.
+
+Ownership is changed only on what pgflow itself creates (the data directory, its socket
+directory and log file; the parents it had to make are left root's, mode 0755). A
+directory the user already had — ``PGFLOW_HOME=~`` makes that ``/root`` — is never
+chowned or chmodded: when the server user cannot reach it, :class:`LocalCluster` says
+so in one line instead of opening it up.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import os
 import pwd
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -155,11 +162,28 @@ class LocalCluster:
         )
 
     def _prepare_dirs(self) -> None:
-        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.socket_dir.mkdir(exist_ok=True)
+        """Create what is missing; hand the server user only what was created here."""
+        parent = self.data_dir.parent
+        for path in _make_parents(parent):
+            if self.user is not None:
+                os.chmod(path, 0o755)  # ours: the server user must pass through it
         if self.user is not None:
-            for path in (self.data_dir.parent, self.socket_dir):
-                shutil.chown(path, self.user)
+            _check_reachable(self.user, parent)
+        for path, kind in ((self.data_dir, "data"), (self.socket_dir, "socket")):
+            if _make_dir(path):
+                if self.user is not None:
+                    shutil.chown(path, self.user)
+                    os.chmod(path, 0o700)
+            elif self.user is not None and _owner(path) != self.user:
+                raise ConfigError(
+                    f"{kind} directory {path} exists and belongs to {_owner(path)!r}, not to"
+                    f" {self.user!r} who runs PostgreSQL; pgflow changes no directory it did"
+                    f" not create: remove it, `chown {self.user} {path}`, or choose another"
+                    " --data-dir / PGFLOW_HOME"
+                )
+        if self.user is not None and not self.log_file.exists():
+            self.log_file.touch(0o600)
+            shutil.chown(self.log_file, self.user)
 
     def initialised(self) -> bool:
         return (self.data_dir / "PG_VERSION").is_file()
@@ -195,7 +219,7 @@ class LocalCluster:
         if not self.running():
             options = (
                 f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1"
-                " -c max_connections=200"
+                " -c max_connections=200 -c max_prepared_transactions=10"
             )
             if self.fast_unsafe:
                 options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
@@ -220,6 +244,56 @@ class LocalCluster:
     def stop(self) -> None:
         if self.initialised():
             self._run(find_pg_bin("pg_ctl"), "stop", "-m", "fast", "-D", str(self.data_dir))
+
+
+def _make_parents(path: Path) -> list[Path]:
+    """``mkdir -p path``; the directories it created, outermost first."""
+    missing: list[Path] = []
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            break
+        missing.append(candidate)
+    path.mkdir(parents=True, exist_ok=True)
+    return missing[::-1]
+
+
+def _make_dir(path: Path) -> bool:
+    """Create ``path``; True if it did not exist."""
+    try:
+        path.mkdir()
+    except FileExistsError:
+        return False
+    return True
+
+
+def _owner(path: Path) -> str:
+    uid = path.stat().st_uid
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _check_reachable(user: str, directory: Path) -> None:
+    """Fail in one line unless ``user`` can enter ``directory`` (it needs no more: the
+    data directory, socket directory and log file inside are made its own)."""
+    probe = ["/bin/sh", "-c", 'cd -- "$1"', "sh"]
+    if subprocess.run([*probe, str(directory)], user=user, capture_output=True).returncode == 0:
+        return
+    blocked = directory
+    for candidate in reversed((directory, *directory.parents)):
+        if subprocess.run([*probe, str(candidate)], user=user, capture_output=True).returncode:
+            blocked = candidate
+            break
+    mode = stat.filemode(blocked.stat().st_mode)
+    way = "" if blocked == directory else f" on the way to {directory}"
+    raise ConfigError(
+        f"PostgreSQL runs as {user!r}, which cannot enter {blocked} ({mode}, owner"
+        f" {_owner(blocked)!r}){way}; pgflow does not change"
+        " permissions it did not create: set PGFLOW_HOME (or --data-dir) to a directory"
+        f" {user!r} can reach, e.g. /var/lib/pgflow, or grant it yourself"
+        f" (chmod o+x {blocked})"
+    )
 
 
 def _stored_port(data_dir: Path) -> int | None:

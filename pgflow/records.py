@@ -7,8 +7,9 @@ caller's transaction — so the log and the records never disagree, and a consum
 tell a stale event (``event.version != record.version``) from a live one.
 
 Changes are compare-and-set on ``version`` instead of ``SELECT ... FOR UPDATE``: a
-step consumer reads records without locks (no xid, so it does not hold the xid horizon
-back while user code runs) and a concurrent change simply makes its write miss.
+step consumer reads records without locks (no xid while user code runs: an open xid
+holds back VACUUM for the whole cluster) and a concurrent change simply makes its write
+miss.
 
 These functions know nothing about a workflow's graph or its Python types; the typed
 layer (:class:`Record`, :mod:`pgflow.run`, :mod:`pgflow.api`) and the graph-free
@@ -31,6 +32,7 @@ from .events import NewEvent, append
 
 __all__ = [
     "ACTIVE_STATES",
+    "REASON_KEY",
     "PROCESSABLE_STATES",
     "RawRecord",
     "Record",
@@ -74,6 +76,10 @@ ACTIVE_STATES = frozenset({RunState.INITIATED, RunState.RUNNING, RunState.PAUSED
 #: States in which consumers move a run (a paused run is in progress but still).
 PROCESSABLE_STATES = frozenset({RunState.INITIATED, RunState.RUNNING})
 
+#: The key of ``records.meta`` holding the reason of the current run state (luno's
+#: ``Meta.RunStateReason``); the ``pgflow.runs`` view shows it as ``run_state_reason``.
+REASON_KEY = "run_state_reason"
+
 RECORD_COLUMNS = (
     "run_id, workflow, foreign_id, status, run_state, object, version, err_count,"
     " last_error, traceparent, meta, created_at, updated_at, retry_at"
@@ -98,6 +104,12 @@ class RawRecord:
     created_at: datetime | None = None
     updated_at: datetime | None = None
     retry_at: datetime | None = None
+
+    @property
+    def run_state_reason(self) -> str | None:
+        """Why the run entered its current run state (see :func:`write_change`)."""
+        reason = self.meta.get(REASON_KEY)
+        return None if reason is None else str(reason)
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> RawRecord:
@@ -136,6 +148,14 @@ class Record(Generic[T, S]):
     last_error: str | None = None
     traceparent: str | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_state_reason(self) -> str | None:
+        """Why the run entered its current run state: the ``reason=`` given to
+        pause/cancel/resume/delete_data, or the engine's own (an automatic pause says
+        "max error retry threshold hit"); None when nobody gave one."""
+        reason = self.meta.get(REASON_KEY)
+        return None if reason is None else str(reason)
 
     def evolve(self, **changes: Any) -> Record[T, S]:
         return replace(self, **changes)
@@ -343,12 +363,18 @@ async def write_change(
     reset_errors: bool = False,
     traceparent: str | None = None,
     headers: Mapping[str, str] | None = None,
+    reason: str | _Unset | None = UNSET,
+    clear_retry: bool = False,
 ) -> RawRecord | None:
     """Move ``rec`` to a new version and append the matching event (same transaction).
 
     Compare-and-set on ``rec.version``: returns None, writing nothing, when the record
     changed since ``rec`` was read. ``change`` names what happened (trigger, step,
     pause, ...) and is stored in the event's headers together with the run state.
+
+    ``reason`` is stored as the run state's reason (``meta.run_state_reason``, and the
+    event's ``reason`` header); None clears it. Left unset, a change of run state
+    clears it too: a reason always explains the run state it was given with.
     """
     sets = ["version = version + 1", "updated_at = now()"]
     params: list[Any] = []
@@ -363,9 +389,17 @@ async def write_change(
         params.append(object_json)
     if reset_errors:
         sets.append("err_count = 0, last_error = NULL, retry_at = NULL")
+    if clear_retry:
+        sets.append("retry_at = NULL")
     if traceparent is not None:
         sets.append("traceparent = %s")
         params.append(traceparent)
+    if isinstance(reason, str):
+        sets.append("meta = meta || jsonb_build_object(%s::text, %s::text)")
+        params += [REASON_KEY, reason]
+    elif reason is None or (run_state is not None and run_state is not rec.run_state):
+        sets.append("meta = meta - %s::text")
+        params.append(REASON_KEY)
     params += [rec.run_id, rec.version]
     cur = await conn.execute(
         f"UPDATE pgflow.records SET {', '.join(sets)} WHERE run_id = %s AND version = %s"
@@ -385,7 +419,12 @@ async def write_change(
                 foreign_id=new.foreign_id,
                 run_id=new.run_id,
                 version=new.version,
-                headers={"run_state": str(new.run_state), "change": change, **(headers or {})},
+                headers={
+                    "run_state": str(new.run_state),
+                    "change": change,
+                    **({"reason": reason} if isinstance(reason, str) else {}),
+                    **(headers or {}),
+                },
                 traceparent=traceparent or new.traceparent,
             )
         ],

@@ -6,15 +6,17 @@ hold (checked inside each DELETE statement, never from an earlier read):
 
 1. **Old**: ``created_at < now() - older_than`` (``now()`` of the database, taken
    once at the start, so every batch uses the same cutoff).
-2. **Final**: ``tx < pg_snapshot_xmin(pg_current_snapshot())`` — below the xid
-   horizon. Above it a transaction that started earlier may still commit events that
-   sort before it; such events are not even delivered yet (see DESIGN.md §1).
-3. **Consumed**: ``(tx, id) <= (cursor.tx, cursor.id)`` for EVERY cursor of the
-   event's stream (``pgflow.cursors.stream``); a cursor with a NULL stream counts as
-   reading every stream. Shard and type filters are ignored on purpose: the event must
-   be behind the slowest cursor of the stream, which is stricter than (and so as safe
-   as) checking only the cursors whose filter matches it. Cursors only move forwards,
-   so an event behind all of them stays behind them.
+2. (Rule 2 of 0.1, "below the xid horizon", is gone: rule 3 implies the event is
+   committed and inside every cursor's snapshot.)
+3. **Consumed**: read by EVERY cursor of the event's stream (``pgflow.cursors.stream``):
+   visible in the cursor's snapshot, or taken from the diff it is reading (see
+   :mod:`pgflow.snapshots`). Cursors with another stream, or none (connector cursors
+   over other tables), say nothing about this stream. Shard and type filters are
+   ignored on purpose: the event must be behind the slowest cursor of the stream,
+   which is stricter than (and so as safe as) checking only the cursors whose filter
+   matches it. Cursors only move forwards, so an event read by all of them stays read;
+   idle consumers move their snapshot forwards every few seconds, so a step that no run
+   reaches does not hold its stream back.
    A stream with **no cursor at all is kept** (nothing is pruned): a consumer may be
    deployed later and start from the beginning. ``include_unconsumed=True``
    (``--include-unconsumed``) prunes such streams by age and horizon alone.
@@ -39,10 +41,14 @@ Consequences, by design:
 
 Deletion runs in batches, each its own short transaction (a long DELETE would hold the
 xid horizon back for every consumer in the cluster). Batches walk the log in
-``(tx, id)`` order through the ``events_tx_id`` index and stop at the first batch with
-nothing older than the cutoff; ``(tx, id)`` order is close to, not exactly, time order,
-so an old event behind a batch of young ones waits for a later prune (never deleted
-too early, at worst later).
+id order through the primary key and stop at the first batch with nothing older than
+the cutoff; id order is close to, not exactly, time order, so an old event behind a
+batch of young ones waits for a later prune (never deleted too early, at worst later).
+
+Change-log rows (``pgflow.changes``, written by :func:`pgflow.capture`) older than the
+cutoff go once every connector cursor reading the change log (``pgflow.cursors.source
+= 'pgflow.changes'``) has read them; with no such cursor they are kept unless
+``include_unconsumed``.
 
 Also pruned, older than the same cutoff: ``pgflow.timeouts`` rows that are completed
 (fired) — only when their run is no longer in progress, since a live run's completed
@@ -60,6 +66,7 @@ from psycopg import AsyncConnection
 from psycopg.pq import TransactionStatus
 
 from . import _db
+from .snapshots import CONSUMED
 
 __all__ = ["PruneResult", "prune"]
 
@@ -69,12 +76,11 @@ _FINISHED = ("COMPLETED", "CANCELLED", "DATA_DELETED")
 # Rules 1-4 for an event row `e`; %(cutoff)s and %(include_unconsumed)s are parameters.
 _ELIGIBLE = """
     e.created_at < %(cutoff)s
-    AND e.tx < pg_snapshot_xmin(pg_current_snapshot())
     AND NOT EXISTS (
         SELECT 1 FROM pgflow.cursors c
-        WHERE (c.stream = e.stream OR c.stream IS NULL) AND (e.tx, e.id) > (c.tx, c.id))
+        WHERE c.stream = e.stream AND NOT """ + CONSUMED + """)
     AND (%(include_unconsumed)s OR EXISTS (
-        SELECT 1 FROM pgflow.cursors c WHERE c.stream = e.stream OR c.stream IS NULL))
+        SELECT 1 FROM pgflow.cursors c WHERE c.stream = e.stream))
     AND NOT EXISTS (
         SELECT 1 FROM pgflow.records r
         WHERE r.run_id = e.run_id AND r.run_state <> ALL (%(finished)s::text[]))
@@ -82,18 +88,14 @@ _ELIGIBLE = """
 
 # The next window of the walk: its last position and whether anything in it is old.
 _WINDOW = """
-SELECT w.tx::text, w.id, bool_or(w.old) OVER () FROM (
-    SELECT e.tx, e.id, e.created_at < %(cutoff)s AS old FROM pgflow.events e
-    WHERE (e.tx, e.id) > (%(tx)s::xid8, %(id)s::bigint)
-      AND e.tx < pg_snapshot_xmin(pg_current_snapshot())
-    ORDER BY e.tx, e.id LIMIT %(batch)s
-) w ORDER BY w.tx DESC, w.id DESC LIMIT 1
+SELECT w.id, bool_or(w.old) OVER () FROM (
+    SELECT e.id, e.created_at < %(cutoff)s AS old FROM pgflow.events e
+    WHERE e.id > %(id)s::bigint
+    ORDER BY e.id LIMIT %(batch)s
+) w ORDER BY w.id DESC LIMIT 1
 """
 
-_IN_WINDOW = (
-    "(e.tx, e.id) > (%(tx)s::xid8, %(id)s::bigint)"
-    " AND (e.tx, e.id) <= (%(hi_tx)s::xid8, %(hi_id)s::bigint)"
-)
+_IN_WINDOW = "e.id > %(id)s::bigint AND e.id <= %(hi_id)s::bigint"
 
 _DELETE_EVENTS = (
     "WITH gone AS (DELETE FROM pgflow.events e WHERE "
@@ -130,6 +132,24 @@ _DELETE_DEAD = (
 )
 _COUNT_DEAD = "SELECT count(*) FROM pgflow.dead_letters d WHERE " + _DEAD
 
+# Rows of the change log (pgflow.changes) as `e`: old, and read by every connector
+# cursor whose source is the change log (kept when there is none, unless
+# include_unconsumed) — the same rules as events, with the change log as the stream.
+_CHANGES = """
+    e.created_at < %(cutoff)s
+    AND NOT EXISTS (
+        SELECT 1 FROM pgflow.cursors c
+        WHERE c.source = 'pgflow.changes' AND NOT """ + CONSUMED + """)
+    AND (%(include_unconsumed)s OR EXISTS (
+        SELECT 1 FROM pgflow.cursors c WHERE c.source = 'pgflow.changes'))
+"""
+_DELETE_CHANGES = (
+    "DELETE FROM pgflow.changes WHERE id IN (SELECT e.id FROM pgflow.changes e WHERE "
+    + _CHANGES
+    + " ORDER BY e.id LIMIT %(batch)s)"
+)
+_COUNT_CHANGES = "SELECT count(*) FROM pgflow.changes e WHERE " + _CHANGES
+
 
 @dataclass(frozen=True, slots=True)
 class PruneResult:
@@ -141,6 +161,7 @@ class PruneResult:
     timeouts: int = 0
     dead_letters: int = 0
     batches: int = 0  #: DELETE transactions run (0 for a dry run)
+    changes: int = 0  #: rows of the change log (pgflow.changes)
 
     @property
     def events(self) -> int:
@@ -196,7 +217,6 @@ async def _prune(
         "include_unconsumed": include_unconsumed,
         "finished": list(_FINISHED),
         "batch": batch,
-        "tx": "0",
         "id": 0,
     }
     by_stream: dict[str, int] = {}
@@ -207,19 +227,20 @@ async def _prune(
             cur = await conn.execute(_WINDOW, params)
             window = await cur.fetchone()
         if window is None:
-            break  # nothing (more) below the horizon
-        hi_tx, hi_id, any_old = window
+            break  # nothing (more)
+        hi_id, any_old = window
         if not any_old:
             break  # the walk reached young events: the rest is younger still
-        params.update(hi_tx=hi_tx, hi_id=hi_id)
+        params.update(hi_id=hi_id)
         async with conn.transaction():
             cur = await conn.execute(_COUNT_EVENTS if dry_run else _DELETE_EVENTS, params)
             for stream, count in await cur.fetchall():
                 by_stream[stream] = by_stream.get(stream, 0) + int(count)
         batches += 0 if dry_run else 1
-        params.update(tx=hi_tx, id=hi_id)
+        params.update(id=hi_id)
     timeouts = await _prune_table(conn, params, dry_run, _COUNT_TIMEOUTS, _DELETE_TIMEOUTS)
     dead = await _prune_table(conn, params, dry_run, _COUNT_DEAD, _DELETE_DEAD)
+    changes = await _prune_table(conn, params, dry_run, _COUNT_CHANGES, _DELETE_CHANGES)
     return PruneResult(
         cutoff=cutoff,
         dry_run=dry_run,
@@ -227,6 +248,7 @@ async def _prune(
         timeouts=timeouts,
         dead_letters=dead,
         batches=batches,
+        changes=changes,
     )
 
 

@@ -100,17 +100,29 @@ class Run(Generic[T, S]):
     def last_error(self) -> str | None:
         return self._record.last_error
 
-    async def pause(self) -> None:
-        """Pause this run now (in ``tx``); ``return await run.pause()`` from a step."""
-        await self._engine.change_state(self, RunState.PAUSED)
+    async def pause(self, reason: str | None = None) -> None:
+        """Pause this run now (in ``tx``); ``return await run.pause("why")`` from a step.
+        The reason is stored on the record (``run_state_reason``)."""
+        await self._engine.change_state(self, RunState.PAUSED, reason)
 
-    async def cancel(self) -> None:
-        """Cancel this run now (in ``tx``); ``return await run.cancel()`` from a step."""
-        await self._engine.change_state(self, RunState.CANCELLED)
+    async def cancel(self, reason: str | None = None) -> None:
+        """Cancel this run now (in ``tx``); ``return await run.cancel("why")`` from a step."""
+        await self._engine.change_state(self, RunState.CANCELLED, reason)
 
     async def skip(self) -> None:
-        """No transition: the run stays where it is (``return await run.skip()``)."""
+        """No transition: the run stays where it is (``return await run.skip()``).
+        Same as returning None (luno ``Skip``, status 0)."""
         return None
+
+    async def save_and_repeat(self) -> None:
+        """Store ``object``, keep the status, and run this step again later
+        (``return await run.save_and_repeat()``; luno ``SaveAndRepeat``).
+
+        The stored change appends a new event of the same status at the back of the
+        log, so other runs' events are handled first: a long batch job can work in
+        chunks, committing its progress (and its ``run.tx`` writes) after each one.
+        Timeouts on the status are armed again for the new record version."""
+        await self._engine.save_and_repeat(self)
 
     def _moved(self, raw: RawRecord) -> None:
         """Point this run at its new record version after a change written through it."""

@@ -1,9 +1,9 @@
 """Reading the event log gap-free, and waking readers when it grows.
 
-The read (:func:`read_batch`) is one statement that only returns events whose writing
-transaction finished before the oldest transaction still running — the xid horizon —
-ordered by ``(tx, id)``. Everything below the horizon is final, so a cursor on the pair
-``(tx, id)`` never skips a late commit and never needs a "gap settle" timeout.
+The read (:func:`read_batch`) is one statement returning the next chunk of the
+snapshot diff after the reader's position (see :mod:`pgflow.snapshots`): committed
+events are delivered at once, whatever else is still running in the cluster; an open
+transaction only delays its own events. No "gap settle" timeout, nothing skipped.
 
 Wake-ups are hints: one :class:`Listener` per process holds a dedicated autocommit
 LISTEN connection and fans notifications out to in-process subscribers;
@@ -29,7 +29,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from . import _db
 from .errors import DatabaseUnavailable
-from .events import EVENT_COLUMNS, Event, Position, event_from_row
+from .events import EVENT_COLUMNS, Event, event_from_row
+from .snapshots import DiffRead, Position, PositionSQL, diff_read_sql
 
 __all__ = [
     "CHANNEL",
@@ -38,9 +39,10 @@ __all__ = [
     "Notifier",
     "Subscription",
     "acquire_listener",
+    "Batch",
     "head_position",
-    "held_back",
     "horizon_age",
+    "oldest_transaction_age",
     "read_batch",
     "release_listener",
     "stream",
@@ -51,9 +53,6 @@ logger = logging.getLogger("pgflow.streamer")
 #: The NOTIFY channel; the payload is the stream name whose log grew.
 CHANNEL = "pgflow_events"
 
-#: First re-poll delay while committed events wait above the xid horizon (doubles,
-#: capped at the polling interval).
-_RECHECK_MIN = 0.002
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,65 +71,45 @@ class Filter:
             raise ValueError("types must be None (all) or a non-empty tuple")
 
 
-_HORIZON = "e.tx < pg_snapshot_xmin(pg_current_snapshot())"
-_AFTER_PARAMS = "(%(tx)s::xid8, %(id)s::bigint)"
-
-
-@lru_cache(maxsize=256)
-def _read_sql(types: int, sharded: bool, lagged: bool, after: str = _AFTER_PARAMS) -> str:
-    """The gap-free read for one filter shape; ``types`` is 0 (all), 1 (one) or 2 (many).
+def _read_sql(
+    types: int, sharded: bool, lagged: bool, position: PositionSQL | None = None
+) -> str:
+    """The snapshot-diff read (:func:`pgflow.snapshots.diff_read_sql`) for one filter
+    shape; ``types`` is 0 (all), 1 (one) or 2 (many).
 
     Built per shape (not with "param IS NULL OR ..." tricks) so the prepared statement's
-    generic plan walks an index in ``(tx, id)`` order from the cursor:
-
-    * no type filter: ``(stream, tx, id)``;
-    * one type: ``(stream, type, tx, id)``;
-    * several types: one ordered index walk per type (LATERAL), merged. A plain
-      ``type = ANY(...)`` cannot return ``(tx, id)`` order from that index, so
-      Postgres would read and sort every matching event after the cursor per batch.
+    generic plan walks an index in id order: ``(stream, id)`` with no type filter,
+    ``(stream, type, id)`` with one type, one such walk per type (merged) with several.
 
     The shard test is written as ``int4eq(...)`` rather than ``=``: the planner has
     no statistics for ``shard_hash % n`` and assumes 0.5% of rows match, which made
     it sort the whole stream instead of walking the index (35 ms vs 0.3 ms per batch
     on a 200k backlog, measured); a function call is estimated at 1/3.
-
-    ``after`` is the SQL of the position to read after: the ``tx``/``id`` parameters,
-    or columns of an outer query (the consumer reads its cursor row and the events in
-    one statement).
     """
+    return _cached_read_sql(types, sharded, lagged, position or PositionSQL())
+
+
+@lru_cache(maxsize=256)
+def _cached_read_sql(types: int, sharded: bool, lagged: bool, position: PositionSQL) -> str:
     ripe = ", e.created_at <= now() - %(lag)s::interval AS ripe" if lagged else ""
-    where = [
-        "e.stream = %(stream)s",
-        f"(e.tx, e.id) > {after}",
-        _HORIZON,
-    ]
+    where = ["e.stream = %(stream)s"]
     if types == 1:
-        where.insert(1, "e.type = %(type)s")
+        where.append("e.type = %(type)s")
     elif types == 2:
-        where.insert(1, "e.type = t.type")
+        where.append("e.type = t.type")
     if sharded:
         where.append("int4eq(e.shard_hash %% %(shard_count)s::int4, %(shard)s::int4)")
-    inner = (
-        f"SELECT {EVENT_COLUMNS}{ripe} FROM pgflow.events e WHERE "
-        + " AND ".join(where)
-        + " ORDER BY e.tx, e.id LIMIT %(limit)s"
-    )
-    if types != 2:
-        return inner
-    return (
-        "SELECT x.* FROM unnest(%(types)s::text[]) AS t(type)"
-        f" CROSS JOIN LATERAL ({inner}) AS x"
-        " ORDER BY x.tx, x.id LIMIT %(limit)s"
+    return diff_read_sql(
+        relation="pgflow.events",
+        columns=EVENT_COLUMNS + ripe,
+        where=where,
+        fan_out="unnest(%(types)s::text[]) AS t(type)" if types == 2 else None,
+        position=position,
     )
 
 
 def _params(filter: Filter, after: Position, limit: int) -> tuple[int, dict[str, Any]]:
-    params: dict[str, Any] = {
-        "stream": filter.stream,
-        "tx": str(after.tx),
-        "id": after.id,
-        "limit": limit,
-    }
+    params: dict[str, Any] = {"stream": filter.stream, "__limit": limit + 1, **after.params()}
     types = 0
     if filter.types is not None:
         distinct = sorted(set(filter.types))
@@ -144,17 +123,35 @@ def _params(filter: Filter, after: Position, limit: int) -> tuple[int, dict[str,
     return types, params
 
 
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Events read in one chunk and the reader's position after each of them."""
+
+    events: list[Event]
+    positions: list[Position]
+
+    @property
+    def position(self) -> Position | None:
+        """The position after the last event (None when the batch is empty)."""
+        return self.positions[-1] if self.positions else None
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+
 async def read_batch(
     conn: AsyncConnection[Any],
     filter: Filter,
     after: Position,
     limit: int = 500,
     lag: timedelta | None = None,
-) -> list[Event]:
-    """Up to ``limit`` events after ``after``, in ``(tx, id)`` order, gap-free.
+) -> Batch:
+    """Up to ``limit`` events after ``after``: the next chunk of the snapshot diff.
 
-    With ``lag``, the batch stops at the first event younger than ``lag`` (it is not
-    skipped: the cursor must never pass an event that was not delivered).
+    Gap-free whatever is still running elsewhere: committed events are returned at
+    once, an open transaction's events when it has committed. With ``lag``, the batch
+    stops at the first event younger than ``lag`` (it is not skipped: the position
+    must never pass an event that was not delivered).
     """
     if limit < 1:
         raise ValueError("limit must be at least 1")
@@ -163,67 +160,42 @@ async def read_batch(
         params["lag"] = lag
     sql = _read_sql(types, filter.shard_count > 1, lag is not None)
     cur = await conn.execute(sql, params)
-    return _events(await cur.fetchall(), lag is not None)
+    rows = await cur.fetchall()
+    if not rows and after.upto is not None:
+        # The diff being read is exhausted (its last chunk was cut short by a lag or
+        # a batch boundary): go on from its end.
+        return await read_batch(conn, filter, Position(after.upto), limit, lag)
+    return _batch(after, rows, limit, lag is not None)
 
 
-def _events(rows: Sequence[Sequence[Any]], lagged: bool) -> list[Event]:
-    """Events from rows of :func:`_read_sql`; lagged: up to the first unripe one."""
-    if not lagged:
-        return [event_from_row(r) for r in rows]
-    batch = []
-    for row in rows:
-        if not row[-1]:
-            break  # too young: stop here, never skip past it
-        batch.append(event_from_row(row))
-    return batch
+def _batch(
+    after: Position, rows: Sequence[Sequence[Any]], limit: int, lagged: bool, skip: int = 0
+) -> Batch:
+    """A :class:`Batch` from rows of :func:`_read_sql`; lagged: up to the first unripe."""
+    read = DiffRead.from_rows(after, rows, limit, skip)
+    events = [event_from_row(r) for r in read.rows]
+    if lagged:
+        ripe = [bool(r[-1]) for r in read.rows]
+        cut = ripe.index(False) if False in ripe else len(ripe)
+        return Batch(events[:cut], read.positions[:cut])
+    return Batch(events, read.positions)
 
 
-@lru_cache(maxsize=64)
-def _held_back_sql(types: int, sharded: bool) -> str:
-    where = ["e.stream = %(stream)s", "e.tx >= pg_snapshot_xmin(pg_current_snapshot())"]
-    if types == 1:
-        where.insert(1, "e.type = %(type)s")
-    elif types == 2:
-        where.insert(1, "e.type = ANY(%(types)s::text[])")
-    if sharded:
-        where.append("int4eq(e.shard_hash %% %(shard_count)s::int4, %(shard)s::int4)")
-    return "SELECT EXISTS (SELECT FROM pgflow.events e WHERE " + " AND ".join(where) + ")"
-
-
-async def held_back(conn: AsyncConnection[Any], filter: Filter) -> bool:
-    """True when committed events of ``filter`` wait above the xid horizon.
-
-    They are invisible to :func:`read_batch` until every transaction that started
-    before them ends — often a moment later (a consumer committing its cursor, another
-    writer). A reader that was woken for them should look again soon instead of
-    sleeping a whole polling interval, because the transaction that holds them back
-    may never send a notification of its own.
-    """
-    types, params = _params(filter, Position.start(), 1)
-    cur = await conn.execute(_held_back_sql(types, filter.shard_count > 1), params)
+async def head_position(conn: AsyncConnection[Any]) -> Position:
+    """The position at the head of the log now: everything committed counts as read."""
+    cur = await conn.execute("SELECT pg_current_snapshot()::text")
     row = await cur.fetchone()
-    return bool(row and row[0])
+    assert row is not None
+    return Position(str(row[0]))
 
 
-async def head_position(conn: AsyncConnection[Any], filter: Filter) -> Position:
-    """The position of the newest final event of ``filter.stream`` (stream-from-head)."""
-    cur = await conn.execute(
-        "SELECT e.tx, e.id FROM pgflow.events e WHERE e.stream = %s"
-        " AND e.tx < pg_snapshot_xmin(pg_current_snapshot())"
-        " ORDER BY e.tx DESC, e.id DESC LIMIT 1",
-        (filter.stream,),
-    )
-    row = await cur.fetchone()
-    return Position(int(row[0]), int(row[1])) if row else Position.start()
-
-
-async def horizon_age(conn: AsyncConnection[Any]) -> float:
+async def oldest_transaction_age(conn: AsyncConnection[Any]) -> float:
     """Seconds the oldest xid-holding transaction has been open (0.0 when none).
 
-    Such a transaction holds delivery back for every reader in the cluster (every
-    database on the server): events committed after it started wait until it ends.
-    Forgotten prepared (two-phase) transactions count too — they hold it forever.
-    Exposed as a metric and in ``pgflow.consumer_lag``.
+    Such a transaction no longer holds delivery back (snapshot batches deliver around
+    it), but its own events wait until it commits, and it holds back vacuum and
+    ``pgflow prune``. Forgotten prepared (two-phase) transactions count too. Exposed
+    as a metric and in ``pgflow.horizon``.
     """
     cur = await conn.execute(
         "SELECT coalesce(extract(epoch FROM max(clock_timestamp() - since)), 0) FROM ("
@@ -232,6 +204,10 @@ async def horizon_age(conn: AsyncConnection[Any]) -> float:
     )
     row = await cur.fetchone()
     return float(row[0]) if row else 0.0
+
+
+#: The metric's historic name.
+horizon_age = oldest_transaction_age
 
 
 class Subscription:
@@ -488,9 +464,9 @@ async def stream(
 ) -> AsyncIterator[list[Event]]:
     """Yield batches of events after ``after`` (or the head), forever or to the head.
 
-    This is the stateless reader (reflex's ``Stream``): the caller keeps the position.
-    For consumers whose cursor must commit with their effects use
-    :class:`pgflow.cursors.Consumer`.
+    This is the stateless reader (reflex's ``Stream``): the caller keeps the position
+    (``Batch.position``; use :func:`read_batch` to get it). For consumers whose cursor
+    must commit with their effects use :class:`pgflow.cursors.Consumer`.
     """
     if batch_size < 1 or poll_interval <= 0:
         raise ValueError("batch_size and poll_interval must be positive")
@@ -498,36 +474,27 @@ async def stream(
     position = after or Position.start()
     first = True
     delay = 0.05
-    recheck = _RECHECK_MIN
     try:
         while True:
-            pending = False
             try:
                 async with pool.connection() as conn:
                     if first and from_head:
-                        position = await head_position(conn, filter)
+                        position = await head_position(conn)
                     first = False
                     batch = await read_batch(conn, filter, position, batch_size, lag)
-                    if len(batch) < batch_size and not to_head and lag is None:
-                        pending = await held_back(conn, filter)
                 delay = 0.05
             except psycopg.OperationalError as exc:
                 logger.warning("stream %s: read failed (%s); retrying", filter.stream, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
-            if batch:
-                position = batch[-1].position
-                yield batch
+            if batch.position is not None:
+                position = batch.position
+                yield batch.events
             if len(batch) == batch_size:
                 continue
             if to_head:
                 return
-            if pending:  # committed events wait for the horizon: look again soon
-                await asyncio.sleep(recheck)
-                recheck = min(recheck * 2, poll_interval)
-                continue
-            recheck = _RECHECK_MIN
             if sub is not None:
                 await sub.wait(poll_interval)
             else:

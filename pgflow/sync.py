@@ -19,7 +19,7 @@ import asyncio
 import enum
 import threading
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
@@ -27,7 +27,8 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from .builder import Builder
-from .records import Record
+from .listing import Order, Page
+from .records import Record, RunState
 from .workflow import Workflow
 
 __all__ = ["SyncWorkflow", "connect"]
@@ -79,28 +80,70 @@ class SyncWorkflow(Generic[T, S]):
     def callback(self, foreign_id: str, status: S, payload: Any = None) -> Record[T, S] | None:
         return self._call(self.workflow.callback(foreign_id, status, payload))
 
-    def pause(self, foreign_id: str, run_id: RunId | None = None) -> Record[T, S]:
-        return self._call(self.workflow.pause(foreign_id, run_id))
+    def pause(
+        self, foreign_id: str, run_id: RunId | None = None, *, reason: str | None = None
+    ) -> Record[T, S]:
+        return self._call(self.workflow.pause(foreign_id, run_id, reason=reason))
 
-    def resume(self, foreign_id: str, run_id: RunId | None = None) -> Record[T, S]:
-        return self._call(self.workflow.resume(foreign_id, run_id))
+    def resume(
+        self, foreign_id: str, run_id: RunId | None = None, *, reason: str | None = None
+    ) -> Record[T, S]:
+        return self._call(self.workflow.resume(foreign_id, run_id, reason=reason))
 
-    def cancel(self, foreign_id: str, run_id: RunId | None = None) -> Record[T, S]:
-        return self._call(self.workflow.cancel(foreign_id, run_id))
+    def cancel(
+        self, foreign_id: str, run_id: RunId | None = None, *, reason: str | None = None
+    ) -> Record[T, S]:
+        return self._call(self.workflow.cancel(foreign_id, run_id, reason=reason))
 
-    def retry(self, foreign_id: str, run_id: RunId | None = None) -> Record[T, S]:
-        return self._call(self.workflow.retry(foreign_id, run_id))
+    def retry(
+        self, foreign_id: str, run_id: RunId | None = None, *, reason: str | None = None
+    ) -> Record[T, S]:
+        return self._call(self.workflow.retry(foreign_id, run_id, reason=reason))
 
-    def delete_data(self, foreign_id: str, run_id: RunId) -> Record[T, S]:
-        return self._call(self.workflow.delete_data(foreign_id, run_id))
+    def delete_data(
+        self, foreign_id: str, run_id: RunId | None = None, *, reason: str | None = None
+    ) -> Record[T, S]:
+        return self._call(self.workflow.delete_data(foreign_id, run_id, reason=reason))
 
-    def schedule(self, foreign_id: str, spec: str) -> datetime:
-        return self._call(self.workflow.schedule(foreign_id, spec))
+    def schedule(
+        self,
+        foreign_id: str,
+        spec: str,
+        *,
+        initial: T | None = None,
+        filter: Callable[[datetime], bool | Awaitable[bool]] | None = None,
+    ) -> datetime:
+        return self._call(self.workflow.schedule(foreign_id, spec, initial=initial, filter=filter))
 
     def wait_for(
         self, foreign_id: str, run_id: RunId, status: S, timeout: float | None = 10.0
     ) -> Record[T, S]:
         return self._call(self.workflow.wait_for(foreign_id, run_id, status, timeout=timeout))
+
+    def list(
+        self,
+        *,
+        status: S | Iterable[S] | None = None,
+        run_state: RunState | str | Iterable[RunState | str] | None = None,
+        foreign_id: str | Iterable[str] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        order: Order = "desc",
+        limit: int = 50,
+        after: str | None = None,
+    ) -> Page[Record[T, S]]:
+        return self._call(
+            self.workflow.list(
+                status=status,
+                run_state=run_state,
+                foreign_id=foreign_id,
+                created_after=created_after,
+                created_before=created_before,
+                order=order,
+                limit=limit,
+                after=after,
+            )
+        )
 
     def close(self) -> None:
         """Close the pool and stop the private loop (idempotent)."""

@@ -3,7 +3,7 @@
 ``Builder.build(...)`` returns one. Used as a client only (a web app that triggers
 runs), it opens its bounded pool on first use. ``await wf.run()`` (or
 ``async with wf:``) also starts this process's share of the work: a step consumer per
-(step, shard), a timer armer per (timeout, shard), the timer poller and the connector
+(step, shard), a timer armer per (timeout status, shard), the timer poller and the connector
 runners. Start as many worker processes as you like: each (consumer, shard) batch is
 processed by one of them at a time (advisory lock + cursor compare-and-set), and a
 killed worker's shards are picked up by the others at their next poll.
@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+from collections.abc import Callable
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -24,22 +25,32 @@ from typing import Any, Generic, TypeVar
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from ._connector_runner import ConnectorRunner
+from ._connector_runner import ConnectorRunner, consumer_name
 from ._engine import Engine, Hooks
 from ._steps import StepConsumer
 from ._timers import Poller, TimerArmer
 from .api import API
-from .cursors import Consumer
+from .clock import Clock
+from .cursors import BatchOutcome, BatchResult, Consumer
 from .graph import Graph
 from .observability import metrics, sample_forever, tracing_enabled
 from .streamer import acquire_listener, release_listener
 
-__all__ = ["Workflow"]
+__all__ = ["ConsumerState", "Workflow"]
 
 logger = logging.getLogger("pgflow.workflow")
 
 T = TypeVar("T")
 S = TypeVar("S", bound=enum.Enum)
+
+
+class ConsumerState(enum.StrEnum):
+    """What one consumer of this process is doing (:meth:`Workflow.states`)."""
+
+    STARTING = "starting"  #: spawned; no batch attempt finished yet
+    RUNNING = "running"  #: consuming (this process owns the shard)
+    IDLE = "idle"  #: another process holds the shard; this one stands by
+    SHUTDOWN = "shutdown"  #: stopped (or crashed: see the log)
 
 
 class Workflow(API[T, S], Generic[T, S]):
@@ -53,14 +64,28 @@ class Workflow(API[T, S], Generic[T, S]):
         *,
         hooks: Hooks,
         pool_size: int = 10,
+        custom_delete: Callable[[T], Any] | None = None,
+        clock: Clock | None = None,
     ) -> None:
-        super().__init__(Engine(graph, object_type, dsn_or_pool, hooks=hooks, pool_size=pool_size))
+        super().__init__(
+            Engine(
+                graph,
+                object_type,
+                dsn_or_pool,
+                hooks=hooks,
+                pool_size=pool_size,
+                custom_delete=custom_delete,
+                clock=clock,
+            )
+        )
         self.graph = graph
         self.object_type = object_type
         self.consumers: list[Consumer] = []
         self.poller: Poller[T, S] | None = None
         self.runners: list[ConnectorRunner[T, S]] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._task_of: dict[str, asyncio.Task[None]] = {}
+        self._outcomes: dict[str, BatchOutcome] = {}
         self._running = False
         self._sampler: asyncio.Task[None] | None = None
 
@@ -72,8 +97,8 @@ class Workflow(API[T, S], Generic[T, S]):
     def running(self) -> bool:
         return self._running
 
-    def mermaid(self) -> str:
-        return self.graph.mermaid()
+    def mermaid(self, direction: str | None = None) -> str:
+        return self.graph.mermaid(direction)
 
     async def run(self) -> None:
         """Start consuming in the background and return (``stop()`` ends it)."""
@@ -94,11 +119,12 @@ class Workflow(API[T, S], Generic[T, S]):
             if step.options.lag_alert is not None:
                 # the sampler then sees lag_alert crossings (and recoveries) by itself
                 metrics.set_lag_alert(consumer.key.consumer, step.options.lag_alert.total_seconds())
-        for timeout in self.graph.timeouts.values():
-            intervals.append(timeout.options.polling_frequency)
-            for shard in range(timeout.options.parallel_count):
-                self.consumers.append(TimerArmer(engine, timeout, shard).make_consumer(pool))
+        for timeouts in self.graph.timeouts.values():  # one armer per status
+            intervals += [t.options.polling_frequency for t in timeouts]
+            for shard in range(timeouts[0].options.parallel_count):
+                self.consumers.append(TimerArmer(engine, timeouts, shard).make_consumer(pool))
         for consumer in self.consumers:
+            self._track(consumer)
             self._spawn(consumer.run(), str(consumer.key))
         self.poller = Poller(engine, min(intervals, default=timedelta(seconds=1)))
         self._spawn(self.poller.run(), f"{engine.name}/poller")
@@ -121,7 +147,47 @@ class Workflow(API[T, S], Generic[T, S]):
         )
 
     def _spawn(self, coro: Any, name: str) -> None:
-        self._tasks.append(asyncio.create_task(coro, name=f"pgflow:{name}"))
+        task = asyncio.create_task(coro, name=f"pgflow:{name}")
+        self._tasks.append(task)
+        self._task_of[name] = task
+
+    def _track(self, consumer: Consumer) -> None:
+        """Remember each batch's outcome for :meth:`states` (chains ``on_batch``)."""
+        name = str(consumer.key)
+        previous = consumer.on_batch
+
+        def on_batch(result: BatchResult) -> None:
+            self._outcomes[name] = result.outcome
+            if previous is not None:
+                previous(result)
+
+        consumer.on_batch = on_batch
+
+    def states(self) -> dict[str, ConsumerState]:
+        """What each consumer of this process is doing (luno ``States()``).
+
+        Keys: step consumers and timer armers (``"<workflow>/<STATUS>[/timeout]"`` plus
+        the shard when sharded, as in ``pgflow lag``), ``"<workflow>/poller"`` and
+        connector consumers (``"<workflow>--<name>-<i>-of-<N>"``). ``IDLE`` means
+        another process holds that shard right now (it takes over if that one dies).
+        Empty before :meth:`run` and after :meth:`stop`.
+        """
+        out: dict[str, ConsumerState] = {}
+        for name, task in self._task_of.items():
+            outcome = self._outcomes.get(name)
+            if task.done():
+                out[name] = ConsumerState.SHUTDOWN
+            elif outcome is BatchOutcome.LOCKED:
+                out[name] = ConsumerState.IDLE
+            elif outcome is None and name != f"{self.name}/poller":
+                out[name] = ConsumerState.STARTING
+            else:
+                out[name] = ConsumerState.RUNNING
+        for runner in self.runners:
+            for shard, task in enumerate(runner.tasks):
+                key = consumer_name(self.name, runner.name, shard, runner.count)
+                out[key] = ConsumerState.SHUTDOWN if task.done() else ConsumerState.RUNNING
+        return out
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Finish the batches in flight (they commit or roll back), then shut down."""
@@ -147,6 +213,8 @@ class Workflow(API[T, S], Generic[T, S]):
         for runner in self.runners:
             await runner.close()
         self._tasks.clear()
+        self._task_of.clear()
+        self._outcomes.clear()
         self.consumers.clear()
         self.runners.clear()
         self.poller = None

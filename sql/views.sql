@@ -17,9 +17,9 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
                     interval '15 minutes')
 $$;
 
--- The oldest transaction holding an xid (also prepared ones): while it stays open,
--- events committed after it started are not delivered to ANY pgflow reader (the
--- gap-free read stops at the xid horizon). One row; age 0 and NULLs when none.
+-- The oldest transaction holding an xid (also prepared ones). Readers deliver around
+-- it (snapshot batches), but its own events wait until it commits, and it holds back
+-- vacuum and `pgflow prune`. One row; age 0 and NULLs when none.
 CREATE OR REPLACE VIEW pgflow.horizon AS
 SELECT coalesce(extract(epoch FROM clock_timestamp() - o.xact_start), 0)::double precision
            AS age_seconds,
@@ -49,28 +49,37 @@ LEFT JOIN LATERAL (
 
 -- Per consumer and shard: where its cursor stands and how much is still ahead of it.
 -- (The first ten columns are the original contract; later ones were appended.)
+-- A cursor is a snapshot (pgflow/snapshots.py): cursor_tx is its xmin, cursor_id the
+-- last id taken from the diff being read (0 between diffs); cursor_snapshot and
+-- cursor_upto are the position itself. An event is ahead of the cursor when its
+-- transaction is not visible in the snapshot and it was not yet taken from the diff.
 CREATE OR REPLACE VIEW pgflow.consumer_lag AS
 SELECT c.consumer,
        c.shard,
        c.shard_count,
        c.stream,
        c.types,
-       c.tx AS cursor_tx,
-       c.id AS cursor_id,
+       pg_snapshot_xmin(c.snap) AS cursor_tx,
+       c.after_id AS cursor_id,
        c.updated_at,
        ahead.events AS lag_events,
        -- clock_timestamp(): live even inside a long psql transaction; never negative.
        greatest(coalesce(extract(epoch FROM clock_timestamp() - ahead.oldest), 0), 0)::double precision
            AS lag_seconds,
        ahead.oldest AS oldest_pending_at,
-       h.age_seconds AS horizon_age_seconds
+       h.age_seconds AS horizon_age_seconds,
+       c.snap::text AS cursor_snapshot,
+       c.upto::text AS cursor_upto
 FROM pgflow.cursors c
 CROSS JOIN LATERAL (
     SELECT count(*) AS events, min(e.created_at) AS oldest
     FROM pgflow.events e
     WHERE e.stream = c.stream
       AND (c.types IS NULL OR e.type = ANY (c.types))
-      AND (e.tx, e.id) > (c.tx, c.id)
+      AND e.tx >= pg_snapshot_xmin(c.snap)
+      AND NOT pg_visible_in_snapshot(e.tx, c.snap)
+      AND NOT (c.upto IS NOT NULL AND pg_visible_in_snapshot(e.tx, c.upto)
+               AND e.id <= c.after_id)
       AND (c.shard_count = 1 OR e.shard_hash % c.shard_count = c.shard)
 ) ahead
 CROSS JOIN (SELECT age_seconds FROM pgflow.horizon) h;
@@ -95,7 +104,10 @@ SELECT r.workflow,
        substr(r.traceparent, 4, 32) AS trace_id,
        r.traceparent,
        r.object,
-       r.meta
+       r.meta,
+       -- why the run is in its run state (pause/cancel/delete_data reason=, or the
+       -- engine's own, e.g. "max error retry threshold hit")
+       r.meta ->> 'run_state_reason' AS run_state_reason
 FROM pgflow.records r;
 
 -- Every transition of every run, in order (`step` 1, 2, ... per run). Built from the
@@ -121,7 +133,8 @@ SELECT r.workflow,
        e.headers,
        r.status AS current_status,
        r.run_state AS current_run_state,
-       r.created_at AS run_created_at
+       r.created_at AS run_created_at,
+       e.headers ->> 'reason' AS reason
 FROM pgflow.records r
 JOIN pgflow.events e
   ON e.stream = r.workflow AND e.foreign_id = r.foreign_id AND e.run_id = r.run_id

@@ -88,3 +88,12 @@ def test_ui_bench_quick(pgflow_server: TestDatabases, tmp_path: Path) -> None:
     assert {"runs (all)", "run", "workflows", "consumers", "dead letters", "query"} <= pages
     assert all(row["p95_ms"] > 0 for row in doc["pages"])
     assert "slowest page p95" in stdout
+
+
+def test_list_bench_quick(pgflow_server: TestDatabases, tmp_path: Path) -> None:
+    doc, stdout = _run_bench("list", pgflow_server, tmp_path)
+    assert doc["records"] == 20_000
+    names = [s["name"] for s in doc["scenarios"]]
+    assert "run_state = PAUSED (0.1%)" in names and len(names) == 8
+    assert all(s["rows"] > 0 for s in doc["scenarios"])
+    assert "p95 ms" in stdout

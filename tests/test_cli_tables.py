@@ -100,7 +100,7 @@ def test_runs_filters(dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0 and lines[-1] == "(7 rows)"
     assert lines[0].split() == [
         "workflow", "foreign_id", "run_id", "status", "run_state", "err_count", "idle_for",
-        "updated_at", "last_error",
+        "updated_at", "last_error", "run_state_reason",
     ]  # fmt: skip
     # most recently moved first; the runs idle for an hour last
     assert {line.split()[1] for line in lines[-4:-1]} == {"order-4", "order-5", "order-6"}
@@ -163,7 +163,7 @@ def test_lag_table_and_horizon_line(dsn: str, capsys: pytest.CaptureFixture[str]
     created = next(line for line in lines if line.startswith("orders/CREATED"))
     assert created.split()[1:4] == ["-", "orders", "6"]  # CREATED events of order-1..6
     assert any(line.startswith("orders/PAID") and " 1/2 " in line for line in lines)
-    assert lines[-1].startswith("xid horizon: ")
+    assert lines[-1].startswith("oldest open transaction: ")
     _, out, _ = cli(capsys, "lag", "--dsn", dsn, "--json")
     data = json.loads(out)
     assert {c["consumer"] for c in data["consumers"]} == {"orders/CREATED", "orders/PAID"}

@@ -17,6 +17,7 @@ import pytest
 from pgflow.connectors import MalformedEvent, TransactionalConsumer, table
 from pgflow.connectors.table import CursorStore, TableStream, add_tx_column
 from pgflow.cursors import LostCursor
+from pgflow.snapshots import CONSUMED
 from tests._util import take_batch, wait_until
 
 PAYMENTS = """
@@ -46,13 +47,10 @@ async def _setup(dsn: str, rows: int = 0) -> None:
 
 
 async def _cursor(dsn: str, name: str) -> tuple[int, int] | None:
+    """(0, the largest payment id the cursor has read), None without a cursor row."""
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        cur = await conn.execute(
-            "SELECT tx::text::bigint, id FROM pgflow.cursors WHERE consumer = %s",
-            ("connector:app.payments:" + name,),
-        )
-        row = await cur.fetchone()
-        return (int(row[0]), int(row[1])) if row else None
+        read = await _cursor_in(conn, name)
+        return None if read is None else (0, read)
 
 
 async def test_transactional_ack_commits_with_effects(pgflow_dsn: str, pool: Any) -> None:
@@ -83,8 +81,11 @@ async def test_transactional_ack_commits_with_effects(pgflow_dsn: str, pool: Any
 
 
 async def _cursor_in(conn: Any, name: str) -> int | None:
+    """The largest payment id the cursor has read (0: none), None without a cursor row."""
     cur = await conn.execute(
-        "SELECT id FROM pgflow.cursors WHERE consumer = %s", ("connector:app.payments:" + name,)
+        "SELECT (SELECT coalesce(max(e.id), 0) FROM app.payments e WHERE"
+        f" {CONSUMED}) FROM pgflow.cursors c WHERE c.consumer = %s",
+        ("connector:app.payments:" + name,),
     )
     row = await cur.fetchone()
     return int(row[0]) if row else None
@@ -122,7 +123,7 @@ async def test_acks_write_the_cursor_once_per_batch(pgflow_dsn: str, pool: Any) 
             await batch[0][1]()
             async with pool.connection() as other:
                 await other.execute(
-                    "UPDATE pgflow.cursors SET id = 4 WHERE consumer = %s",
+                    "UPDATE pgflow.cursors SET after_id = 4 WHERE consumer = %s",
                     ("connector:app.payments:f",),
                 )
             await consumer.flush_in(conn)
@@ -164,11 +165,13 @@ async def test_late_commit_is_not_skipped(pgflow_dsn: str, pool: Any) -> None:
         await slow.execute("INSERT INTO app.payments (foreign_id) VALUES ('slow')")  # id 1
         async with await psycopg.AsyncConnection.connect(pgflow_dsn, autocommit=True) as fast:
             await fast.execute("INSERT INTO app.payments (foreign_id) VALUES ('fast')")  # id 2
-        async with pool.connection() as conn, conn.transaction():
-            assert await consumer.recv_batch_in(conn, 10) == []  # 'fast' waits: the horizon
+        # 'fast' is read at once (0.1 held it back while 'slow' was open)...
+        got = await take_batch(consumer, pool, 1, limit=10)
+        assert [e.foreign_id for e in got] == ["fast"]
         await slow.commit()
-        got = await take_batch(consumer, pool, 2, limit=10)
-        assert sorted(e.foreign_id for e in got) == ["fast", "slow"]
+        # ...and 'slow', with the smaller id, once it has committed: not skipped.
+        got = await take_batch(consumer, pool, 1, limit=10)
+        assert [e.foreign_id for e in got] == ["slow"]
     finally:
         await slow.close()
 

@@ -33,6 +33,7 @@ from pgflow.demo import (
     build_orders,
     handle_payment,
 )
+from pgflow.snapshots import CONSUMED
 from tests._util import wait_until
 
 
@@ -259,7 +260,8 @@ async def test_captured_table_feeds_the_workflow_exactly_once(pgflow_dsn: str) -
         )
     cursor = await _scalar(
         pgflow_dsn,
-        "SELECT id FROM pgflow.cursors WHERE consumer = %s",
+        "SELECT (SELECT max(e.id) FROM pgflow.changes e WHERE"
+        f" {CONSUMED}) FROM pgflow.cursors c WHERE c.consumer = %s",
         f"connector:changes:app.payments:{WORKFLOW}--{CONNECTOR}-1-of-1",
     )
     assert cursor == 4  # the table cursor committed with the runs

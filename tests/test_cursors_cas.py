@@ -35,7 +35,7 @@ async def _seed(pool: Pool, n: int, stream: str = "s", settle: bool = True) -> l
 
 
 async def test_second_consumer_of_a_shard_gets_locked(pool: Pool) -> None:
-    ids = await _seed(pool, 3)
+    await _seed(pool, 3)
     key, flt = CursorKey("c"), Filter("s")
     async with pool.connection() as conn:
         await ensure_cursor(conn, key, flt)
@@ -56,7 +56,7 @@ async def test_second_consumer_of_a_shard_gets_locked(pool: Pool) -> None:
     result = await first
     assert result.outcome is BatchOutcome.APPLIED and result.events == 3
     async with pool.connection() as conn:
-        assert (await load_cursor(conn, key)).id == ids[-1]
+        assert (await load_cursor(conn, key)) == result.position
     # The lock died with the transaction: the next batch runs (and finds nothing).
     assert (await consume_once(pool, key, flt, slow)).outcome is BatchOutcome.EMPTY
 
@@ -84,20 +84,21 @@ async def test_cas_fences_a_stale_consumer_and_rolls_back_its_effects(
         assert old1 == old2 == Position.start()
         batch1 = await read_batch(one, flt, old1)
         batch2 = await read_batch(two, flt, old2)
-        assert [e.id for e in batch1] == [e.id for e in batch2] == ids
+        assert [e.id for e in batch1.events] == [e.id for e in batch2.events] == ids
         for conn, batch in ((one, batch1), (two, batch2)):
             async with conn.cursor() as cur:
-                await cur.executemany("INSERT INTO effects VALUES (%s)", [(e.id,) for e in batch])
+                rows = [(e.id,) for e in batch.events]
+                await cur.executemany("INSERT INTO effects VALUES (%s)", rows)
 
-        assert await advance_cursor(one, key, old1, batch1[-1].position)
+        assert await advance_cursor(one, key, old1, batch1.positions[-1])
         await one.commit()
-        assert not await advance_cursor(two, key, old2, batch2[-1].position)
+        assert not await advance_cursor(two, key, old2, batch2.positions[-1])
         await two.rollback()  # what consume_once does on a lost CAS
 
         async with pool.connection() as conn:
             cur = await conn.execute("SELECT event_id FROM effects ORDER BY event_id")
             assert [r[0] for r in await cur.fetchall()] == ids  # once each
-            assert await load_cursor(conn, key) == batch1[-1].position
+            assert await load_cursor(conn, key) == batch1.positions[-1]
     finally:
         await one.close()
         await two.close()
@@ -113,7 +114,7 @@ async def test_cas_waits_for_the_concurrent_owner_then_fails(pgflow_dsn: str, po
     two = await AsyncConnection.connect(pgflow_dsn)
     try:
         batch = await read_batch(one, flt, Position.start())
-        new = batch[-1].position
+        new = batch.positions[-1]
         assert await advance_cursor(one, key, Position.start(), new)
         pid_two = two.info.backend_pid
         racing = asyncio.create_task(advance_cursor(two, key, Position.start(), new))
@@ -142,14 +143,14 @@ async def test_cursor_never_moves_backwards(pool: Pool) -> None:
     async with pool.connection() as conn:
         await ensure_cursor(conn, key, flt)
         batch = await read_batch(conn, flt, Position.start())
-        assert await advance_cursor(conn, key, Position.start(), batch[1].position)
+        assert await advance_cursor(conn, key, Position.start(), batch.positions[1])
         with pytest.raises(ValueError, match="forwards"):
-            await advance_cursor(conn, key, batch[1].position, batch[0].position)
+            await advance_cursor(conn, key, batch.positions[1], batch.positions[0])
         with pytest.raises(ValueError, match="forwards"):
-            await advance_cursor(conn, key, batch[1].position, batch[1].position)
+            await advance_cursor(conn, key, batch.positions[1], batch.positions[1])
         # A stale "old" cannot drag it back either: the CAS does not match.
-        assert not await advance_cursor(conn, key, Position.start(), batch[0].position)
-        assert await load_cursor(conn, key) == batch[1].position
+        assert not await advance_cursor(conn, key, Position.start(), batch.positions[0])
+        assert await load_cursor(conn, key) == batch.positions[1]
 
 
 async def test_consume_once_creates_a_missing_cursor(pool: Pool) -> None:
@@ -227,7 +228,7 @@ async def test_consume_once_filter_shapes(pool: Pool) -> None:
                 key = CursorKey(f"c-{types}", shard, shard_count)
                 expected = [
                     e.id
-                    for e in everything
+                    for e in everything.events
                     if (types is None or e.type in types) and e.shard_hash % shard_count == shard
                 ]
                 got: list[int] = []
@@ -267,20 +268,16 @@ async def test_consume_once_with_lag(pool: Pool) -> None:
     assert seen == ids
 
 
-async def test_held_back_reported_while_an_older_transaction_runs(
+async def test_an_older_open_transaction_does_not_hold_a_consumer_back(
     pgflow_dsn: str, pool: Pool
 ) -> None:
+    """0.1 reported such events as held back and delivered them only after the holder
+    ended; now they are delivered at once."""
     holder = await AsyncConnection.connect(pgflow_dsn)
     try:
         await holder.execute("SELECT pg_current_xact_id()")
         await _seed(pool, 1, settle=False)
         r = await consume_once(pool, CursorKey("h"), Filter("s"), _noop)
-        assert r.outcome is BatchOutcome.EMPTY and r.held_back
+        assert r.outcome is BatchOutcome.APPLIED and r.events == 1
     finally:
         await holder.close()
-
-    async def settled() -> bool:
-        r = await consume_once(pool, CursorKey("h"), Filter("s"), _noop)
-        return r.outcome is BatchOutcome.APPLIED and not r.held_back
-
-    await wait_until(settled, timeout=10, message="event delivered once the holder ended")

@@ -2,10 +2,8 @@
 
 Each test opens its own connections and interleaves their statements explicitly, so
 the interesting orderings (late commits, rollbacks, savepoints, long transactions)
-happen every run, not by chance. The xid horizon is cluster-wide: other tests running
-on the same server can hold it back for a moment, so "eventually delivered" is always
-awaited with a deadline, while "not delivered yet" is asserted at once (another
-transaction can only make the horizon lower).
+happen every run, not by chance. With snapshot batches nothing else on the server can
+hold delivery back, so "delivered" is asserted right after the commit.
 """
 
 from __future__ import annotations
@@ -31,29 +29,29 @@ async def _open(dsn: str, autocommit: bool = False) -> Conn:
 
 async def _read_all(conn: Conn, flt: Filter, after: Position, limit: int = 500) -> list[Event]:
     """Everything currently deliverable after ``after``, following the cursor."""
+    return (await _read_to_end(conn, flt, after, limit))[0]
+
+
+async def _read_to_end(
+    conn: Conn, flt: Filter, after: Position, limit: int = 500
+) -> tuple[list[Event], Position]:
+    """Everything deliverable now after ``after``, and the position after it."""
     out: list[Event] = []
     while True:
         batch = await read_batch(conn, flt, after, limit)
-        out.extend(batch)
-        if len(batch) < limit:
-            return out
-        after = batch[-1].position
+        if batch.position is None:
+            return out, after
+        out.extend(batch.events)
+        after = batch.position
 
 
 async def _drain_until(
     conn: Conn, flt: Filter, after: Position, ids: set[int], got: list[Event]
 ) -> Position:
-    """Read (appending to ``got``) until every id in ``ids`` was delivered."""
-
-    async def done() -> bool:
-        nonlocal after
-        batch = await _read_all(conn, flt, after)
-        if batch:
-            got.extend(batch)
-            after = batch[-1].position
-        return ids <= {e.id for e in got}
-
-    await wait_until(done, timeout=10, message=f"events {sorted(ids)} delivered")
+    """Read (appending to ``got``) everything deliverable now; all of ``ids`` must be."""
+    events, after = await _read_to_end(conn, flt, after)
+    got.extend(events)
+    assert ids <= {e.id for e in got}, f"events {sorted(ids - {e.id for e in got})} missing"
     return after
 
 
@@ -70,19 +68,19 @@ async def test_late_commit_of_lower_id_is_not_skipped(pgflow_dsn: str) -> None:
         await b.commit()
         assert b_id > a_id
 
-        # The horizon hides B while A (older xid) is running...
-        assert await read_batch(reader, flt, Position.start()) == []
-        # ...whereas an id-only cursor would deliver B now and move past A's id.
+        # B is delivered at once, although A (lower id, older xid) is still open...
+        got: list[Event] = []
+        pos = await _drain_until(reader, flt, Position.start(), {b_id}, got)
+        assert [e.id for e in got] == [b_id]
+        # ...and so would an id-only cursor, which then moves past A's id.
         cur = await reader.execute("SELECT max(id) FROM pgflow.events WHERE id > 0")
         id_cursor = (await cur.fetchone() or [0])[0]
         assert id_cursor == b_id
 
         await a.commit()
-        got: list[Event] = []
-        pos = await _drain_until(reader, flt, Position.start(), {a_id, b_id}, got)
-        assert [e.id for e in got] == [a_id, b_id]  # (tx, id) order: A's tx is older
-        assert got[0].tx < got[1].tx
-        assert await read_batch(reader, flt, pos) == []  # exactly once
+        pos = await _drain_until(reader, flt, pos, {a_id, b_id}, got)
+        assert [e.id for e in got] == [b_id, a_id]  # commit order
+        assert await _read_all(reader, flt, pos) == []  # exactly once
 
         # The contrast: the id-only cursor never sees A.
         cur = await reader.execute("SELECT id FROM pgflow.events WHERE id > %s", (id_cursor,))
@@ -107,11 +105,13 @@ async def test_early_xid_with_later_id_sorts_first(pgflow_dsn: str) -> None:
         await b.commit()
         [a_id] = await append(a, [NewEvent("s", "t", "fa")])
         assert a_id > b_id
-        assert await read_batch(reader, flt, Position.start()) == []
-        await a.commit()
         got: list[Event] = []
-        await _drain_until(reader, flt, Position.start(), {a_id, b_id}, got)
-        assert [e.id for e in got] == [a_id, b_id]
+        pos = await _drain_until(reader, flt, Position.start(), {b_id}, got)
+        await a.commit()
+        await _drain_until(reader, flt, pos, {a_id, b_id}, got)
+        assert [e.id for e in got] == [b_id, a_id]
+        # Read together (one diff), the two come out in id order.
+        assert [e.id for e in await _read_all(reader, flt, Position.start())] == [b_id, a_id]
     finally:
         for c in (a, b, reader):
             await c.close()
@@ -211,12 +211,14 @@ async def test_batch_boundary_inside_one_transaction(pgflow_dsn: str, pool: Pool
     assert len({e.tx for e in seen[:7]}) == 1
     # The cursor stopped twice inside the 7-event transaction and resumed correctly.
     assert [r.events for r in results[:2]] == [3, 3]
-    assert results[0].position == seen[2].position
-    assert results[1].position == seen[5].position
+    assert results[0].position is not None and results[0].position.after_id == ids[2]
+    assert results[1].position is not None and results[1].position.after_id == ids[5]
     assert sum(r.events for r in results) == 8
 
 
-async def test_long_running_writer_holds_delivery_back(pgflow_dsn: str) -> None:
+async def test_long_running_writer_holds_back_only_itself(pgflow_dsn: str) -> None:
+    """0.1 stalled every reader behind an open xid; now only the open transaction's own
+    events wait, and the oldest-transaction age is still reported."""
     flt = Filter("s")
     long, w, reader = (
         await _open(pgflow_dsn),
@@ -226,11 +228,13 @@ async def test_long_running_writer_holds_delivery_back(pgflow_dsn: str) -> None:
     try:
         async with await AsyncConnection.connect(pgflow_dsn) as c:
             await ensure_cursor(c, CursorKey("lagging"), flt)
-        await long.execute("SELECT pg_current_xact_id()")  # holds an xid, writes nothing
+        [held] = await append(long, [NewEvent("s", "t", "held")])  # open, with an event
         [e_id] = await append(w, [NewEvent("s", "t", "f")])
         await w.commit()
 
-        assert await read_batch(reader, flt, Position.start()) == []
+        got: list[Event] = []
+        pos = await _drain_until(reader, flt, Position.start(), {e_id}, got)
+        assert [e.id for e in got] == [e_id]
         age = await wait_until(
             lambda: _positive(horizon_age(reader), 0.1), timeout=10, message="horizon age"
         )
@@ -239,13 +243,11 @@ async def test_long_running_writer_holds_delivery_back(pgflow_dsn: str) -> None:
             "SELECT lag_events, lag_seconds FROM pgflow.consumer_lag WHERE consumer = 'lagging'"
         )
         lag_events, lag_seconds = await cur.fetchone() or (0, 0.0)
-        assert lag_events == 1 and lag_seconds > 0
-        assert await read_batch(reader, flt, Position.start()) == []  # still held back
+        assert lag_events == 1 and lag_seconds > 0  # the committed one; held is invisible
 
         await long.commit()
-        got: list[Event] = []
-        await _drain_until(reader, flt, Position.start(), {e_id}, got)
-        assert [e.id for e in got] == [e_id]  # delivered, not lost
+        await _drain_until(reader, flt, pos, {held}, got)
+        assert [e.id for e in got] == [e_id, held]  # delivered once, not lost
     finally:
         for c in (long, w, reader):
             await c.close()

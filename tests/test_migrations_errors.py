@@ -23,7 +23,6 @@ from pgflow.events import NewEvent, Position, append
 from pgflow.migrations import check_schema, latest_version
 from pgflow.streamer import Filter, read_batch
 from pgflow.testing import TestDatabases
-from tests._util import wait_until
 
 PGFLOW = Path(sys.executable).parent / "pgflow"
 UNREACHABLE = "postgresql://postgres@127.0.0.1:1/postgres"
@@ -128,10 +127,30 @@ def test_cli_migrate(empty_dsn: str) -> None:
 
 async def _events_after(conn: AsyncConnection[Any], flt: Filter, pos: Position) -> list[int]:
     out: list[int] = []
-    while batch := await read_batch(conn, flt, pos, limit=2):
-        out.extend(e.id for e in batch)
-        pos = batch[-1].position
+    while (batch := await read_batch(conn, flt, pos, limit=2)).position:
+        out.extend(e.id for e in batch.events)
+        pos = batch.position
     return out
+
+
+def _shifted(column: str, offset: int) -> str:
+    """SQL: the snapshot in ``column`` with every xid moved up by ``offset``."""
+    return (
+        f"((pg_snapshot_xmin({column})::text::bigint + {offset})::text || ':' ||"
+        f" (pg_snapshot_xmax({column})::text::bigint + {offset})::text || ':' ||"
+        f" coalesce((SELECT string_agg((x::text::bigint + {offset})::text, ',')"
+        f" FROM pg_snapshot_xip({column}) x), ''))::pg_snapshot"
+    )
+
+
+async def _simulate_restore(conn: AsyncConnection[Any], offset: int = 1_000_000_000_000) -> None:
+    """What a restore into a cluster whose xid counter is far behind looks like."""
+    await conn.execute(f"UPDATE pgflow.events SET tx = (tx::text::bigint + {offset})::text::xid8")
+    await conn.execute(
+        "UPDATE pgflow.cursors SET"
+        f" snap = CASE WHEN snap::text = '1:1:' THEN snap ELSE {_shifted('snap', offset)} END,"
+        f" upto = CASE WHEN upto IS NULL THEN NULL ELSE {_shifted('upto', offset)} END"
+    )
 
 
 async def test_xid_reset_detected_and_repaired(pgflow_dsn: str) -> None:
@@ -155,34 +174,21 @@ async def test_xid_reset_detected_and_repaired(pgflow_dsn: str) -> None:
         await b.close()
     assert a_id > b_id
 
-    key_mid, key_start = CursorKey("mid"), CursorKey("start")
+    keys = [CursorKey("mid"), CursorKey("start"), CursorKey("done"), CursorKey("one")]
     async with await AsyncConnection.connect(pgflow_dsn, autocommit=True) as conn:
-
-        async def all_final() -> list[Any]:
-            batch = await read_batch(conn, flt, Position.start())
-            return batch if len(batch) == 4 else []
-
-        # (waits while other clients of a shared server hold the xid horizon back)
-        everything = await wait_until(all_final, timeout=30, message="events deliverable")
-        assert [e.id for e in everything] == [first, a_id, b_id, last]
-        # "mid" consumed first and A's event; B's (lower id!) and last are still to do.
-        await ensure_cursor(conn, key_mid, flt)
-        await ensure_cursor(conn, key_start, flt)
-        assert await advance_cursor(conn, key_mid, Position.start(), everything[1].position)
-        before = {
-            k: await _events_after(conn, flt, await load_cursor(conn, k))
-            for k in (key_mid, key_start)
-        }
-        assert before[key_mid] == [b_id, last]
-
-        # Simulate a restore into a cluster whose xid counter is far behind.
-        await conn.execute(
-            "UPDATE pgflow.events SET tx = (tx::text::bigint + 1000000000000)::text::xid8"
-        )
-        await conn.execute(
-            "UPDATE pgflow.cursors SET tx = (tx::text::bigint + 1000000000000)::text::xid8"
-            " WHERE tx > '0'"
-        )
+        everything = await read_batch(conn, flt, Position.start())
+        assert [e.id for e in everything.events] == [first, b_id, a_id, last]
+        for key in keys:
+            await ensure_cursor(conn, key, flt)
+        # "mid" stopped inside a diff, "one" after a diff, "done" at the end.
+        two = await read_batch(conn, flt, Position.start(), limit=2)
+        assert await advance_cursor(conn, keys[0], Position.start(), two.positions[-1])
+        assert await advance_cursor(conn, keys[2], Position.start(), everything.positions[-1])
+        assert await advance_cursor(conn, keys[3], Position.start(), everything.positions[0])
+        before = {k: await _events_after(conn, flt, await load_cursor(conn, k)) for k in keys}
+        assert before[keys[0]] == [a_id, last]
+        assert before[keys[2]] == []
+        await _simulate_restore(conn)
 
     with pytest.raises(SchemaError) as info:
         await migrate(pgflow_dsn)
@@ -195,18 +201,37 @@ async def test_xid_reset_detected_and_repaired(pgflow_dsn: str) -> None:
     assert await migrate(pgflow_dsn) == []  # no longer detected
 
     async with await AsyncConnection.connect(pgflow_dsn, autocommit=True) as conn:
-        after = {
-            k: await _events_after(conn, flt, await load_cursor(conn, k))
-            for k in (key_mid, key_start)
-        }
-        # Every cursor still has exactly the same events ahead of it (B is not lost,
-        # A is not repeated), and new events come after all of them.
+        after = {k: await _events_after(conn, flt, await load_cursor(conn, k)) for k in keys}
+        # Every cursor still has exactly the same events ahead of it (nothing lost,
+        # nothing repeated), and new events come after all of them.
         assert {k: set(v) for k, v in after.items()} == {k: set(v) for k, v in before.items()}
         async with conn.transaction():
             [new] = await append(conn, [NewEvent("s", "t", "new")])
+        for key in keys:
+            ahead = await _events_after(conn, flt, await load_cursor(conn, key))
+            assert set(ahead) == set(before[key]) | {new}, key
+            assert ahead[-1] == new
 
-        async def delivered_last() -> bool:
-            ahead = await _events_after(conn, flt, await load_cursor(conn, key_mid))
-            return ahead[-1] == new and set(ahead) == {b_id, last, new}
 
-        await wait_until(delivered_last, timeout=10, message="new event after the old ones")
+async def test_xid_reset_repair_refuses_connector_cursors_it_cannot_renumber(
+    pgflow_dsn: str,
+) -> None:
+    async with await AsyncConnection.connect(pgflow_dsn, autocommit=True) as conn:
+        await append(conn, [NewEvent("s", "t", "x")])
+        await conn.execute(
+            "INSERT INTO pgflow.cursors (consumer, shard, shard_count, snap)"
+            " VALUES ('connector:app.t:c', 0, 1, pg_current_snapshot())"
+        )
+        await _simulate_restore(conn)
+    result = _cli("migrate", "--dsn", pgflow_dsn, "--repair-xid-reset")
+    assert result.returncode == 1
+    assert "connector:app.t:c" in _one_line(result.stderr)
+
+
+async def test_a_missing_earlier_migration_is_noticed(pgflow_dsn: str) -> None:
+    """Two branches, two numbers: a database migrated by a build that had 0005 but not
+    0004 is not "current" just because its highest version is."""
+    async with await AsyncConnection.connect(pgflow_dsn, autocommit=True) as conn:
+        await conn.execute("DELETE FROM pgflow.schema_migrations WHERE version = 4")
+        with pytest.raises(SchemaError, match="0004"):
+            await check_schema(conn)

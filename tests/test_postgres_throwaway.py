@@ -33,7 +33,7 @@ def test_throwaway_cluster_start_migrate_stop() -> None:
                 ids = await append(conn, [NewEvent("s", "t", "f")])
                 await conn.commit()
                 events = await read_batch(conn, Filter("s"), Position.start())
-                assert [e.id for e in events] == ids
+                assert [e.id for e in events.events] == ids
                 return ids
             finally:
                 await conn.close()

@@ -1,8 +1,8 @@
 """Retention (pgflow.retention / `pgflow prune`): every rule keeps what is still needed.
 
-Most events are inserted with an explicit small ``tx`` so they are below the xid horizon
-whatever else runs on the shared server; the horizon rule itself is tested with real
-transactions.
+Each event is its own real transaction (``tx`` cannot be forged: the database stamps
+it); cursors are written as snapshot positions directly: ``PAST`` has read everything,
+others are built from the events' transaction ids.
 """
 
 from __future__ import annotations
@@ -19,12 +19,10 @@ from psycopg import AsyncConnection
 from pgflow.cli import main
 from pgflow.cli._prune import parse_age
 from pgflow.retention import prune
-from tests._util import wait_until
 
 OLD = "now() - interval '40 days'"
 NEW = "now()"
-MAX_TX = "18446744073709551615"  # the largest xid8: a cursor past everything
-MAX_ID = 2**62
+PAST = "18446744073709551615:18446744073709551615:"  # a snapshot in which all is visible
 DAYS30 = timedelta(days=30)
 
 
@@ -36,16 +34,23 @@ async def event(
     conn: AsyncConnection[Any],
     stream: str,
     *,
-    tx: int | None = 10,
     age: str = OLD,
     run_id: uuid.UUID | None = None,
 ) -> int:
-    """Insert one event; ``tx=None`` takes the real transaction id."""
-    tx_sql = "pg_current_xact_id()" if tx is None else f"'{tx}'::xid8"
+    """Insert one event in its own transaction (``conn`` is autocommit)."""
     cur = await conn.execute(
-        "INSERT INTO pgflow.events (tx, stream, type, foreign_id, run_id, created_at)"
-        f" VALUES ({tx_sql}, %s, 'step', %s, %s, {age}) RETURNING id",
+        "INSERT INTO pgflow.events (stream, type, foreign_id, run_id, created_at)"
+        f" VALUES (%s, 'step', %s, %s, {age}) RETURNING id",
         (stream, f"f-{run_id or uuid.uuid4()}", run_id),  # a run's events: its record's id
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def tx_of(conn: AsyncConnection[Any], event_id: int) -> int:
+    cur = await conn.execute(
+        "SELECT tx::text::bigint FROM pgflow.events WHERE id = %s", (event_id,)
     )
     row = await cur.fetchone()
     assert row is not None
@@ -56,13 +61,14 @@ async def cursor(
     conn: AsyncConnection[Any],
     name: str,
     stream: str | None,
-    tx: int | str = MAX_TX,
-    id: int = MAX_ID,
+    snap: str = PAST,
+    upto: str | None = None,
+    after_id: int = 0,
 ) -> None:
     await conn.execute(
-        "INSERT INTO pgflow.cursors (consumer, shard, shard_count, tx, id, stream)"
-        " VALUES (%s, 0, 1, %s::xid8, %s, %s)",
-        (name, str(tx), id, stream),
+        "INSERT INTO pgflow.cursors (consumer, shard, shard_count, snap, upto, after_id, stream)"
+        " VALUES (%s, 0, 1, %s, %s, %s, %s)",
+        (name, snap, upto, after_id, stream),
     )
 
 
@@ -101,26 +107,35 @@ async def test_old_consumed_events_go_young_ones_stay(pgflow_dsn: str) -> None:
 
 async def test_lagging_cursor_keeps_what_it_has_not_read(pgflow_dsn: str) -> None:
     async with await connect(pgflow_dsn) as conn:
-        e1 = await event(conn, "s", tx=20)
-        e2 = await event(conn, "s", tx=30)
-        e3 = await event(conn, "s", tx=30)
+        e1 = await event(conn, "s")
+        await conn.execute("BEGIN")
+        e2 = await event(conn, "s")
+        e3 = await event(conn, "s")
+        await conn.execute("COMMIT")
+        t2 = await tx_of(conn, e2)
         await cursor(conn, "fast", "s")
-        await cursor(conn, "slow", "s", tx=30, id=e2)  # has read e1 and e2, not e3
+        # "slow" sees e1 and is inside the diff of e2/e3's transaction, after e2.
+        await cursor(conn, "slow", "s", f"{t2}:{t2}:", f"{t2 + 1}:{t2 + 1}:", e2)
         result = await prune(conn, older_than=DAYS30)
         assert result.events == 2
         assert await remaining(conn) == {e3}
         assert e1 not in await remaining(conn)
 
 
-async def test_cursor_without_stream_covers_every_stream(pgflow_dsn: str) -> None:
+async def test_cursors_of_other_streams_or_none_say_nothing_about_a_stream(
+    pgflow_dsn: str,
+) -> None:
+    """0.1 took a NULL-stream cursor (a table connector's) as reading every stream, and
+    deleted events nobody had read (e.g. replayed dead letters on ``pgflow.replay``)."""
     async with await connect(pgflow_dsn) as conn:
-        e1 = await event(conn, "s", tx=20)
-        e2 = await event(conn, "s", tx=40)
+        replayed = await event(conn, "pgflow.replay")
+        e1 = await event(conn, "s")
         await cursor(conn, "own", "s")
-        await cursor(conn, "any", None, tx=30, id=0)  # a NULL-stream cursor between them
+        await cursor(conn, "connector:app.t:c", None)  # a table connector: PAST everything
+        await cursor(conn, "other", "t")
         result = await prune(conn, older_than=DAYS30)
         assert result.events_by_stream == {"s": 1}
-        assert await remaining(conn) == {e2}
+        assert await remaining(conn) == {replayed}
         assert e1 not in await remaining(conn)
 
 
@@ -155,29 +170,56 @@ async def test_events_of_runs_in_progress_are_kept(pgflow_dsn: str) -> None:
         assert (await cur.fetchone()) == (len(kept),)
 
 
-async def test_events_above_the_xid_horizon_are_kept(pgflow_dsn: str) -> None:
+async def test_events_a_cursor_has_not_read_are_kept_however_old(pgflow_dsn: str) -> None:
+    """An event committed late (its transaction was open when the cursor's snapshot was
+    taken) is not read yet and must stay, however old it looks."""
     async with await connect(pgflow_dsn) as conn, await connect(pgflow_dsn) as holder:
-        await cursor(conn, "c", "s")
-        # An older transaction holds an xid: events committed after it started sit
-        # above the horizon (not delivered yet) and must stay, however old they look.
         await holder.execute("BEGIN")
-        await holder.execute("SELECT pg_current_xact_id()")
-        committed = await event(conn, "s", tx=None)
         await holder.execute(
             "INSERT INTO pgflow.events (stream, type, foreign_id, created_at)"
             f" VALUES ('s', 'step', 'h', {OLD})"
         )
-        assert (await prune(conn, older_than=DAYS30)).events == 0
-        assert await remaining(conn) == {committed}
+        committed = await event(conn, "s")
+        cur = await conn.execute("SELECT pg_current_snapshot()::text")
+        snap = (await cur.fetchone() or [""])[0]
+        await cursor(conn, "c", "s", snap)  # has read `committed`, not the open one
         await holder.execute("COMMIT")
+        assert (await prune(conn, older_than=DAYS30)).events == 1
+        assert committed not in await remaining(conn)
+        assert len(await remaining(conn)) == 1  # the late one, unread, stays
+        await conn.execute("UPDATE pgflow.cursors SET snap = pg_current_snapshot()")
+        assert (await prune(conn, older_than=DAYS30)).events == 1
+        assert await remaining(conn) == set()
 
-        # Once the horizon passes them both are eligible (other clients of the shared
-        # server may hold the horizon back for a moment: wait with a deadline).
-        async def all_pruned() -> bool:
-            await prune(conn, older_than=DAYS30)
-            return not await remaining(conn)
 
-        await wait_until(all_pruned, message="events below the horizon pruned")
+async def test_an_idle_consumer_does_not_hold_its_stream_back(pgflow_dsn: str) -> None:
+    """A step whose status no run reaches kept its cursor at the start forever, so 0.1
+    never pruned the workflow's stream; an idle consumer now moves its snapshot."""
+    from psycopg_pool import AsyncConnectionPool
+
+    from pgflow.cursors import CursorKey, consume_once, ensure_cursor
+    from pgflow.streamer import Filter
+
+    async with await connect(pgflow_dsn) as conn:
+        e1 = await event(conn, "wf")
+        busy, idle = CursorKey("wf/A"), CursorKey("wf/B")
+        await ensure_cursor(conn, busy, Filter("wf", ("step",)))
+        await ensure_cursor(conn, idle, Filter("wf", ("never",)))
+        await conn.execute("UPDATE pgflow.cursors SET updated_at = now() - interval '1 hour'")
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(pgflow_dsn, min_size=1, open=False)
+        await pool.open(wait=True)
+
+        async def noop(events: Any, c: Any) -> None:
+            pass
+
+        try:
+            await consume_once(pool, busy, Filter("wf", ("step",)), noop)
+            assert (await prune(conn, older_than=DAYS30)).events == 0  # idle holds it
+            await consume_once(pool, idle, Filter("wf", ("never",)), noop)
+        finally:
+            await pool.close()
+        assert (await prune(conn, older_than=DAYS30)).events == 1
+        assert e1 not in await remaining(conn)
 
 
 async def test_dry_run_deletes_nothing_and_counts_what_would_go(pgflow_dsn: str) -> None:
@@ -322,12 +364,12 @@ def test_cli_without_database_exits_1(
 def test_cli_dry_run_then_prune(pgflow_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
     with psycopg.connect(pgflow_dsn, autocommit=True) as conn:
         conn.execute(
-            "INSERT INTO pgflow.cursors (consumer, shard, shard_count, tx, id, stream)"
-            f" VALUES ('c', 0, 1, '{MAX_TX}', {MAX_ID}, 'orders')"
+            "INSERT INTO pgflow.cursors (consumer, shard, shard_count, snap, stream)"
+            f" VALUES ('c', 0, 1, '{PAST}', 'orders')"
         )
         conn.execute(
-            "INSERT INTO pgflow.events (tx, stream, type, foreign_id, created_at)"
-            f" SELECT '10', 'orders', 'step', 'f' || g, {OLD} FROM generate_series(1, 3) g"
+            "INSERT INTO pgflow.events (stream, type, foreign_id, created_at)"
+            f" SELECT 'orders', 'step', 'f' || g, {OLD} FROM generate_series(1, 3) g"
         )
     assert main(["prune", "--older-than", "30d", "--dry-run", "--dsn", pgflow_dsn]) == 0
     out = capsys.readouterr().out
@@ -339,3 +381,67 @@ def test_cli_dry_run_then_prune(pgflow_dsn: str, capsys: pytest.CaptureFixture[s
     assert out.startswith("deleted") and "events total: 3" in out
     with psycopg.connect(pgflow_dsn) as conn:
         assert conn.execute("SELECT count(*) FROM pgflow.events").fetchone() == (0,)
+
+
+async def test_change_log_is_pruned_behind_its_readers_only(pgflow_dsn: str) -> None:
+    """pgflow.changes rows go once every connector reading the change log has read
+    them; a reader that has not, or no reader at all, keeps them."""
+
+    async def change(conn: AsyncConnection[Any], pk: str) -> int:
+        cur = await conn.execute(
+            "INSERT INTO pgflow.changes (table_name, op, pk, created_at)"
+            f" VALUES ('app.t', 'INSERT', %s, {OLD}) RETURNING id",
+            (pk,),
+        )
+        return int((await cur.fetchone() or [0])[0])
+
+    async def change_rows(conn: AsyncConnection[Any]) -> set[int]:
+        cur = await conn.execute("SELECT id FROM pgflow.changes")
+        return {int(r[0]) for r in await cur.fetchall()}
+
+    async with await connect(pgflow_dsn) as conn:
+        first = await change(conn, "1")
+        cur = await conn.execute("SELECT pg_current_snapshot()::text")
+        after_first = (await cur.fetchone() or [""])[0]
+        second = await change(conn, "2")
+        assert (await prune(conn, older_than=DAYS30)).changes == 0  # nobody reads it yet
+        await conn.execute(
+            "INSERT INTO pgflow.cursors (consumer, shard, shard_count, snap, source)"
+            " VALUES ('connector:changes:a', 0, 1, %s, 'pgflow.changes'),"
+            " ('connector:changes:b', 0, 1, %s, 'pgflow.changes')",
+            (PAST, after_first),
+        )
+        dry = await prune(conn, older_than=DAYS30, dry_run=True)
+        assert dry.changes == 1 and await change_rows(conn) == {first, second}
+        assert (await prune(conn, older_than=DAYS30)).changes == 1
+        assert await change_rows(conn) == {second}  # b has not read it
+        await conn.execute("UPDATE pgflow.cursors SET snap = %s", (PAST,))
+        assert (await prune(conn, older_than=DAYS30)).changes == 1
+        assert await change_rows(conn) == set()
+
+
+async def test_a_table_connector_records_the_table_it_reads(pgflow_dsn: str) -> None:
+    from psycopg_pool import AsyncConnectionPool
+
+    from pgflow.capture import capture, changes_stream
+    from pgflow.connectors import table
+
+    async with await connect(pgflow_dsn) as conn:
+        await conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        await capture(conn, "t")
+        await conn.execute("INSERT INTO t VALUES (1)")
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(pgflow_dsn, min_size=1, open=False)
+    await pool.open(wait=True)
+    try:
+        consumer = await table.Connector(
+            changes_stream("t"), table.CursorStore(pool)
+        ).make("reader")
+        async with pool.connection() as conn, conn.transaction():
+            batch = await consumer.recv_batch_in(conn, 10)
+            assert len(batch) == 1
+            await batch[0][1]()
+        async with pool.connection() as conn:
+            cur = await conn.execute("SELECT source FROM pgflow.cursors")
+            assert await cur.fetchall() == [("pgflow.changes",)]
+    finally:
+        await pool.close()

@@ -359,10 +359,11 @@ def test_pgflow_ui_serves_with_uvicorn(pgflow_dsn: str, seeded: dict[str, Any]) 
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
-async def _lag_vs_view(dsn: str) -> tuple[list[Any], list[Any]]:
+async def _lag_vs_view(dsn: str) -> tuple[list[Any], list[Any], list[Any]]:
     from pgflow.events import NewEvent, append
 
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        before = await (await conn.execute("SELECT pg_current_snapshot()::text")).fetchone()
         await append(
             conn,
             [
@@ -371,40 +372,54 @@ async def _lag_vs_view(dsn: str) -> tuple[list[Any], list[Any]]:
                 for t in ("CREATED", "PAID", "SHIPPED")
             ],
         )
+        after = await (await conn.execute("SELECT pg_current_snapshot()::text")).fetchone()
+        assert before and after
         await conn.execute(
             "INSERT INTO pgflow.cursors (consumer, shard, shard_count, stream, types) VALUES"
-            " ('all', 0, 1, 'orders', NULL),"
+            " ('all', 0, 1, 'orders', NULL), ('fresh', 0, 2, 'orders', NULL),"
+            " ('fresh', 1, 2, 'orders', NULL),"
             " ('two-types', 0, 3, 'orders', ARRAY['PAID', 'SHIPPED']),"
             " ('two-types', 1, 3, 'orders', ARRAY['PAID', 'SHIPPED']),"
             " ('two-types', 2, 3, 'orders', ARRAY['PAID', 'SHIPPED']),"
             " ('none', 0, 1, 'refunds', ARRAY['NOPE'])"
         )
-        # one cursor part-way: past the first 30 events of the stream
+        # 'all' has read everything before the append, and the append's diff up to its
+        # 30th event; 'two-types' everything before the append
         await conn.execute(
-            "UPDATE pgflow.cursors SET (tx, id) = (SELECT tx, id FROM pgflow.events"
-            " WHERE stream = 'orders' ORDER BY tx, id OFFSET 29 LIMIT 1) WHERE consumer = 'all'"
+            "UPDATE pgflow.cursors SET snap = %s::pg_snapshot, upto = %s::pg_snapshot,"
+            " after_id = (SELECT id FROM pgflow.events WHERE foreign_id = 'x-9'"
+            "             AND type = 'SHIPPED') WHERE consumer = 'all'",
+            [before[0], after[0]],
+        )
+        await conn.execute(
+            "UPDATE pgflow.cursors SET snap = %s::pg_snapshot WHERE consumer = 'two-types'",
+            [before[0]],
         )
         ours = await q.consumer_lag(conn, cap=50)
+        exact = await q.consumer_lag(conn, cap=1000)
         cur = await conn.execute(
             "SELECT consumer, shard, lag_events, oldest_pending_at FROM pgflow.consumer_lag"
             " ORDER BY consumer, shard_count, shard"
         )
-        return ours, await cur.fetchall()
+        return ours, exact, await cur.fetchall()
 
 
 def test_consumer_lag_matches_the_view_up_to_the_cap(
     pgflow_dsn: str, seeded: dict[str, Any]
 ) -> None:
-    ours, view = asyncio.run(_lag_vs_view(pgflow_dsn))
+    ours, exact, view = asyncio.run(_lag_vs_view(pgflow_dsn))
+    assert [(r["consumer"], r["shard"], r["lag_events"]) for r in exact] == [v[:3] for v in view]
     assert [(r["consumer"], r["shard"]) for r in ours] == [(v[0], v[1]) for v in view]
     for r, (consumer, shard, events, oldest) in zip(ours, view, strict=True):
         assert r["lag"].value == min(events, 51), (consumer, shard)
         assert r["lag"].exact == (events <= 50), (consumer, shard)
         assert r["oldest"] == oldest, (consumer, shard)  # the same oldest pending event
         assert (r["lag_seconds"] > 0) == (events > 0)
-    assert {r["consumer"]: str(r["lag"]) for r in ours}["none"] == "0"
-    shown = [str(r["lag"]) for r in ours if r["consumer"] == "all"]
-    assert shown == ["50+"]  # 7 seeded + 180 appended - 30 passed
+    by = {(r["consumer"], r["shard"]): r for r in ours}
+    assert str(by[("none", 0)]["lag"]) == "0"
+    assert str(by[("all", 0)]["lag"]) == "50+"  # 180 appended - 30 taken
+    assert [v[2] for v in view if v[0] == "all"] == [150]
+    assert sum(v[2] for v in view if v[0] == "two-types") == 120  # PAID + SHIPPED
 
 
 def test_dns_rebinding_refused_without_token(pgflow_dsn: str, seeded: dict[str, Any]) -> None:

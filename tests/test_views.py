@@ -19,7 +19,7 @@ from pgflow.cursors import CursorKey, advance_cursor, ensure_cursor
 from pgflow.events import NewEvent, Position, append, shard_hash
 from pgflow.migrations import migrate
 from pgflow.records import RunState, insert_run, write_change
-from pgflow.streamer import Filter
+from pgflow.streamer import Filter, head_position
 from tests._util import wait_until
 
 TP = "00-{trace}-{span}-01"
@@ -214,6 +214,7 @@ async def test_consumer_lag_counts_what_is_ahead_per_shard(pool) -> None:
         await append(
             conn, [NewEvent("s", "A" if i % 3 else "B", fid) for i, fid in enumerate(fids)]
         )
+        await conn.commit()
         await ensure_cursor(conn, CursorKey("all"), Filter("s"))
         await ensure_cursor(conn, CursorKey("only-a"), Filter("s", types=("A",)))
         for shard in range(2):
@@ -239,11 +240,8 @@ async def test_consumer_lag_counts_what_is_ahead_per_shard(pool) -> None:
             "updated_at", "lag_events", "lag_seconds",
         ]  # fmt: skip
 
-        cur = await conn.execute("SELECT tx, id FROM pgflow.events ORDER BY tx, id")
-        last = (await cur.fetchall())[-1]
-        assert await advance_cursor(
-            conn, CursorKey("all"), Position(), Position(int(last[0]), last[1])
-        )
+        head = await head_position(conn)
+        assert await advance_cursor(conn, CursorKey("all"), Position(), head)
         after = await lag()
         assert (after[("all", 0)]["lag_events"], after[("all", 0)]["lag_seconds"]) == (0, 0.0)
         assert after[("all", 0)]["oldest_pending_at"] is None

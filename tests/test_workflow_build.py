@@ -45,8 +45,11 @@ def builder() -> pgflow.Builder[dict[str, object], S]:
         (lambda b: b.add_step(S.A, noop, S.B, bogus=1), "unknown option 'bogus'"),
         (lambda b: b.add_step(S.A, 42, S.B), "is not callable"),
         (
-            lambda b: b.add_timeout(S.A, noop, noop, S.B).add_timeout(S.A, noop, noop, S.C),
-            "two timeouts on A",
+            # several timeouts per status are fine (luno), but they share one armer
+            lambda b: b.add_timeout(S.A, noop, noop, S.B).add_timeout(
+                S.A, noop, noop, S.C, parallel_count=2
+            ),
+            "timeouts on one status must share parallel_count",
         ),
         (lambda b: b.add_step(S.A, noop, S.B).add_connector("c", object(), noop), "has no make"),
         (lambda b: b, "nothing to run"),
@@ -118,3 +121,25 @@ def test_pgflow_graph_cli() -> None:
     )
     assert bad.returncode == 1
     assert "nope" in bad.stderr
+
+
+def test_pgflow_graph_direction_and_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pgflow.cli import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    out = tmp_path / "orders.mmd"
+    assert main(["graph", "tests.workflow_app:builder", "--direction", "lr", "-o", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out}"
+    text = out.read_text()
+    assert text.splitlines()[:2] == ["stateDiagram-v2", "    direction LR"]
+    assert "CREATED --> CHARGED: charge" in text
+    assert main(["graph", "tests.workflow_app:builder"]) == 0
+    assert "direction" not in capsys.readouterr().out  # default: mermaid's own (TB)
+    assert main(["graph", "tests.workflow_app:builder", "-o", str(tmp_path / "no/such/x")]) == 1
+    assert "--output" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["graph", "tests.workflow_app:builder", "--direction", "up"])
+    with pytest.raises(ValueError, match="direction must be one of TB, BT, LR, RL"):
+        __import__("tests.workflow_app").workflow_app.builder.graph().mermaid("up")

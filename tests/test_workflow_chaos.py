@@ -44,6 +44,7 @@ from psycopg import AsyncConnection
 from psycopg.conninfo import make_conninfo
 
 from pgflow.api import run_id_for
+from pgflow.snapshots import CONSUMED
 from tests import chaos_app
 from tests._util import wait_until
 
@@ -143,15 +144,18 @@ async def test_chaos_kills_processes_and_connections(pgflow_dsn: str, tmp_path: 
     )
 
     # -- cursor sampler: every position seen, per (consumer, shard) -------------------
-    history: dict[CursorId, list[tuple[int, int]]] = defaultdict(list)
+    # A position is measured by how many events of its stream it has read: a cursor
+    # that moved backwards would have read fewer (nothing is pruned here).
+    history: dict[CursorId, list[int]] = defaultdict(list)
     backwards: list[str] = []
 
     async def sample(conn: Conn) -> None:
         cur = await conn.execute(
-            "SELECT consumer, shard, shard_count, tx::text, id FROM pgflow.cursors"
+            "SELECT c.consumer, c.shard, c.shard_count, (SELECT count(*) FROM pgflow.events e"
+            f" WHERE e.stream = c.stream AND {CONSUMED}) FROM pgflow.cursors c"
         )
-        for consumer, shard, count, tx, id_ in await cur.fetchall():
-            key, pos = (consumer, shard, count), (int(tx), int(id_))
+        for consumer, shard, count, read in await cur.fetchall():
+            key, pos = (consumer, shard, count), int(read)
             seen = history[key]
             if seen and pos < seen[-1]:
                 backwards.append(f"{key}: {seen[-1]} -> {pos}")

@@ -21,7 +21,9 @@ def register(subparsers: Any) -> None:
             "Feed payment events (completed, failed, refunded, a high-value one, two "
             "invalid ones and a duplicate) through a connector into an order workflow, "
             "then print the runs, the dead letters and SQL to inspect them. Without "
-            "--dsn or PGFLOW_DATABASE_URL it starts an embedded PostgreSQL."
+            "--dsn or PGFLOW_DATABASE_URL it starts an embedded PostgreSQL. Safe on a "
+            "database with your own data: the demo's workflow is named 'pgflow-demo' "
+            "and it deletes nothing."
         ),
     )
     add_dsn_argument(parser)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from ..builder import Builder
+from ..errors import ConfigError
+from ..graph import DIRECTIONS
 from ._worker import load_target, resolve_workflow
 
 
@@ -19,11 +22,28 @@ def register(subparsers: Any) -> None:
         ),
     )
     parser.add_argument("target", metavar="MODULE:ATTR")
+    parser.add_argument(
+        "--direction",
+        type=str.upper,
+        choices=DIRECTIONS,
+        help="layout: TB (top to bottom, default), BT, LR (left to right) or RL",
+    )
+    parser.add_argument(
+        "--output", "-o", metavar="FILE", help="write the diagram to FILE instead of stdout"
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     target = resolve_workflow(load_target(args.target), None)
     graph = target.graph() if isinstance(target, Builder) else target.graph
-    print(graph.mermaid(), end="")
+    text = graph.mermaid(args.direction)
+    if args.output:
+        try:
+            Path(args.output).write_text(text)
+        except OSError as exc:
+            raise ConfigError(f"--output {args.output}: {exc.strerror or exc}") from None
+        print(f"wrote {args.output}")
+    else:
+        print(text, end="")
     return 0

@@ -50,8 +50,9 @@ def register(subparsers: Any) -> None:
         help="delete old events nobody needs any more",
         description=(
             "Delete events older than --older-than that every cursor of their stream has "
-            "passed, that are below the xid horizon and whose run (if any) is finished; "
-            "also completed timeouts and replayed dead letters older than it. Streams "
+            "read and whose run (if any) is finished; "
+            "also completed timeouts, replayed dead letters and change-log rows every reader has "
+            "read, older than it. Streams "
             "without any cursor are kept unless --include-unconsumed. Pruned runs lose "
             "their history in pgflow.run_history."
         ),
@@ -108,4 +109,5 @@ def _report(result: PruneResult) -> str:
     lines.append(f"  events total: {result.events}")
     lines.append(f"  timeouts: {result.timeouts}")
     lines.append(f"  dead letters: {result.dead_letters}")
+    lines.append(f"  change log rows: {result.changes}")
     return "\n".join(lines)

@@ -79,9 +79,10 @@ def register(subparsers: Any) -> None:
 
     p = command(
         "lag",
-        "consumer lag per consumer and shard, and the xid horizon",
+        "consumer lag per consumer and shard, and the oldest open transaction",
         "How far behind each consumer shard is (pgflow.consumer_lag), and how old the "
-        "oldest transaction holding back every reader is (pgflow.horizon).",
+        "oldest transaction holding an xid is (pgflow.horizon): its own events wait for "
+        "it, and it holds back VACUUM and pgflow prune.",
     )
     add_format_arguments(p)
     p.set_defaults(func=_sync(_lag))
@@ -121,6 +122,7 @@ def register(subparsers: Any) -> None:
         ("pause", "pause a run in progress"),
         ("resume", "resume a paused run (its current step runs again)"),
         ("cancel", "cancel a run for good"),
+        ("delete-data", "request erasure of a finished run's data (a worker erases it)"),
     ):
         p = command(verb, text, f"{text[0].upper()}{text[1:]}. Uses the newest run unless "
                     "--run-id is given; --workflow is needed when the foreign id has runs "
@@ -128,6 +130,9 @@ def register(subparsers: Any) -> None:
         p.add_argument("foreign_id", metavar="FOREIGN_ID")
         p.add_argument("--workflow", help="the workflow (needed if ambiguous)")
         p.add_argument("--run-id", help="this run (a unique prefix is enough)")
+        p.add_argument(
+            "--reason", help="why (stored on the record: run_state_reason in pgflow.runs)"
+        )
         p.set_defaults(func=_sync(_admin_action), verb=verb)
 
     p = command(
@@ -188,7 +193,8 @@ def _with_short_ids(
 
 # -------------------------------------------------------------------------- runs
 _RUN_COLUMNS = (
-    "workflow, foreign_id, run_id, status, run_state, err_count, idle_for, updated_at, last_error"
+    "workflow, foreign_id, run_id, status, run_state, err_count, idle_for, updated_at,"
+    " last_error, run_state_reason"
 )
 
 
@@ -256,7 +262,7 @@ async def _lag(conn: AsyncConnection[Any], args: argparse.Namespace) -> int:
         )
     )
     age = float(horizon.get("age_seconds") or 0.0)
-    line = f"xid horizon: {format_interval(age)}"
+    line = f"oldest open transaction: {format_interval(age)}"
     if horizon.get("xact_start") is not None:
         who = horizon.get("prepared_gid") and f"prepared transaction {horizon['prepared_gid']!r}"
         who = who or (
@@ -264,9 +270,9 @@ async def _lag(conn: AsyncConnection[Any], args: argparse.Namespace) -> int:
             f"{', ' + str(horizon['application_name']) if horizon.get('application_name') else ''}"
             f", {horizon.get('state')})"
         )
-        line += f" — oldest open transaction: {who}"
+        line += f" — {who}"
         if age >= 60:
-            line += "; it holds back event delivery for every pgflow reader"
+            line += "; its own events wait for it, and it holds back VACUUM and prune"
     print(line)
     return 0
 
@@ -326,8 +332,10 @@ async def resolve_run(
     return runs
 
 
-_OPTIONAL = frozenset({"last_error", "retry_at", "trace_id"})
-_HISTORY_COLUMNS = "step, at, after, from_status, status, change, run_state, version, trace_id"
+_OPTIONAL = frozenset({"last_error", "retry_at", "trace_id", "run_state_reason"})
+_HISTORY_COLUMNS = (
+    "step, at, after, from_status, status, change, run_state, reason, version, trace_id"
+)
 
 
 async def _show(conn: AsyncConnection[Any], args: argparse.Namespace) -> int:
@@ -417,11 +425,14 @@ async def _admin_action(conn: AsyncConnection[Any], args: argparse.Namespace) ->
         "pause": admin.pause,
         "resume": admin.resume,
         "cancel": admin.cancel,
+        # only requests it: a running worker erases it with the workflow's custom_delete
+        "delete-data": admin.request_data_deletion,
     }[args.verb]
-    rec = await action(conn, run.workflow, run.foreign_id, run.run_id)
+    rec = await action(conn, run.workflow, run.foreign_id, run.run_id, reason=args.reason)
+    why = f" — {rec.run_state_reason}" if rec.run_state_reason else ""
     print(
         f"{args.verb}: {rec.workflow} / {rec.foreign_id} / run {rec.run_id}: "
-        f"{rec.status} ({rec.run_state})"
+        f"{rec.status} ({rec.run_state}){why}"
     )
     return 0
 

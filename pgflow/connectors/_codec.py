@@ -11,6 +11,12 @@ to the transport's timestamp or now. Header values must be strings; numbers and
 booleans are accepted and turned into strings, anything else is rejected, because a
 connector function that reads ``headers["amount"]`` must never meet a nested object.
 
+Text that PostgreSQL cannot store is refused here, at the edge, with a reason: a NUL
+character (``\u0000``: ``text`` and ``jsonb`` reject it), a lone UTF-16 surrogate
+(``"\ud800"`` decodes to a Python string that has no UTF-8 form), a body that is not
+UTF-8 (RFC 8259), and JSON nested deeper than :data:`MAX_DEPTH` levels. Letting such
+an event through would fail the database write of every event batched with it.
+
 Broker connectors accept a ``translator`` (:data:`Translator`) to map other formats;
 a translator signals bad input by raising ``ValueError`` with a reason, which becomes
 a :class:`~pgflow.connectors.MalformedEvent` (dead-lettered by the runner).
@@ -19,6 +25,7 @@ a :class:`~pgflow.connectors.MalformedEvent` (dead-lettered by the runner).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,6 +34,7 @@ from typing import Any
 from ._base import Ack, ConnectorEvent, MalformedEvent
 
 __all__ = [
+    "MAX_DEPTH",
     "RawMessage",
     "Translator",
     "event_from_json",
@@ -50,10 +58,37 @@ class RawMessage:
 
 Translator = Callable[[RawMessage], ConnectorEvent]
 
+#: Deepest JSON nesting accepted (an event needs 2: the object and its headers).
+MAX_DEPTH = 32
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def check_text(what: str, value: str) -> str:
+    """``value`` unless PostgreSQL could not store it; ``ValueError`` says why."""
+    if "\x00" in value:
+        raise ValueError(f"{what} contains a NUL character (\\u0000)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} contains a lone UTF-16 surrogate") from None
+    return value
+
+
+def _check_depth(body: bytes) -> None:
+    """Refuse JSON nested deeper than :data:`MAX_DEPTH` (before parsing it)."""
+    if body.count(b"[") + body.count(b"{") <= MAX_DEPTH:
+        return  # cannot be deeper: the common case costs two C-speed scans
+    depth = 0
+    for bracket in _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS):
+        depth += 1 if bracket in b"[{" else -1
+        if depth > MAX_DEPTH:
+            raise ValueError(f"body is nested deeper than {MAX_DEPTH} levels")
+
 
 def _header_value(key: str, value: Any) -> str:
     if isinstance(value, str):
-        return value
+        return check_text(f"header {key!r}", value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -71,7 +106,7 @@ def _text_field(payload: Mapping[str, Any], name: str) -> str:
         value = str(value)
     if not isinstance(value, str) or not value:
         raise ValueError(f"field {name!r} must be a non-empty string")
-    return value
+    return check_text(f"field {name!r}", value)
 
 
 def event_from_payload(
@@ -91,7 +126,11 @@ def event_from_payload(
     raw_headers = payload.get("headers") or {}
     if not isinstance(raw_headers, Mapping):
         raise ValueError("field 'headers' must be an object of strings")
-    headers = {str(k): _header_value(str(k), v) for k, v in raw_headers.items() if v is not None}
+    headers = {
+        check_text("a header name", str(k)): _header_value(str(k), v)
+        for k, v in raw_headers.items()
+        if v is not None
+    }
     created_at = default_created_at or datetime.now(UTC)
     if payload.get("created_at") is not None:
         try:
@@ -108,9 +147,18 @@ def event_from_json(
 ) -> ConnectorEvent:
     """Decode one JSON event body (see the module doc); ``ValueError`` on bad input."""
     try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"body is not valid JSON: not UTF-8 ({exc.reason} at byte {exc.start})"
+        ) from None
+    _check_depth(body)
+    try:
+        payload = json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, or an integer of over 4300 digits
         raise ValueError(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"body is nested deeper than {MAX_DEPTH} levels") from None
     return event_from_payload(payload, default_id=default_id, default_created_at=default_created_at)
 
 

@@ -11,15 +11,17 @@ Usage::
 
 How rows are read
 -----------------
-Like the core event log, a source is read in ``(tx, id)`` order below the xid horizon
-(``tx < pg_snapshot_xmin(pg_current_snapshot())``), so a row whose transaction commits
-late is never skipped and no "gap settle" timeout is needed. This needs two columns on
-the source:
+Like the core event log, a source is read in snapshot batches (see
+:mod:`pgflow.snapshots`): each batch is the rows whose transaction committed since the
+consumer's last snapshot, in id order, so a row whose transaction commits late is never
+skipped, no "gap settle" timeout is needed, and a transaction left open elsewhere only
+delays its own rows. This needs two columns on the source:
 
 * ``id``: an integer, unique, increasing key (``bigint GENERATED ALWAYS AS IDENTITY``);
 * ``tx``: ``xid8 NOT NULL DEFAULT pg_current_xact_id()``, the inserting transaction.
-  :func:`add_tx_column` adds it (plus the ``(tx, id)`` index the read needs) to an
-  existing table. Adding a column with a volatile default rewrites the table under an
+  :func:`add_tx_column` adds it (plus the ``(tx, id)`` and ``(id)`` indexes the read
+  needs, and a trigger that stamps it so an INSERT cannot forge it) to an existing
+  table. Adding a column with a volatile default rewrites the table under an
   ACCESS EXCLUSIVE lock; for a big, busy table add it nullable, backfill in batches,
   then set the default and ``NOT NULL``.
 
@@ -79,8 +81,8 @@ from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
 
 from .. import _db
-from ..cursors import CursorKey, LostCursor, load_cursor, try_lock_shard
-from ..events import Position
+from ..cursors import CursorKey, LostCursor, load_cursor, try_lock_shard, upsert_cursor
+from ..snapshots import DiffRead, Position, diff_read_sql
 from ._base import Ack, ConnectorEvent, MalformedEvent
 
 __all__ = [
@@ -165,55 +167,57 @@ class TableStream:
         return "query:" + hashlib.sha1(self.query.encode()).hexdigest()[:10]
 
     def read_sql(self) -> sql.Composed:
+        """The next chunk after a position (``__``-prefixed parameters, see
+        :func:`pgflow.snapshots.diff_read_sql`); id order."""
         source: sql.Composable
         if self.table is not None:
             source = sql.SQL("SELECT * FROM {}").format(_qualified(self.table))
         else:
             assert self.query is not None
             source = sql.SQL(self.query)  # trusted SQL, from code
+        relation = sql.SQL("(SELECT * FROM ({source}) s WHERE {where})").format(
+            source=source, where=sql.SQL(self.where or "true")
+        )
         cols: sql.Composable = (
-            sql.SQL("s.*")
+            sql.SQL("e.*")
             if self.columns is None
-            else sql.SQL(", ").join(sql.SQL("s.{}").format(sql.Identifier(c)) for c in self.columns)
+            else sql.SQL(", ").join(sql.SQL("e.{}").format(sql.Identifier(c)) for c in self.columns)
         )
         id_col = sql.Identifier(self.id_column)
-        where: list[sql.Composable]
-        if self.tx_column is not None:
-            tx_col = sql.Identifier(self.tx_column)
-            select = sql.SQL("SELECT s.{tx}::text, s.{id}, {cols}").format(
-                tx=tx_col, id=id_col, cols=cols
-            )
-            where = [
-                sql.SQL("(s.{tx}, s.{id}) > (%(__tx)s::xid8, %(__id)s::bigint)").format(
-                    tx=tx_col, id=id_col
-                ),
-                sql.SQL("s.{tx} < pg_snapshot_xmin(pg_current_snapshot())").format(tx=tx_col),
-            ]
-            order = sql.SQL("s.{tx}, s.{id}").format(tx=tx_col, id=id_col)
-        else:
-            select = sql.SQL("SELECT '0', s.{id}, {cols}").format(id=id_col, cols=cols)
-            where = [sql.SQL("s.{id} > %(__id)s::bigint").format(id=id_col)]
-            order = sql.SQL("s.{id}").format(id=id_col)
-        if self.where:
-            where.append(sql.SQL("(" + self.where + ")"))
+        if self.tx_column is None:
+            return sql.SQL(
+                "SELECT NULL, NULL, NULL, e.{id} AS __id, {cols} FROM {relation} e"
+                " WHERE e.{id} > %(__after)s::bigint ORDER BY e.{id} LIMIT %(__limit)s"
+            ).format(id=id_col, cols=cols, relation=relation)
+        # diff_read_sql composes plain SQL text; the identifiers are quoted here first.
         return sql.SQL(
-            "{select} FROM ({source}) s WHERE {where} ORDER BY {order} LIMIT %(__limit)s"
-        ).format(
-            select=select,
-            source=source,
-            where=sql.SQL(" AND ").join(where),
-            order=order,
-        )
+            diff_read_sql(
+                relation="{relation}",
+                columns="{cols}",
+                tx="{tx}",
+                id="{id}",
+            )
+        ).format(relation=relation, cols=cols, tx=sql.Identifier(self.tx_column), id=id_col)
 
     async def read(
         self, conn: AsyncConnection[Any], after: Position, limit: int
     ) -> list[tuple[Position, Row]]:
-        params = {**self.params, "__tx": str(after.tx), "__id": after.id, "__limit": limit}
+        params = {**self.params, **after.params(), "__limit": limit + 1}
         cur = await conn.execute(self.read_sql(), params)
-        names = [d.name for d in (cur.description or [])][2:]
-        rows = await cur.fetchall()
+        names = [d.name for d in (cur.description or [])][4:]
+        raw = await cur.fetchall()
+        if self.tx_column is None:
+            return [
+                (Position(after.snapshot, None, int(r[3])), dict(zip(names, r[4:], strict=True)))
+                for r in raw[:limit]
+            ]
+        if not raw and after.in_diff:  # the diff is exhausted: go on from its end
+            assert after.upto is not None
+            return await self.read(conn, Position(after.upto), limit)
+        read = DiffRead.from_rows(after, raw, limit)
         return [
-            (Position(int(r[0]), int(r[1])), dict(zip(names, r[2:], strict=True))) for r in rows
+            (p, dict(zip(names, r, strict=True)))
+            for p, r in zip(read.positions, read.rows, strict=True)
         ]
 
 
@@ -323,40 +327,25 @@ class CursorStore:
         old: Position,
         new: Position,
         stream: str | None = None,
+        source: str | None = None,
     ) -> bool:
         """Move the cursor ``old -> new`` in ``conn``'s transaction (creating it at
-        ``old == start``). False when it is not at ``old``: someone else moved it."""
-        # A missing row means the cursor is at the start (load_cursor's answer), so the
-        # INSERT branch only succeeds for old == start; the CAS is in the UPDATE branch.
-        cur = await conn.execute(
-            "INSERT INTO pgflow.cursors AS c (consumer, shard, shard_count, tx, id, stream)"
-            " VALUES (%(c)s, 0, 1, %(tx)s::xid8, %(id)s, %(stream)s)"
-            " ON CONFLICT (consumer, shard, shard_count) DO UPDATE"
-            " SET tx = excluded.tx, id = excluded.id, updated_at = now()"
-            " WHERE (c.tx, c.id) = (%(old_tx)s::xid8, %(old_id)s::bigint)",
-            {
-                "c": self.key(consumer_name).consumer,
-                "tx": str(new.tx),
-                "id": new.id,
-                "stream": stream,
-                "old_tx": str(old.tx),
-                "old_id": old.id,
-            },
-        )
-        return cur.rowcount == 1
+        ``old == start``). False when it is not at ``old``: someone else moved it.
+        ``source``: the table read (recorded for ``pgflow prune``)."""
+        return await upsert_cursor(conn, self.key(consumer_name), old, new, stream, source)
 
     async def advance(
-        self, conn: AsyncConnection[Any], consumer_name: str, new: Position, stream: str | None
+        self,
+        conn: AsyncConnection[Any],
+        consumer_name: str,
+        old: Position,
+        new: Position,
+        stream: str | None,
+        source: str | None = None,
     ) -> None:
-        """Move the cursor forwards to ``new`` (never back), creating it if needed."""
-        await conn.execute(
-            "INSERT INTO pgflow.cursors AS c (consumer, shard, shard_count, tx, id, stream)"
-            " VALUES (%s, 0, 1, %s::xid8, %s, %s)"
-            " ON CONFLICT (consumer, shard, shard_count) DO UPDATE"
-            " SET tx = excluded.tx, id = excluded.id, updated_at = now()"
-            " WHERE (c.tx, c.id) < (excluded.tx, excluded.id)",
-            (self.key(consumer_name).consumer, str(new.tx), new.id, stream),
-        )
+        """Move the cursor ``old -> new``; a cursor that is no longer at ``old`` (another
+        process moved it) is left alone: this is the at-least-once path."""
+        await upsert_cursor(conn, self.key(consumer_name), old, new, stream, source)
 
     async def close(self) -> None:
         if self._owns_pool and self._pool is not None:
@@ -395,6 +384,9 @@ class Connector:
         #: recorded in pgflow.cursors.stream (pgflow.consumer_lag counts pgflow.events
         #: of that stream, so only set it for sources that are the event log)
         self.cursor_stream = cursor_stream
+        #: the table read (``schema.table``), recorded in ``pgflow.cursors.source`` so
+        #: ``pgflow prune`` knows who reads ``pgflow.changes``; None for queries
+        self.source_table: str | None = getattr(stream, "table", None)
         self._wakers: set[asyncio.Event] = set()
 
     async def make(self, consumer_name: str) -> TableConsumer:
@@ -443,6 +435,8 @@ class TableConsumer:
         self.cursor_name = f"{connector.stream.label}:{name}"
         self._buffer: deque[tuple[Position, Row]] = deque()
         self._read_to: Position | None = None  # last position fetched (plain recv)
+        self._written: Position | None = None  # last position stored (plain recv)
+        self._write_lock = asyncio.Lock()
         self._delivered: deque[_Delivered] = deque()  # handed out, not yet committed
         self._batch: _TxBatch | None = None  # the open recv_batch_in batch
         self._wake = asyncio.Event()
@@ -514,18 +508,23 @@ class TableConsumer:
         if batch.acked == 0:
             return
         target = batch.positions[batch.acked - 1]
-        if target <= batch.written:
+        if target == batch.written:
             return
         store = self.connector.cursor_store
         if not await store.compare_and_set(
-            batch.conn, self.cursor_name, batch.written, target, self.connector.cursor_stream
+            batch.conn,
+            self.cursor_name,
+            batch.written,
+            target,
+            self.connector.cursor_stream,
+            self.connector.source_table,
         ):
             self._batch = None
             raise LostCursor(str(store.key(self.cursor_name)))
         batch.written = target
 
     def _malformed(self, row: Row, position: Position, exc: Exception, ack: Ack) -> MalformedEvent:
-        raw_id = row.get("id", position.id)
+        raw_id = row.get("id", position.after_id)
         return MalformedEvent(
             f"{type(exc).__name__}: {exc}",
             event_id=f"{self.connector.stream.label}:{raw_id}",
@@ -562,6 +561,7 @@ class TableConsumer:
         async with pool.connection() as conn:
             if self._read_to is None:
                 self._read_to = await self.connector.cursor_store.load(conn, self.cursor_name)
+                self._written = self._read_to
             rows = await self.connector.stream.read(conn, self._read_to, self.connector.batch_size)
         if rows:
             self._read_to = rows[-1][0]
@@ -578,11 +578,20 @@ class TableConsumer:
                 upto = self._delivered.popleft().position
             if upto is None:
                 return
-            pool = await self.connector.cursor_store.pool()
-            async with pool.connection() as conn:
-                await self.connector.cursor_store.advance(
-                    conn, self.cursor_name, upto, self.connector.cursor_stream
-                )
+            async with self._write_lock:  # one write at a time, in ack order
+                old, self._written = self._written, upto
+                if old is None or old == upto:
+                    return
+                pool = await self.connector.cursor_store.pool()
+                async with pool.connection() as conn:
+                    await self.connector.cursor_store.advance(
+                        conn,
+                        self.cursor_name,
+                        old,
+                        upto,
+                        self.connector.cursor_stream,
+                        self.connector.source_table,
+                    )
 
         return ack
 
@@ -603,7 +612,9 @@ async def add_tx_column(
     id_column: str = "id",
 ) -> None:
     """Make ``table`` tail-able gap-free: add ``column xid8 NOT NULL DEFAULT
-    pg_current_xact_id()`` and the ``(tx, id)`` index (both idempotent).
+    pg_current_xact_id()``, the ``(tx, id)`` index and a trigger that stamps the column
+    on INSERT whatever the INSERT says (all idempotent). The read also walks an index on
+    ``id`` (usually the primary key).
 
     Existing rows get this transaction's id (they are all delivered, in id order).
     Rewrites the table (see the module doc for big tables).
@@ -616,6 +627,15 @@ async def add_tx_column(
         ).format(name, sql.Identifier(column)),
         sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({}, {})").format(
             index, name, sql.Identifier(column), sql.Identifier(id_column)
+        ),
+        sql.SQL(
+            "CREATE OR REPLACE TRIGGER pgflow_stamp_tx BEFORE INSERT ON {} FOR EACH ROW"
+            " EXECUTE FUNCTION {}"
+        ).format(
+            name,
+            sql.SQL("pgflow.stamp_tx()")
+            if column == "tx"
+            else sql.SQL("pgflow.stamp_tx_column({})").format(sql.Literal(column)),
         ),
     ]
     if isinstance(conn_or_dsn, str):

@@ -1,4 +1,4 @@
-"""A webhook connector: an HTTP endpoint that turns JSON posts into events.
+"""A webhook connector: an HTTP endpoint that turns signed JSON posts into events.
 
 Usage::
 
@@ -7,77 +7,79 @@ Usage::
     builder.add_connector("payments", hook, handle_payment)
     # POST http://host:8080/  {"id": "evt-1", "foreign_id": "order-1",
     #                          "type": "payment.completed", "headers": {"amount": "12"}}
+    # X-Pgflow-Signature: t=<unix time>,v1=<hex HMAC>     (webhook.sign() makes it)
+
+or, inside your own ASGI app (Starlette, FastAPI, ...), at a path of your choice::
+
+    hook = webhook.Connector(dsn, "payments", port=None, secret=...)   # no own server
+    app.mount("/hooks/payments", hook.app)          # POST /hooks/payments/
+    # or: Route("/hooks/payments", hook.app)        # POST /hooks/payments
+
+``hook.app`` is a plain ASGI application (:class:`~pgflow.connectors._webhook_app.
+WebhookApp`, built on Starlette); standalone, ``start()`` serves it with uvicorn on
+``host:port`` (``port=0``: a free port; ``hook.url`` says where). HTTP itself (parsing,
+keep-alive, chunked bodies, malformed or smuggling-prone framing) is the server's job:
+a hand-written parser was the source of every crash in issue 10.
 
 Durability first. A post is answered ``200`` only after its event is committed to
-``pgflow.events`` (stream ``"webhook:<name>"``): concurrent posts are group-committed,
-one transaction per batch, and each waits for its batch's commit. The workflow side
-then consumes that stream by cursor exactly like the table connector
-(:class:`~pgflow.connectors.TransactionalConsumer`: the cursor advances in the same
-transaction as the connector function's effects), so an accepted post triggers its
-workflow exactly once, and a sender that got no ``200`` (crash, ``503``) can retry —
-with an ``id`` in the body, ``trigger`` deduplicates the retry.
+``pgflow.events`` (stream ``"webhook:<name>"``): concurrent posts are group-committed
+(:mod:`~pgflow.connectors._group_commit`), one transaction per batch, each post
+isolated from the others' bad values. The workflow side consumes that stream by
+cursor exactly like the table connector (:class:`~pgflow.connectors.
+TransactionalConsumer`: the cursor advances in the same transaction as the connector
+function's effects), so an accepted post triggers its workflow exactly once, and a
+sender that got no ``200`` (crash, ``503``) can retry.
 
-Responses: ``400`` with ``{"error": reason}`` for a body that is not a JSON event
-(see :mod:`pgflow.connectors._codec` for the format), ``401`` for a missing or wrong
-signature, ``404`` for another path, ``405`` for a method other than POST, ``411``
-without ``Content-Length`` (chunked bodies are not accepted), ``413`` for a body over
-``max_body`` bytes (not read), ``503`` when the database is unavailable.
+Replays. With ``secret``, a signature carries its timestamp and is refused outside
+``tolerance`` seconds (:mod:`~pgflow.connectors._webhook_signature`). Inside the
+window, an event id seen before (``pgflow.webhook_seen``) is answered ``200`` with
+``"duplicate": true`` and the first post's position, and not stored again.
 
-Signatures: with ``secret``, the ``X-Pgflow-Signature`` header must be
-``sha256=<hex HMAC-SHA256 of the raw body>`` (:func:`sign` computes it).
-
-The server is plain asyncio streams with HTTP/1.1 keep-alive; put TLS and public
-exposure behind a reverse proxy.
+Put TLS and public exposure behind a reverse proxy (or your ASGI server's TLS).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
-import hmac
-import json
+import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from ..errors import DatabaseUnavailable
-from ..events import NewEvent, Position, append
+try:
+    import starlette  # noqa: F401
+    import uvicorn  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "the webhook connector needs Starlette and uvicorn: pip install 'pgflow-engine[webhook]'"
+    ) from exc
+
+from ..snapshots import Position
 from ..streamer import Filter, read_batch
 from ._base import ConnectorEvent
-from ._codec import event_from_json
+from ._group_commit import GroupCommit
+from ._webhook_app import ID_HEADER, WebhookApp
+from ._webhook_server import StandaloneServer
+from ._webhook_signature import DEFAULT_TOLERANCE, SIGNATURE_HEADER, SignatureError, sign, verify
 from .table import Connector as TableConnector
 from .table import CursorStore, Row, TableConsumer
 
-__all__ = ["Connector", "EventLogStream", "SIGNATURE_HEADER", "sign"]
+__all__ = [
+    "DEFAULT_TOLERANCE",
+    "Connector",
+    "EventLogStream",
+    "SIGNATURE_HEADER",
+    "SignatureError",
+    "WebhookApp",
+    "sign",
+    "verify",
+]
 
-logger = logging.getLogger("pgflow.connectors.webhook")
-
-SIGNATURE_HEADER = "X-Pgflow-Signature"
-_ID_HEADER = "pgflow.webhook.id"  # the sender's event id, kept on the stored event
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    411: "Length Required",
-    413: "Content Too Large",
-    431: "Request Header Fields Too Large",
-    503: "Service Unavailable",
-}
-
-
-def sign(secret: str | bytes, body: bytes) -> str:
-    """The signature header value for ``body``: ``sha256=<hex>``."""
-    key = secret.encode() if isinstance(secret, str) else secret
-    return "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
+logger = logging.getLogger(__name__)
 
 
 class EventLogStream:
@@ -93,10 +95,10 @@ class EventLogStream:
     async def read(
         self, conn: AsyncConnection[Any], after: Position, limit: int
     ) -> list[tuple[Position, Row]]:
-        events = await read_batch(conn, self.filter, after, limit)
+        batch = await read_batch(conn, self.filter, after, limit)
         return [
             (
-                e.position,
+                position,
                 {
                     "id": e.id,
                     "foreign_id": e.foreign_id,
@@ -105,87 +107,25 @@ class EventLogStream:
                     "created_at": e.created_at,
                 },
             )
-            for e in events
+            for e, position in zip(batch.events, batch.positions, strict=True)
         ]
 
 
 def _stored_event(row: Row) -> ConnectorEvent:
     headers = dict(row["headers"])
-    event_id = headers.pop(_ID_HEADER, None) or f"webhook-{row['id']}"
+    event_id = headers.pop(ID_HEADER, None) or f"webhook-{row['id']}"
     created = row["created_at"]
     assert isinstance(created, datetime)
     return ConnectorEvent(event_id, row["foreign_id"], row["type"], headers, created)
 
 
-class _HttpError(Exception):
-    def __init__(self, status: int, reason: str, close: bool = False) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.close = close
-
-
-class _GroupCommit:
-    """Appends events in batches: one transaction per batch, each caller waits for it."""
-
-    def __init__(self, store: CursorStore, max_batch: int = 500) -> None:
-        self.store = store
-        self.max_batch = max_batch
-        self._pending: list[tuple[NewEvent, asyncio.Future[int]]] = []
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self.on_commit: list[Any] = []
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="pgflow-webhook-ingest")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        for _, fut in self._pending:
-            if not fut.done():
-                fut.set_exception(ConnectionError("webhook connector stopped"))
-        self._pending.clear()
-
-    async def submit(self, event: NewEvent) -> int:
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append((event, fut))
-        self._wake.set()
-        return await fut
-
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._pending:
-                batch = self._pending[: self.max_batch]
-                del self._pending[: self.max_batch]
-                try:
-                    pool = await self.store.pool()
-                    async with pool.connection() as conn, conn.transaction():
-                        ids = await append(conn, [e for e, _ in batch])
-                except Exception as exc:  # every waiter learns it was not stored
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                    continue
-                for (_, fut), log_id in zip(batch, ids, strict=True):
-                    if not fut.done():
-                        fut.set_result(log_id)
-                for callback in self.on_commit:
-                    callback()
-
-
 class Connector:
     """An HTTP endpoint writing events to ``pgflow.events`` and a cursor consumer of them.
 
-    ``db`` is the workflow's database (DSN or pool). The server starts on the first
-    ``make()`` (or explicitly with ``start()`` / ``async with``); ``url`` is where to
-    post once it runs (``port=0`` picks a free port).
+    ``db`` is the workflow's database (DSN or pool). ``app`` is the ASGI application to
+    mount in your own app; with ``port`` set (``0``: any free port) ``start()`` (or
+    ``async with``, or the first ``make()``) also serves it on ``host:port`` with
+    uvicorn, ``path`` being its one path. ``port=None``: no server of its own.
     """
 
     def __init__(
@@ -194,11 +134,13 @@ class Connector:
         name: str,
         *,
         host: str = "127.0.0.1",
-        port: int = 0,
+        port: int | None = 0,
         path: str = "/",
-        secret: str | bytes | None = None,
+        secret: str | bytes | Sequence[str | bytes] | None = None,
+        tolerance: float = DEFAULT_TOLERANCE,
         max_body: int = 1 << 20,
         request_timeout: float = 30.0,
+        max_connections: int = 1000,
         poll_interval: float = 0.5,
         batch_size: int = 100,
     ) -> None:
@@ -206,14 +148,26 @@ class Connector:
             raise ValueError("webhook connector needs a name")
         if max_body < 1:
             raise ValueError("max_body must be positive")
+        if max_connections < 1:
+            raise ValueError("max_connections must be positive")
+        if tolerance <= 0:
+            raise ValueError("tolerance must be positive (seconds)")
+        if not path.startswith("/"):
+            raise ValueError(f"path must start with '/': {path!r}")
         self.name = name
         self.stream = f"webhook:{name}"
         self.host = host
         self.port = port
         self.path = path
-        self.secret = secret.encode() if isinstance(secret, str) else secret
-        self.max_body = max_body
-        self.request_timeout = request_timeout
+        self.max_connections = max_connections
+        if secret is None:
+            secrets: list[bytes] = []
+        elif isinstance(secret, str | bytes):
+            secrets = [secret.encode() if isinstance(secret, str) else secret]
+        else:
+            secrets = [s.encode() if isinstance(s, str) else s for s in secret]
+        if secret is not None and not all(secrets):
+            raise ValueError("webhook secret must not be empty")
         self.store = CursorStore(db, pool_size=4)
         self.reader = TableConnector(
             EventLogStream(self.stream),
@@ -223,37 +177,56 @@ class Connector:
             poll_interval=poll_interval,
             cursor_stream=self.stream,
         )
-        self._ingest = _GroupCommit(self.store)
+        self._ingest = GroupCommit(self.store, self.stream)
         self._ingest.on_commit.append(self.reader.wake)
-        self._server: asyncio.Server | None = None
+        #: the ASGI application (mount it, or let ``start()`` serve it)
+        self.app = WebhookApp(
+            self._ingest,
+            secrets=secrets,
+            tolerance=tolerance,
+            max_body=max_body,
+            request_timeout=request_timeout,
+        )
+        self.app.on_shutdown.append(self.stop)
+        self._server: StandaloneServer | None = None
         self._start_lock = asyncio.Lock()
         self._consumers = 0
         self._auto_started = False
-        self.accepted = 0  #: events made durable, for tests and metrics
-        self.rejected = 0  #: requests answered with an error
+
+    @property
+    def accepted(self) -> int:
+        """Events made durable (for tests and metrics)."""
+        return self.app.accepted
+
+    @property
+    def rejected(self) -> int:
+        """Requests answered with an error."""
+        return self.app.rejected
 
     @property
     def url(self) -> str:
+        """Where the standalone server listens (after ``start()``; not with ``port=None``)."""
         return f"http://{self.host}:{self.port}{self.path}"
 
     async def start(self) -> None:
+        """Serve ``app`` on ``host:port`` (nothing to do with ``port=None``)."""
         async with self._start_lock:
-            if self._server is not None:
+            if self._server is not None or self.port is None:
                 return
-            self._ingest.start()
-            self._server = await asyncio.start_server(
-                self._serve, self.host, self.port, limit=64 * 1024
+            server = StandaloneServer(
+                functools.partial(self.app.serve, path=self.path),
+                name=self.name,
+                max_connections=self.max_connections,
             )
-            sock = self._server.sockets[0]
-            self.port = int(sock.getsockname()[1])
+            self.port = await server.start(self.host, self.port)
+            self._server = server
             logger.info("webhook %s listening on %s", self.name, self.url)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 5)
-            self._server = None
+        """Stop serving (in-flight posts are answered first), then release the pool."""
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop()
         await self._ingest.stop()
         await self.store.close()
 
@@ -270,7 +243,7 @@ class Connector:
     async def make(self, consumer_name: str) -> TableConsumer:
         """A cursor consumer of the posted events; starts the server if needed. A server
         started this way stops when the last consumer closes (the workflow stopped)."""
-        if self._server is None:
+        if self._server is None and self.port is not None:
             await self.start()
             self._auto_started = True
         consumer = _Consumer(self.reader, consumer_name, self)
@@ -282,103 +255,6 @@ class Connector:
         if self._consumers <= 0 and self._auto_started:
             self._auto_started = False
             await self.stop()
-
-    # -- HTTP ------------------------------------------------------------------------
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            keep_alive = True
-            while keep_alive:
-                try:
-                    head = await asyncio.wait_for(
-                        reader.readuntil(b"\r\n\r\n"), self.request_timeout
-                    )
-                except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
-                    return
-                except asyncio.LimitOverrunError:
-                    await self._respond(writer, 431, {"error": "request head too large"}, False)
-                    return
-                try:
-                    method, target, version, headers = _parse_head(head)
-                    keep_alive = _keep_alive(version, headers)
-                    status, body = await self._handle(method, target, headers, reader)
-                except _HttpError as err:
-                    self.rejected += 1
-                    status, body = err.status, {"error": err.reason}
-                    keep_alive = keep_alive and not err.close
-                await self._respond(writer, status, body, keep_alive)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            with contextlib.suppress(Exception):
-                writer.close()
-                await writer.wait_closed()
-
-    async def _handle(
-        self, method: str, target: str, headers: Mapping[str, str], reader: asyncio.StreamReader
-    ) -> tuple[int, dict[str, Any]]:
-        length_text = headers.get("content-length")
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            raise _HttpError(411, "chunked bodies are not accepted: send Content-Length", True)
-        length = 0
-        if length_text is not None:
-            if not length_text.isdigit():
-                raise _HttpError(400, "bad Content-Length", close=True)
-            length = int(length_text)
-        if length > self.max_body:
-            raise _HttpError(
-                413, f"body of {length} bytes exceeds the {self.max_body}-byte limit", close=True
-            )
-        # Read the body before deciding anything else, so keep-alive stays in sync.
-        try:
-            body = await asyncio.wait_for(reader.readexactly(length), self.request_timeout)
-        except TimeoutError:
-            raise _HttpError(408, "timed out reading the body", close=True) from None
-        if target.split("?", 1)[0] != self.path:
-            raise _HttpError(404, f"no webhook at {target}; post to {self.path}")
-        if method != "POST":
-            raise _HttpError(405, "use POST")
-        if length_text is None:
-            raise _HttpError(411, "Content-Length required", close=True)
-        if self.secret is not None:
-            given = headers.get(SIGNATURE_HEADER.lower(), "")
-            if not given:
-                raise _HttpError(401, f"missing {SIGNATURE_HEADER} header")
-            if not hmac.compare_digest(given.strip(), sign(self.secret, body)):
-                raise _HttpError(401, "bad signature")
-        try:
-            event = event_from_json(body, default_id="")
-        except ValueError as exc:
-            raise _HttpError(400, str(exc)) from None
-        stored_headers = dict(event.headers)
-        if event.id:
-            stored_headers[_ID_HEADER] = event.id
-        try:
-            log_id = await self._ingest.submit(
-                NewEvent(self.stream, event.type, event.foreign_id, headers=stored_headers)
-            )
-        except (psycopg.Error, OSError, ConnectionError, DatabaseUnavailable) as exc:
-            logger.warning("webhook %s: could not store event (%s)", self.name, exc)
-            raise _HttpError(503, "event not stored (database unavailable); retry") from None
-        self.accepted += 1
-        return 200, {"id": event.id or f"webhook-{log_id}", "position": log_id}
-
-    async def _respond(
-        self, writer: asyncio.StreamWriter, status: int, body: Mapping[str, Any], keep_alive: bool
-    ) -> None:
-        payload = json.dumps(body).encode()
-        head = (
-            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
-            "Content-Type: application/json\r\n"
-            f"Content-Length: {len(payload)}\r\n"
-            f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n"
-        )
-        if status == 405:
-            head += "Allow: POST\r\n"
-        if status == 503:
-            head += "Retry-After: 1\r\n"
-        writer.write(head.encode() + b"\r\n" + payload)
-        await writer.drain()
 
 
 class _Consumer(TableConsumer):
@@ -393,28 +269,3 @@ class _Consumer(TableConsumer):
         hook, self._hook = self._hook, None
         if hook is not None:
             await hook._consumer_closed()
-
-
-def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
-    try:
-        text = head.decode("latin-1")
-        request_line, *lines = text.split("\r\n")
-        method, target, version = request_line.split(" ")
-    except ValueError:
-        raise _HttpError(400, "malformed request line", close=True) from None
-    headers: dict[str, str] = {}
-    for line in lines:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise _HttpError(400, "malformed header line", close=True)
-        headers[name.strip().lower()] = value.strip()
-    return method.upper(), target, version, headers
-
-
-def _keep_alive(version: str, headers: Mapping[str, str]) -> bool:
-    connection = headers.get("connection", "").lower()
-    if version == "HTTP/1.0":
-        return connection == "keep-alive"
-    return connection != "close"
