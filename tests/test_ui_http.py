@@ -449,3 +449,20 @@ def test_cookies_are_secure_behind_https(pgflow_dsn: str) -> None:
     with TestClient(pgflow.ui.app(pgflow_dsn, token=TOKEN)) as c:  # plain http (loopback)
         login = c.get(f"/runs?token={TOKEN}", follow_redirects=False)
     assert not any("Secure" in h for h in login.headers.get_list("set-cookie"))
+
+
+def test_keyset_pages_within_a_time_window(pgflow_dsn: str) -> None:
+    """The page key and created_before bound the same column: the stricter must win."""
+    asyncio.run(_many_runs(pgflow_dsn, 123, False))  # created 2026-01-01 00:00:01 + i s
+    seen: list[str] = []
+    with TestClient(pgflow.ui.app(pgflow_dsn, page_size=10)) as c:
+        url: str | None = (
+            "/runs?workflow=bulk&refresh=off&created_after=2026-01-01T00:00:20"
+            "&created_before=2026-01-01T00:01:30"
+        )
+        while url:
+            html = c.get(url).text
+            seen += re.findall(r'href="http://testserver/runs/([0-9a-f-]{36})" class="fid"', html)
+            m = re.search(r'<a href="([^"]+)" id="next-page">', html)
+            url = m.group(1).replace("&amp;", "&") if m else None
+    assert len(seen) == len(set(seen)) == 90 - 20  # seconds 20..89

@@ -24,7 +24,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -276,11 +276,27 @@ async def runs(
     reason_column: bool = False,
 ) -> Page:
     """Runs, newest first, keyset-paginated on ``(created_at, run_id)``."""
-    clauses, params = flt.where()
+    key: tuple[datetime, UUID] | None = None
     if after:
         created, run_id = decode_token(after, 2)
-        clauses.append("(r.created_at, r.run_id) < (%(k_at)s::timestamptz, %(k_id)s::uuid)")
-        params.update(k_at=created, k_id=run_id)
+        try:
+            key = (datetime.fromisoformat(created), UUID(run_id))
+        except ValueError:
+            raise ValueError("bad page token") from None
+        if key[0].tzinfo is None:
+            raise ValueError("bad page token")
+        # btree does not combine a row comparison with a scalar bound on the same column
+        # and may start its scan at the weaker one: keep only the stricter of the two
+        if flt.created_before is not None:
+            if key[0] < flt.created_before:
+                flt = replace(flt, created_before=None)
+            else:
+                key = None
+    clauses, params = flt.where()
+    if key is not None:
+        clauses.append("(r.created_at, r.run_id) < (%(k_at)s, %(k_id)s)")
+        key_at, key_id = key
+        params.update(k_at=key_at, k_id=key_id)
     cols = _RUN_LIST_COLUMNS + (", r.run_state_reason" if reason_column else "")
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     params["limit"] = limit + 1
