@@ -65,7 +65,7 @@ CREATE TRIGGER stamp_tx BEFORE INSERT ON pgflow.changes
     FOR EACH ROW EXECUTE FUNCTION pgflow.stamp_tx();
 
 -- 3. Indexes for the id-ordered walk of a diff's new transactions (part B); the
---    existing (stream[, type], tx, id) indexes serve part A and the bounds.
+--    existing (stream[, type], tx, id) indexes serve part A and the bounds. (The
+--    change log's are in 0012, with the captured table's identity.)
 CREATE INDEX events_stream_type_id ON pgflow.events (stream, type, id);
 CREATE INDEX events_stream_id ON pgflow.events (stream, id);
-CREATE INDEX changes_table_id ON pgflow.changes (table_name, id);

@@ -177,6 +177,16 @@ class Engine(Generic[T, S]):
         kept = await maybe_await(self.custom_delete(obj))
         return self.objects.dump(obj if kept is None else kept)
 
+    async def erase_copies(self, conn: AsyncConnection[Any], foreign_id: str) -> None:
+        """Erase what this workflow's connectors keep of ``foreign_id``'s data (the
+        change log rows a capture connector delivered for it): each connector with an
+        ``erase(conn, foreign_id)`` method is asked. The admin functions call this as
+        their ``erase_copies``."""
+        for spec in self.graph.connectors.values():
+            erase = getattr(spec.connector, "erase", None)
+            if erase is not None:
+                await erase(conn, foreign_id)
+
     def make_run(self, raw: RawRecord, conn: AsyncConnection[Any]) -> Run[T, S]:
         return Run(self, raw, self.to_record(raw), conn)
 

@@ -471,7 +471,12 @@ class Poller(Generic[T, S]):
             for foreign_id, run_id in rows:
                 try:
                     await admin.erase_data(
-                        conn, self.engine.name, foreign_id, run_id, scrub=self.engine.scrub
+                        conn,
+                        self.engine.name,
+                        foreign_id,
+                        run_id,
+                        scrub=self.engine.scrub,
+                        erase_copies=self.engine.erase_copies,
                     )
                 except psycopg.OperationalError:
                     raise

@@ -52,6 +52,9 @@ Hook = Callable[[RawRecord, AsyncConnection[Any]], Awaitable[None]]
 #: ``scrub(object_json) -> object_json``: what erasure leaves of a run's stored object
 #: (None: nothing). A workflow's ``custom_delete`` is turned into one (see the engine).
 Scrub = Callable[[Any], Awaitable[str | None]]
+#: ``erase_copies(conn, foreign_id)``: erase the run's data pgflow holds elsewhere
+#: (e.g. change-log rows), in the erasure's transaction.
+EraseCopies = Callable[[AsyncConnection[Any], str], Awaitable[None]]
 
 #: run state -> the states it may be entered from
 _ALLOWED_FROM: dict[RunState, frozenset[RunState]] = {
@@ -230,16 +233,21 @@ async def erase_data(
     run_id: UUID | str,
     *,
     scrub: Scrub | None = None,
+    erase_copies: EraseCopies | None = None,
 ) -> RawRecord | None:
     """Second half: replace the object by what ``scrub`` keeps of it (default:
-    nothing, NULL), clear the last error, mark DATA_DELETED (events stay as the audit
-    trail; the deletion's reason is kept). Returns None when the run was not waiting
-    for erasure. A failing ``scrub`` raises and changes nothing."""
+    nothing, NULL), erase copies of the run's data that pgflow keeps elsewhere
+    (``erase_copies``: the change log rows its connectors delivered), clear the last
+    error, mark DATA_DELETED (events stay as the audit trail; the deletion's reason is
+    kept). Returns None when the run was not waiting for erasure. A failing ``scrub``
+    raises and changes nothing."""
     async with conn.transaction():
         rec = await _locked(conn, workflow, foreign_id, run_id)
         if rec.run_state is not RunState.REQUESTED_DATA_DELETED:
             return None
         kept = None if scrub is None else await scrub(rec.object)
+        if erase_copies is not None:
+            await erase_copies(conn, foreign_id)
         return await write_change(
             conn,
             rec,

@@ -514,8 +514,10 @@ class API(Generic[T, S]):
         Only a COMPLETED or CANCELLED run (or one whose data was already deleted:
         deletion is repeatable) qualifies; else :class:`pgflow.InvalidTransition`.
         The object is replaced by what the builder's ``custom_delete`` keeps of it
-        (default: nothing). Two transactions: REQUESTED_DATA_DELETED, then DATA_DELETED;
-        if the process dies in between, a worker's timer poller finishes the erasure.
+        (default: nothing), and the change-log rows the workflow's capture connectors
+        delivered for this foreign id lose their row images. Two transactions:
+        REQUESTED_DATA_DELETED, then DATA_DELETED; if the process dies in between, a
+        worker's timer poller finishes the erasure.
         Bound to a connection both happen in the caller's transaction.
         """
         async with self._tx() as conn:
@@ -525,7 +527,12 @@ class API(Generic[T, S]):
         try:
             async with self._tx() as conn:
                 done = await admin.erase_data(
-                    conn, self.name, foreign_id, raw.run_id, scrub=self._engine.scrub
+                    conn,
+                    self.name,
+                    foreign_id,
+                    raw.run_id,
+                    scrub=self._engine.scrub,
+                    erase_copies=self._engine.erase_copies,
                 )
         except psycopg.OperationalError:
             return self._record(raw)  # the poller finishes it

@@ -2,8 +2,9 @@
 
 ``await pgflow.capture(dsn, "app.payments")`` installs an ``AFTER INSERT OR UPDATE OR
 DELETE`` row trigger (SQL: ``SELECT pgflow.capture('app.payments')``) that writes one
-row per change to ``pgflow.changes``: the table, the operation, the primary key, and the
-old/new row images as JSONB, with ``tx xid8 DEFAULT pg_current_xact_id()``. The row is
+row per change to ``pgflow.changes``: the table (for a partition: the root of its
+partition tree, by name and oid — a rename keeps the oid), the operation, the primary
+key, and the old/new row images as JSONB, with ``tx`` the writer's transaction id. The row is
 written in the app's own transaction, so a change is recorded if and only if it
 commits, and nothing there NOTIFYs (a per-row NOTIFY serialises every writer in the
 cluster). Readers poll.
@@ -116,7 +117,13 @@ def changes_stream(
     if tables is not None:
         names = [tables] if isinstance(tables, str) else list(tables)
         params["tables"] = [_table_name(t) for t in names]
-        where.append("s.table_name = ANY(%(tables)s::text[])")
+        # By oid, resolved at each read: a rename keeps the oid (rows recorded before
+        # and after it are one stream), and a name that no longer resolves is an error
+        # ("relation ... does not exist") instead of a silent, empty stream.
+        where.append(
+            "s.table_oid = ANY(ARRAY(SELECT t::regclass::oid"
+            " FROM unnest(%(tables)s::text[]) AS t))"
+        )
     if ops is not None:
         wanted = [op.upper() for op in ops]
         bad = set(wanted) - {"INSERT", "UPDATE", "DELETE"}
@@ -203,6 +210,9 @@ def make_change_translator(
             raise ValueError(f"change {change.id}: empty type or foreign id")
         return ConnectorEvent(str(change.id), fid, event_type, headers, change.created_at)
 
+    if foreign_id is None:
+        # Lets data erasure find a foreign id's change rows in SQL (TableStream.erase_for).
+        translate.foreign_id_column = "pk"  # type: ignore[attr-defined]
     return translate
 
 

@@ -212,8 +212,8 @@ async def upsert_cursor(
 async def try_lock_shard(conn: AsyncConnection[Any], key: CursorKey) -> bool:
     """Take the (consumer, shard) advisory lock for this transaction, without waiting.
 
-    ``pg_try_advisory_xact_lock`` assigns no transaction id, so a consumer waiting for
-    work does not hold the xid horizon back for everyone else.
+    ``pg_try_advisory_xact_lock`` assigns no transaction id, so a consumer polling for
+    work holds none open (an open xid holds back VACUUM for the whole cluster).
     """
     cur = await conn.execute(
         "SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))",
@@ -276,6 +276,8 @@ async def _read_at_cursor(
     rows = await cur.fetchall()
     if not rows:  # no cursor row yet: read from the start of the log
         return None, await read_batch(conn, filter, Position.start(), batch_size, lag)
+    # Columns: 0-4 the stored position, 5 this statement's snapshot, 6 "idle long
+    # enough to move", then the read (s2, lo, hi, __id, event columns), NULL if none.
     stored = position_from_row(rows[0])
     if rows[0][7] is None:  # the LEFT JOIN found nothing new
         if stored.upto is not None:  # an exhausted diff: go on from its end

@@ -1,47 +1,76 @@
-"""``pgflow inspect``: read-only SQL over pgflow's views and tables, validated first.
+"""``pgflow inspect``: read-only SQL over pgflow's views, validated, then fenced.
 
-Operators point this at production, often with a powerful DSN, so the query is checked
-before it reaches the server, and then run under several independent fences:
+Operators point this at production, often with a superuser DSN, and hand it to support
+people, dashboards and AI agents. So a query passes several independent fences, and
+one fence's miss is not a breach:
 
-1. **Validation** (sqlglot, PostgreSQL dialect) — exactly one statement; a ``SELECT``
-   (or a set operation of ``SELECT``\\ s; ``WITH`` only when every CTE is a query);
-   nothing that writes, locks or changes settings anywhere in the tree (DML, DDL,
-   ``COPY``, ``SET``, ``INTO``, ``FOR UPDATE/SHARE``...); relations only from schema
-   ``pgflow`` (unqualified names that are not CTEs are qualified with ``pgflow.``, so
-   ``pg_authid`` means ``pgflow.pg_authid`` and simply does not exist); functions only
-   from an allow-list (aggregates, date/time, string, JSON helpers — never ``pg_sleep``,
-   ``pg_read_file``, ``dblink``, ``lo_*``, ``set_config``, ``nextval``...).
+1. **Validation is an allow-list over the syntax tree** (sqlglot, PostgreSQL dialect):
+   every node of the parsed statement must be of a kind learnt from the examples in
+   ``ALLOWED_SYNTAX`` / ``ALLOWED_FUNCTIONS`` (anything sqlglot parses that is not in
+   them is refused, whatever new syntax a sqlglot release learns). On top:
+
+   * relations only from schema ``pgflow`` (unqualified names that are not a CTE in
+     scope are qualified with ``pgflow.``); identifiers fold like PostgreSQL's (ASCII
+     ``A``-``Z`` only: Python's ``str.lower()`` folds the Kelvin sign to ``k``, the
+     server does not) and unquoted non-ASCII or over-long identifiers are refused;
+   * PostgreSQL reads ``(x).f`` and ``a.f`` as the function call ``f(x)`` / ``f(a)``
+     when ``f`` is not a column: field selection on an expression is refused, and
+     ``a.f`` only passes when ``a`` is a relation of the FROM clause visible at that
+     point (then ``f`` is its column, or one of the read-only functions that take any
+     row, such as ``to_jsonb``) — for a function in FROM, whose "row" may be a plain
+     value, only when ``f`` names one of its columns; schema-qualified functions are
+     refused;
+   * casts only to plain data types (no ``regclass``/``oid``/``xml``/user types: their
+     input functions look up catalogs or parse documents);
+   * no ``$1`` parameters, dollar-quoted, ``E''`` or ``U&''`` strings; ``lpad``/
+     ``rpad`` lengths and ``format`` widths are small literals.
 2. **What runs is what was validated**: the statement is re-generated from the checked
-   syntax tree, so a construct the parser might read differently from the server
-   (quoting, comments) cannot smuggle anything past step 1.
-3. **Execution** in a ``READ ONLY`` transaction that is always rolled back, with
-   ``SET LOCAL statement_timeout`` (default 5 s) and ``lock_timeout``, through a
-   server-side cursor that fetches at most ``limit`` rows.
+   tree (comments dropped) and must parse back to the same tree; the session sets
+   ``standard_conforming_strings`` so string literals mean what sqlglot meant.
+3. **A role that cannot do harm**: when the connecting role can ``SET ROLE
+   pgflow_reader`` (superusers always can; others need ``GRANT pgflow_reader TO
+   them``), the query runs as that NOLOGIN role, which ``pgflow migrate`` creates with
+   USAGE on schema ``pgflow`` and SELECT on its views only. A validator miss is then a
+   permission error, not a file read or a killed backend (advisory locks, ``pg_notify``
+   and ``pg_sleep`` need no privilege: there the validator is the fence). A superuser
+   connection never runs a query without that role.
+4. **Execution** in a ``READ ONLY`` transaction that is always rolled back, with
+   ``statement_timeout``, ``lock_timeout``, ``idle_in_transaction_session_timeout``,
+   a small ``work_mem`` and (for superusers) ``temp_file_limit``, through a
+   server-side cursor. Results are capped in rows and in bytes while fetching: the
+   server keeps a running total of the bytes it sends and sends every row past the
+   cap as NULLs, so the client never receives more than the cap.
 
-Anything refused raises :class:`InspectRefused` with the reason.
+Anything refused raises :class:`InspectRefused` with a one-line reason.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-import sqlglot
-from psycopg import AsyncConnection
-from sqlglot import exp
-from sqlglot.errors import ParseError, TokenError
+from psycopg import AsyncConnection, sql
 
 from . import _db
-from .errors import PgflowError
+from ._inspect_validate import (
+    ALLOWED_FUNCTIONS,
+    ALLOWED_SYNTAX,
+    ALLOWED_TYPES,
+    InspectError,
+    InspectRefused,
+    validate,
+)
 
 __all__ = [
     "ALLOWED_FUNCTIONS",
+    "ALLOWED_SYNTAX",
+    "ALLOWED_TYPES",
     "DEFAULT_LIMIT",
+    "DEFAULT_MAX_BYTES",
     "DEFAULT_TIMEOUT",
+    "READER_ROLE",
     "InspectError",
     "InspectFailed",
     "InspectRefused",
@@ -51,267 +80,122 @@ __all__ = [
     "validate",
 ]
 
-SCHEMA = "pgflow"
+logger = logging.getLogger(__name__)
+
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_LIMIT = 1000
-
-
-class InspectError(PgflowError):
-    """Base class of ``pgflow inspect`` errors."""
-
-
-class InspectRefused(InspectError):
-    """The query is not a read-only query over pgflow's relations; nothing was run."""
+#: Default cap on the bytes of a result (PostgreSQL's text form of every row).
+DEFAULT_MAX_BYTES = 16 * 1024 * 1024
+#: The NOLOGIN role ``pgflow migrate`` creates for inspect (see sql/zz_reader.sql).
+READER_ROLE = "pgflow_reader"
+#: Memory a sort or hash of the query may use before spilling (per node).
+_WORK_MEM = "16MB"
+#: Temporary files the query may write (only settable when connected as a superuser).
+_TEMP_FILE_LIMIT = "256MB"
 
 
 class InspectFailed(InspectError):
     """The server rejected or cancelled a validated query (bad column, timeout, ...)."""
 
 
-# --------------------------------------------------------------------- functions
-#: PostgreSQL functions (and operators) a query may use. The checker learns which
-#: sqlglot node each one parses to from these examples, so the list is written in
-#: PostgreSQL terms and stays right when sqlglot renames its classes.
-ALLOWED_FUNCTIONS = """
-count(*), count(DISTINCT a), sum(a), avg(a), min(a), max(a), bool_and(a), bool_or(a),
-every(a), array_agg(a), string_agg(a, ','), jsonb_agg(a), jsonb_object_agg(a, b),
-json_agg(a), stddev(a), variance(a), percentile_cont(0.5) WITHIN GROUP (ORDER BY a),
-percentile_disc(0.5) WITHIN GROUP (ORDER BY a), mode() WITHIN GROUP (ORDER BY a),
-row_number() OVER (), rank() OVER (), dense_rank() OVER (), ntile(4) OVER (),
-lag(a) OVER (), lead(a) OVER (), first_value(a) OVER (), last_value(a) OVER (),
-coalesce(a, b), nullif(a, b), greatest(a, b), least(a, b),
-now(), current_timestamp, current_date, clock_timestamp(), statement_timestamp(),
-transaction_timestamp(), date_trunc('hour', a), extract(epoch FROM a),
-date_part('day', a), age(a), age(a, b), to_timestamp(1), to_char(a, 'YYYY'),
-to_date('2020', 'YYYY'), make_interval(secs => 3), justify_interval(a), isfinite(a),
-lower(a), upper(a), length(a), char_length(a), initcap(a), left(a, 1), right(a, 1),
-substr(a, 1, 2), substring(a FROM 1 FOR 2), position('a' IN b), strpos(a, b),
-replace(a, 'x', 'y'), trim(a), ltrim(a), rtrim(a), btrim(a), lpad(a, 2), rpad(a, 2),
-split_part(a, '-', 1), concat(a, b), concat_ws(',', a, b), format('%s', a),
-regexp_replace(a, 'x', 'y'), regexp_match(a, 'x'), md5(a), starts_with(a, 'x'),
-a ~ 'x', a ~* 'x', a !~ 'x', a !~* 'x', a LIKE 'x', a ILIKE 'x', a SIMILAR TO 'x', a || b,
-a AND b, a OR b, NOT a, a ^ 2, a % 2, a / b,
-abs(a), round(a, 2), round(a), ceil(a), floor(a), trunc(a), mod(a, b), power(a, 2),
-sqrt(a), ln(a), log(a), exp(a), sign(a), random(),
-cast(a AS text), a::int, a -> 'k', a ->> 'k', a #> '{a}', a #>> '{a}', a @> b, a <@ b,
-a ? 'k', a ?| array['k'], a ?& array['k'], jsonb_typeof(a), jsonb_array_length(a),
-jsonb_array_elements(a), jsonb_array_elements_text(a), jsonb_each(a),
-jsonb_each_text(a), jsonb_object_keys(a), jsonb_extract_path(a, 'k'),
-jsonb_extract_path_text(a, 'k'), jsonb_build_object('a', 1), jsonb_build_array(1),
-jsonb_pretty(a), jsonb_strip_nulls(a), jsonb_path_query(a, '$.x'),
-jsonb_path_query_first(a, '$.x'), jsonb_path_exists(a, '$.x'), to_jsonb(a),
-json_build_object('a', 1), row_to_json(a), to_json(a),
-array_length(a, 1), cardinality(a), unnest(a), array_position(a, b),
-array_to_string(a, ','), string_to_array(a, ','), generate_series(1, 2),
-a = ANY(b), a IN (1), EXISTS (SELECT 1), a IS DISTINCT FROM b, a BETWEEN 1 AND 2,
-CASE WHEN a THEN 1 END, a AT TIME ZONE 'UTC', a[1], array[1, 2],
-gen_random_uuid(), encode(a, 'hex'), pg_snapshot_xmin(a),
-pg_current_snapshot()
-"""
-
-#: Never allowed, whatever the list above says (documented refusals; also a backstop).
-DENIED_FUNCTIONS = frozenset(
-    {
-        "pg_sleep", "pg_sleep_for", "pg_sleep_until", "pg_read_file", "pg_read_binary_file",
-        "pg_ls_dir", "pg_stat_file", "pg_terminate_backend", "pg_cancel_backend",
-        "pg_reload_conf", "pg_rotate_logfile", "pg_advisory_lock", "pg_advisory_xact_lock",
-        "pg_try_advisory_lock", "pg_notify", "set_config", "current_setting", "dblink",
-        "dblink_exec", "dblink_connect", "lo_import", "lo_export", "lo_get", "lo_put",
-        "lo_open", "lo_creat", "lo_create", "lo_unlink", "nextval", "setval", "currval",
-        "txid_current", "pg_current_xact_id", "query_to_xml", "query_to_xmlschema",
-        "table_to_xml", "cursor_to_xml", "pg_logical_emit_message", "pg_switch_wal",
-        "pg_create_restore_point", "pg_file_write", "copy",
-    }
-)  # fmt: skip
-
-
-@functools.cache
-def _allowed() -> tuple[frozenset[type[Any]], frozenset[str]]:
-    """(sqlglot classes, anonymous function names) the allow-list parses to."""
-    probe = sqlglot.parse_one(f"SELECT {ALLOWED_FUNCTIONS}", read="postgres")
-    classes: set[type[Any]] = set()
-    names: set[str] = set()
-    for node in probe.find_all(exp.Func):
-        if isinstance(node, exp.Anonymous):
-            names.add(str(node.name).lower())
-        else:
-            classes.add(type(node))
-    return frozenset(classes), frozenset(names - DENIED_FUNCTIONS)
-
-
-def _function_name(node: exp.Func) -> str:
-    if isinstance(node, exp.Anonymous):
-        return str(node.name).lower()
-    return node.sql_name().lower()
-
-
-# ---------------------------------------------------------------- statement kinds
-def _classes(*names: str) -> tuple[type[Any], ...]:
-    found = [getattr(exp, n) for n in names if isinstance(getattr(exp, n, None), type)]
-    return tuple(found)
-
-
-#: Nodes that write, lock, change state or escape the parser; refused anywhere.
-_FORBIDDEN_NODES: tuple[tuple[tuple[type[Any], ...], str], ...] = (
-    (_classes("Insert"), "INSERT"),
-    (_classes("Update"), "UPDATE"),
-    (_classes("Delete"), "DELETE"),
-    (_classes("Merge"), "MERGE"),
-    (_classes("TruncateTable"), "TRUNCATE"),
-    (_classes("Create"), "CREATE"),
-    (_classes("Drop"), "DROP"),
-    (_classes("Alter", "AlterTable", "AlterColumn", "RenameTable"), "ALTER"),
-    (_classes("Copy"), "COPY"),
-    (_classes("Set", "SetItem"), "SET"),
-    (_classes("Lock"), "locking clause (FOR UPDATE/SHARE)"),
-    (_classes("Into"), "SELECT ... INTO"),
-    (_classes("Transaction", "Commit", "Rollback"), "transaction control"),
-    (_classes("Grant", "Revoke"), "GRANT/REVOKE"),
-    (_classes("Command"), "command"),
-    (_classes("Use", "Pragma", "Analyze", "Describe", "LoadData", "Cache", "Uncache"), "command"),
-)
-
-
-#: Read-only query shapes: SELECT, UNION/INTERSECT/EXCEPT of them, a parenthesised query.
-_QUERY_TYPES: tuple[type[Any], ...] = _classes("Select", "SetOperation", "Union", "Subquery")
-
-
 @dataclass(frozen=True, slots=True)
 class InspectResult:
-    """Rows of a validated query; ``truncated`` when more than ``limit`` rows existed."""
+    """Rows of a validated query; ``truncated`` when the row or byte cap cut it short.
+
+    ``role`` is the role the query ran as: ``pgflow_reader``, or the connecting role
+    when it cannot assume that one.
+    """
 
     columns: list[str]
     rows: list[tuple[Any, ...]]
     truncated: bool
     sql: str
+    role: str = ""
+    bytes: int = 0
 
 
-def _normalize(ident: exp.Identifier | None) -> str | None:
-    """An identifier as PostgreSQL folds it: unquoted lowercased, quoted verbatim."""
-    if ident is None:
-        return None
-    name = str(ident.this)
-    return name if ident.args.get("quoted") else name.lower()
+async def _assume_reader(conn: AsyncConnection[Any]) -> str:
+    """``SET LOCAL ROLE pgflow_reader`` when allowed and safe; return the role in effect.
 
-
-def _table_name(table: exp.Table) -> str | None:
-    ident = table.this
-    return _normalize(ident) if isinstance(ident, exp.Identifier) else None
-
-
-def _cte_visible(table: Any, name: str) -> bool:
-    """Whether unqualified ``name`` at ``table`` refers to a CTE in scope (PG rules:
-    a WITH's CTEs are visible in its query and in later CTEs of the same WITH; with
-    RECURSIVE, in all of them)."""
-    child: Any = table
-    parent = table.parent
-    while parent is not None:
-        with_ = parent.args.get("with_") or parent.args.get("with")
-        if isinstance(with_, exp.With):
-            ctes = [c for c in with_.expressions if isinstance(c, exp.CTE)]
-            recursive = bool(with_.args.get("recursive"))
-            if child is with_:
-                # We came up through one of this WITH's CTE bodies.
-                idx = _path_index(table, ctes)
-                visible = ctes if recursive else ctes[: max(idx, 0)]
-            else:
-                visible = ctes
-            if any(_normalize(_cte_ident(c)) == name for c in visible):
-                return True
-        child, parent = parent, parent.parent
-    return False
-
-
-def _cte_ident(cte: exp.CTE) -> exp.Identifier | None:
-    alias = cte.args.get("alias")
-    if isinstance(alias, exp.TableAlias) and isinstance(alias.this, exp.Identifier):
-        return alias.this
-    return None
-
-
-def _path_index(node: Any, ctes: Sequence[exp.CTE]) -> int:
-    """Index of the CTE (in ``ctes``) whose body contains ``node``; -1 if none."""
-    cur: Any = node
-    while cur is not None:
-        for i, cte in enumerate(ctes):
-            if cur is cte:
-                return i
-        cur = cur.parent
-    return -1
-
-
-def validate(sql: str) -> str:
-    """Check ``sql`` and return the statement to run (qualified, re-generated).
-
-    Raises :class:`InspectRefused` naming the first problem found.
+    Membership cannot be asked portably (PostgreSQL 16 adds a SET option to it), so the
+    switch is tried under a savepoint. A reader role with more than NOLOGIN attributes
+    (someone created it as a superuser, say) would be no fence, and one without USAGE
+    on schema pgflow belongs to a database not migrated yet: neither is used.
     """
-    if not sql or not sql.strip():
-        raise InspectRefused("empty query")
-    # sqlglot logs a warning when it falls back to an opaque Command (EXPLAIN, DO...);
-    # those are refused below with a clearer message, so keep the terminal quiet.
-    sqlglot_logger = logging.getLogger("sqlglot")
-    level = sqlglot_logger.level
-    sqlglot_logger.setLevel(logging.ERROR)
-    try:
-        statements = [s for s in sqlglot.parse(sql, read="postgres") if s is not None]
-    except (ParseError, TokenError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "syntax error"
-        raise InspectRefused(f"cannot parse the query: {first}") from None
-    finally:
-        sqlglot_logger.setLevel(level)
-    if not statements:
-        raise InspectRefused("empty query")
-    if len(statements) > 1:
-        raise InspectRefused(f"exactly one statement allowed, got {len(statements)}")
-    stmt = statements[0]
-    for classes, label in _FORBIDDEN_NODES:
-        if classes and (stmt.find(*classes) is not None or isinstance(stmt, classes)):
-            kind = label if label != "command" else _command_word(stmt)
-            raise InspectRefused(f"only read-only SELECT queries are allowed ({kind} found)")
-    if not isinstance(stmt, _QUERY_TYPES):
-        raise InspectRefused(f"only SELECT queries are allowed, got {stmt.key.upper()}")
-    for with_ in stmt.find_all(exp.With):
-        for cte in with_.expressions:
-            body = cte.this if isinstance(cte, exp.CTE) else cte
-            if not isinstance(body, _QUERY_TYPES):
-                raise InspectRefused("every WITH query must be a SELECT")
-
-    allowed_classes, names = _allowed()
-    for func in stmt.find_all(exp.Func):
-        name = _function_name(func)
-        if name in DENIED_FUNCTIONS:
-            raise InspectRefused(f"function {name}() is not allowed in pgflow inspect")
-        if isinstance(func, exp.Anonymous):
-            if name not in names:
-                raise InspectRefused(f"function {name}() is not allowed in pgflow inspect")
-        elif type(func) not in allowed_classes:
-            raise InspectRefused(f"function {name}() is not allowed in pgflow inspect")
-
-    for table in list(stmt.find_all(exp.Table)):
-        table_name = _table_name(table)
-        if table_name is None:
-            continue  # a table function (checked above) or a subquery
-        if table.args.get("catalog") is not None:
-            raise InspectRefused(f"cross-database reference {table.sql('postgres')} refused")
-        schema = table.args.get("db")
-        if schema is not None:
-            schema_name = _normalize(schema) if isinstance(schema, exp.Identifier) else None
-            if schema_name != SCHEMA:
-                raise InspectRefused(
-                    f"only relations in schema {SCHEMA} may be read, not {table.sql('postgres')}"
-                )
-            continue
-        if _cte_visible(table, table_name):
-            continue
-        table.set("db", exp.to_identifier(SCHEMA))
-    return str(stmt.sql(dialect="postgres"))
+    cur = await conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = %s"
+        " AND NOT (rolsuper OR rolcanlogin OR rolreplication OR rolbypassrls"
+        " OR rolcreaterole OR rolcreatedb)"
+        " AND pg_catalog.has_schema_privilege(oid, 'pgflow', 'USAGE'))",
+        (READER_ROLE,),
+    )
+    row = await cur.fetchone()
+    if row and row[0]:
+        try:
+            async with conn.transaction():
+                await conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(READER_ROLE)))
+            return READER_ROLE
+        except psycopg.errors.InsufficientPrivilege:
+            pass
+    cur = await conn.execute(
+        "SELECT current_user, pg_catalog.current_setting('is_superuser') = 'on'"
+    )
+    row = await cur.fetchone()
+    role, superuser = (str(row[0]), bool(row[1])) if row else ("?", False)
+    if superuser:
+        # A superuser can always assume it, so it is missing or was altered: refuse
+        # rather than run with every privilege behind the validator alone.
+        raise InspectRefused(
+            f"connected as superuser {role} but role {READER_ROLE} is missing, not granted"
+            " schema pgflow here, or has more than NOLOGIN attributes: run `pgflow migrate`"
+            " (it creates and grants the role)"
+        )
+    logger.debug("pgflow inspect runs as %s (cannot SET ROLE %s)", role, READER_ROLE)
+    return role
 
 
-def _command_word(stmt: Any) -> str:
-    cmd = stmt if isinstance(stmt, exp.Command) else stmt.find(exp.Command)
-    if cmd is not None and cmd.this:
-        return str(cmd.this).split()[0].upper()
-    return str(stmt.key).upper()
+async def _limit_resources(conn: AsyncConnection[Any], millis: int) -> None:
+    await conn.execute("SET TRANSACTION READ ONLY")
+    for name, value in (
+        ("statement_timeout", f"{millis}ms"),
+        ("lock_timeout", f"{millis}ms"),
+        ("idle_in_transaction_session_timeout", f"{millis + 60_000}ms"),
+        ("work_mem", _WORK_MEM),
+        ("standard_conforming_strings", "on"),
+        ("search_path", "pg_catalog, pgflow, pg_temp"),
+        ("pgflow.inspect_used", "0"),  # the running byte total, see _capped
+    ):
+        await conn.execute("SELECT pg_catalog.set_config(%s, %s, true)", (name, value))
+    cur = await conn.execute("SELECT pg_catalog.current_setting('is_superuser') = 'on'")
+    row = await cur.fetchone()
+    if row and row[0]:
+        await conn.execute(
+            "SELECT pg_catalog.set_config('temp_file_limit', %s, true)", (_TEMP_FILE_LIMIT,)
+        )
+
+
+#: Rows per FETCH: the server's running byte total (see sql/zz_reader.sql) already
+#: keeps every row past the cap from being sent, so batches need no smaller size.
+_FETCH_ROWS = 200
+
+
+def _capped(statement: str, width: int, max_bytes: int) -> str:
+    """``statement`` wrapped so the server sends no row past ``max_bytes`` in total:
+    its columns renamed positionally (names may repeat), NULLed once over the cap.
+
+    The running total is computed in the target list of a subquery kept whole by
+    ``OFFSET 0``, so it runs exactly once per row, in order, whatever the planner would
+    otherwise pull up or fold (a constant row, for one, must still count every time).
+    """
+    cols = [f"c{i}" for i in range(width)]
+    picks = "".join(f", CASE WHEN b.n >= 0 THEN b.{c} END" for c in cols)
+    renamed = f"s({', '.join(cols)})" if cols else "s"  # `AS s()` is a syntax error
+    return (
+        f"SELECT b.n{picks} FROM (SELECT pgflow.inspect_row_budget("
+        # ROW(s.*): the whole row, whatever its columns are called.
+        f"pg_catalog.octet_length(ROW(s.*)::text), {int(max_bytes)}) AS n, s.*"
+        f" FROM ({statement}) AS {renamed} OFFSET 0) AS b"
+    )
 
 
 async def run_validated(
@@ -320,34 +204,68 @@ async def run_validated(
     *,
     timeout: float = DEFAULT_TIMEOUT,
     limit: int = DEFAULT_LIMIT,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> InspectResult:
     """Run an already :func:`validate`\\ d statement read-only on ``conn``.
 
     ``conn`` must not be in a transaction; the one opened here is always rolled back.
+    The server counts the bytes of the rows it sends (PostgreSQL's text form) and
+    sends the first row that would pass ``max_bytes``, and every later one, as NULLs:
+    the client never receives more than ``max_bytes`` of values.
     """
-    if timeout <= 0 or limit < 1:
-        raise ValueError("timeout and limit must be positive")
+    if timeout <= 0 or limit < 1 or max_bytes < 1:
+        raise ValueError("timeout, limit and max_bytes must be positive")
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        # Inside the caller's transaction the fences would be a savepoint's: refuse.
+        raise ValueError("pgflow inspect needs a connection that is not in a transaction")
     millis = max(1, int(timeout * 1000))
+    rows: list[tuple[Any, ...]] = []
+    role = ""
+    total = 0
+    truncated = False
     try:
         async with conn.transaction(force_rollback=True):
-            await conn.execute("SET TRANSACTION READ ONLY")
-            await conn.execute(f"SET LOCAL statement_timeout = {millis}")
-            await conn.execute(f"SET LOCAL lock_timeout = {millis}")
-            await conn.execute("SET LOCAL search_path = pgflow")
-            async with conn.cursor(name="pgflow_inspect") as cur:
-                await cur.execute(statement)
-                rows = await cur.fetchmany(limit + 1)
-                columns = [d.name for d in cur.description or ()]
+            await _limit_resources(conn, millis)
+            role = await _assume_reader(conn)
+            # The shape first (no row is computed), to rename the columns positionally.
+            cur = await conn.execute(f"SELECT * FROM ({statement}) AS s LIMIT 0")
+            columns = [d.name for d in cur.description or ()]
+            async with conn.cursor(name="pgflow_inspect") as named:
+                await named.execute(_capped(statement, len(columns), max_bytes))
+                while not truncated:
+                    batch = await named.fetchmany(min(_FETCH_ROWS, limit + 1 - len(rows)))
+                    if not batch:
+                        break
+                    for row in batch:
+                        size = int(row[0])
+                        if size < 0 and not rows:
+                            raise InspectFailed(
+                                f"the first row is {-size} bytes, over the {max_bytes}-byte"
+                                " cap (--max-bytes)"
+                            )
+                        if size < 0 or len(rows) >= limit:
+                            truncated = True
+                            break
+                        total += size
+                        rows.append(tuple(row[1:]))
     except psycopg.errors.QueryCanceled:
         raise InspectFailed(
             f"query cancelled: it ran longer than the {timeout:g}s timeout (use --timeout)"
         ) from None
-    except psycopg.errors.ReadOnlySqlTransaction as exc:
-        raise InspectRefused(f"refused by the server: {_db.first_line(exc)}") from None
+    except (psycopg.errors.ReadOnlySqlTransaction, psycopg.errors.InsufficientPrivilege) as exc:
+        hint = ""
+        if role == READER_ROLE and isinstance(exc, psycopg.errors.InsufficientPrivilege):
+            hint = f" ({READER_ROLE} reads pgflow's views only)"
+        raise InspectRefused(f"refused by the server: {_db.first_line(exc)}{hint}") from None
+    except psycopg.errors.UndefinedFunction as exc:
+        if "inspect_row_budget" in str(exc):
+            raise InspectFailed(
+                "pgflow.inspect_row_budget() is missing: run `pgflow migrate`"
+            ) from None
+        raise InspectFailed(_db.first_line(exc)) from None
     except psycopg.Error as exc:
         raise InspectFailed(_db.first_line(exc)) from None
-    truncated = len(rows) > limit
-    return InspectResult(columns, [tuple(r) for r in rows[:limit]], truncated, statement)
+    return InspectResult(columns, rows, truncated, statement, role, total)
 
 
 async def inspect(
@@ -356,14 +274,16 @@ async def inspect(
     *,
     timeout: float = DEFAULT_TIMEOUT,
     limit: int = DEFAULT_LIMIT,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> InspectResult:
     """Validate ``sql`` and run it read-only on ``db`` (a DSN, a connection, or None for
     ``PGFLOW_DATABASE_URL``). Raises :class:`InspectRefused` / :class:`InspectFailed`."""
     statement = validate(sql)
+    kw: dict[str, Any] = {"timeout": timeout, "limit": limit, "max_bytes": max_bytes}
     if isinstance(db, AsyncConnection):
-        return await run_validated(db, statement, timeout=timeout, limit=limit)
+        return await run_validated(db, statement, **kw)
     conn = await _db.connect(_db.resolve_dsn(db))
     try:
-        return await run_validated(conn, statement, timeout=timeout, limit=limit)
+        return await run_validated(conn, statement, **kw)
     finally:
         await conn.close()

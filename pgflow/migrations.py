@@ -116,9 +116,18 @@ async def migrate(dsn: str | None = None, *, repair_xid_reset: bool = False) -> 
         await conn.close()
 
 
+def _log_pgflow_notice(diag: psycopg.errors.Diagnostic) -> None:
+    """Show what the SQL files RAISE for the operator (e.g. no CREATEROLE, so the
+    ``pgflow_reader`` role of ``pgflow inspect`` was not created)."""
+    message = diag.message_primary or ""
+    if message.startswith("pgflow:"):
+        logger.warning("%s", message.removeprefix("pgflow:").strip())
+
+
 async def migrate_connection(
     conn: AsyncConnection[Any], *, repair_xid_reset: bool = False
 ) -> list[int]:
+    conn.add_notice_handler(_log_pgflow_notice)
     await conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
     try:
         await conn.execute("CREATE SCHEMA IF NOT EXISTS pgflow")
@@ -152,6 +161,7 @@ async def migrate_connection(
         await check_xid_counter(conn, repair=repair_xid_reset)
         return applied
     finally:
+        conn.remove_notice_handler(_log_pgflow_notice)
         if not conn.closed:  # a dead connection released the session lock already
             with contextlib.suppress(psycopg.Error):
                 await conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))

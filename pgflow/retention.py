@@ -19,7 +19,7 @@ hold (checked inside each DELETE statement, never from an earlier read):
    reaches does not hold its stream back.
    A stream with **no cursor at all is kept** (nothing is pruned): a consumer may be
    deployed later and start from the beginning. ``include_unconsumed=True``
-   (``--include-unconsumed``) prunes such streams by age and horizon alone.
+   (``--include-unconsumed``) prunes such streams by age alone.
 4. **Run finished**: an event of a workflow run (``run_id`` set and the record
    exists) is deleted only when the run is ``COMPLETED``, ``CANCELLED`` or
    ``DATA_DELETED``; the history of runs in progress (and of runs whose erasure was
@@ -39,8 +39,8 @@ Consequences, by design:
   ``after=``) are not protected: they have no cursor row.
 * A consumer created after a prune starts from the oldest event still retained.
 
-Deletion runs in batches, each its own short transaction (a long DELETE would hold the
-xid horizon back for every consumer in the cluster). Batches walk the log in
+Deletion runs in batches, each its own short transaction (a long DELETE would hold an
+xid open, holding back VACUUM for the whole cluster). Batches walk the log in
 id order through the primary key and stop at the first batch with nothing older than
 the cutoff; id order is close to, not exactly, time order, so an old event behind a
 batch of young ones waits for a later prune (never deleted too early, at worst later).

@@ -99,12 +99,16 @@ def _cached_read_sql(types: int, sharded: bool, lagged: bool, position: Position
         where.append("e.type = t.type")
     if sharded:
         where.append("int4eq(e.shard_hash %% %(shard_count)s::int4, %(shard)s::int4)")
+    prefix = [("stream", "%(stream)s")]
+    if types:
+        prefix.append(("type", "%(type)s" if types == 1 else "t.type"))
     return diff_read_sql(
         relation="pgflow.events",
         columns=EVENT_COLUMNS + ripe,
         where=where,
         fan_out="unnest(%(types)s::text[]) AS t(type)" if types == 2 else None,
         position=position,
+        walk_prefix=prefix,
     )
 
 
@@ -125,7 +129,10 @@ def _params(filter: Filter, after: Position, limit: int) -> tuple[int, dict[str,
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """Events read in one chunk and the reader's position after each of them."""
+    """Events read in one chunk and the reader's position after each of them.
+
+    A batch may hold a position and no events: the reader only moves (it left an
+    exhausted diff, or an idle consumer caught its snapshot up)."""
 
     events: list[Event]
     positions: list[Position]
@@ -163,8 +170,10 @@ async def read_batch(
     rows = await cur.fetchall()
     if not rows and after.upto is not None:
         # The diff being read is exhausted (its last chunk was cut short by a lag or
-        # a batch boundary): go on from its end.
-        return await read_batch(conn, filter, Position(after.upto), limit, lag)
+        # a batch boundary): go on from its end — and if nothing is newer, the batch
+        # is just that move (no events, a position), so the reader leaves the diff.
+        ahead = await read_batch(conn, filter, Position(after.upto), limit, lag)
+        return ahead if ahead.position is not None else Batch([], [Position(after.upto)])
     return _batch(after, rows, limit, lag is not None)
 
 
@@ -490,7 +499,8 @@ async def stream(
                 continue
             if batch.position is not None:
                 position = batch.position
-                yield batch.events
+                if batch.events:
+                    yield batch.events
             if len(batch) == batch_size:
                 continue
             if to_head:

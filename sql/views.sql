@@ -17,6 +17,23 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
                     interval '15 minutes')
 $$;
 
+-- Sessions holding a transaction id. pg_stat_activity hides the transaction details of
+-- other roles' sessions from a role without pg_read_all_stats — such as pgflow_reader,
+-- the role `pgflow inspect` runs as — which would blind pgflow.horizon. This function
+-- runs as its owner (the role that ran `pgflow migrate`) and returns only the columns
+-- the view shows; never the query text.
+CREATE OR REPLACE FUNCTION pgflow.xid_holders()
+RETURNS TABLE (pid integer, usename text, application_name text, client_addr text,
+               state text, xact_start timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT a.pid, a.usename::text, a.application_name, a.client_addr::text, a.state,
+           a.xact_start
+    FROM pg_catalog.pg_stat_activity a
+    WHERE a.backend_xid IS NOT NULL AND a.xact_start IS NOT NULL
+$$;
+
 -- The oldest transaction holding an xid (also prepared ones). Readers deliver around
 -- it (snapshot batches), but its own events wait until it commits, and it holds back
 -- vacuum and `pgflow prune`. One row; age 0 and NULLs when none.
@@ -34,11 +51,9 @@ SELECT coalesce(extract(epoch FROM clock_timestamp() - o.xact_start), 0)::double
 FROM (SELECT 1) AS one
 LEFT JOIN LATERAL (
     SELECT * FROM (
-        SELECT a.pid, a.usename::text AS usename, a.application_name,
-               a.client_addr::text AS client_addr, a.state, a.xact_start,
-               NULL::text AS prepared_gid
-        FROM pg_stat_activity a
-        WHERE a.backend_xid IS NOT NULL AND a.xact_start IS NOT NULL
+        SELECT a.pid, a.usename, a.application_name, a.client_addr, a.state,
+               a.xact_start, NULL::text AS prepared_gid
+        FROM pgflow.xid_holders() a
         UNION ALL
         SELECT NULL, p.owner::text, NULL, NULL, 'prepared', p.prepared, p.gid
         FROM pg_prepared_xacts p

@@ -445,3 +445,37 @@ async def test_a_table_connector_records_the_table_it_reads(pgflow_dsn: str) -> 
             assert await cur.fetchall() == [("pgflow.changes",)]
     finally:
         await pool.close()
+
+
+async def test_an_idle_change_log_reader_does_not_hold_the_change_log_back(
+    pgflow_dsn: str,
+) -> None:
+    """A connector reading the change log for a table that does not change must still
+    let other tables' old change rows go: idle, it moves its position forwards."""
+    from psycopg_pool import AsyncConnectionPool
+
+    from pgflow.capture import capture, changes_stream
+    from pgflow.connectors import table
+
+    async with await connect(pgflow_dsn) as conn:
+        await conn.execute("CREATE TABLE quiet (id int PRIMARY KEY)")
+        await conn.execute("CREATE TABLE busy (id int PRIMARY KEY)")
+        await capture(conn, "quiet")
+        await capture(conn, "busy")
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(pgflow_dsn, min_size=1, open=False)
+    await pool.open(wait=True)
+    try:
+        quiet = await table.Connector(changes_stream("quiet"), table.CursorStore(pool)).make("q")
+        async with pool.connection() as conn, conn.transaction():
+            assert await quiet.recv_batch_in(conn, 10) == []  # creates its cursor, idle
+        async with await connect(pgflow_dsn) as conn:
+            await conn.execute("INSERT INTO busy VALUES (1)")
+            await conn.execute(f"UPDATE pgflow.changes SET created_at = {OLD}")
+            assert (await prune(conn, older_than=DAYS30)).changes == 0  # quiet has not read it
+        quiet._idle_moved_at -= 3600  # as if the idle interval had passed
+        async with pool.connection() as conn, conn.transaction():
+            assert await quiet.recv_batch_in(conn, 10) == []
+        async with await connect(pgflow_dsn) as conn:
+            assert (await prune(conn, older_than=DAYS30)).changes == 1
+    finally:
+        await pool.close()

@@ -294,3 +294,17 @@ async def test_migration_converts_01_cursors_with_nothing_redelivered_or_skipped
             pgflow_server.server, autocommit=True
         ) as a:
             await a.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def test_a_reader_leaves_an_exhausted_diff_even_with_nothing_new(pgflow_dsn: str) -> None:
+    """A position inside a diff whose remaining rows are gone (pruned) moves to the
+    diff's end with a batch of no events, instead of re-reading the diff forever."""
+    ids = await _commit_events(pgflow_dsn, 3)
+    async with await psycopg.AsyncConnection.connect(pgflow_dsn, autocommit=True) as conn:
+        first = await read_batch(conn, Filter(STREAM), Position.start(), limit=2)
+        inside = first.positions[-1]
+        assert inside.upto is not None and inside.after_id == ids[1]
+        await conn.execute("DELETE FROM pgflow.events WHERE id = %s", (ids[2],))
+        moved = await read_batch(conn, Filter(STREAM), inside, limit=2)
+        assert moved.events == [] and moved.positions == [Position(inside.upto)]
+        assert (await read_batch(conn, Filter(STREAM), moved.positions[0])).position is None

@@ -125,8 +125,11 @@ async def test_failing_step_retry_follows_the_clock(pgflow_dsn: str) -> None:
     async with b.build(pgflow_dsn, clock=clock) as wf:
         await wf.trigger("x")
         await wait_until(lambda: _true(len(attempts) == 1), message="first attempt")
-        rec = await wf.latest("x")
-        assert rec.err_count == 1
+
+        async def error_recorded() -> bool:  # the step ran; its batch commits a moment later
+            return (await wf.latest("x")).err_count == 1
+
+        await wait_until(error_recorded, message="the error recorded")
         clock.advance(timedelta(minutes=59))
         await wait_until(lambda: _true(True), timeout=0.3)
         assert len(attempts) == 1  # not due yet on the test clock

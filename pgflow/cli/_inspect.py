@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from .._table import add_format_arguments, render, selected_format
-from ..inspect import DEFAULT_LIMIT, DEFAULT_TIMEOUT, inspect
+from ..inspect import DEFAULT_LIMIT, DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, inspect
 
 
 def register(subparsers: Any) -> None:
@@ -19,10 +19,12 @@ def register(subparsers: Any) -> None:
         help="run a read-only SELECT over pgflow's views and tables",
         description=(
             "Run one read-only SELECT over pgflow's views (runs, run_history, "
-            "consumer_lag, stuck_runs, dead_letter_queue, run_counts, horizon) and "
-            "tables. The query is validated first (no writes, no locks, no other "
-            "schemas, allow-listed functions only) and runs in a READ ONLY transaction "
-            "with a statement timeout. Unqualified names mean pgflow.<name>."
+            "consumer_lag, stuck_runs, dead_letter_queue, run_counts, horizon). The "
+            "query is validated first (an allow-list of syntax, functions and types; "
+            "relations of schema pgflow only), then runs as the role pgflow_reader when "
+            "the connecting role may assume it, in a READ ONLY transaction with a "
+            "statement timeout and row and byte caps. Unqualified names mean "
+            "pgflow.<name>."
         ),
         epilog=(
             'example: pgflow inspect "SELECT step, at, from_status, status, change '
@@ -44,6 +46,12 @@ def register(subparsers: Any) -> None:
         help=f"return at most this many rows (default {DEFAULT_LIMIT})",
     )
     parser.add_argument(
+        "--max-bytes",
+        type=int,
+        default=DEFAULT_MAX_BYTES,
+        help=f"return at most this many bytes of rows (default {DEFAULT_MAX_BYTES})",
+    )
+    parser.add_argument(
         "--width",
         type=int,
         default=60,
@@ -54,11 +62,16 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.timeout <= 0 or args.limit < 1:
-        print("pgflow: error: --timeout and --limit must be positive", file=sys.stderr)
+    if args.timeout <= 0 or args.limit < 1 or args.max_bytes < 1:
+        print(
+            "pgflow: error: --timeout, --limit and --max-bytes must be positive",
+            file=sys.stderr,
+        )
         return 2
     sql = sys.stdin.read() if args.sql == "-" else args.sql
-    result = asyncio.run(inspect(args.dsn, sql, timeout=args.timeout, limit=args.limit))
+    result = asyncio.run(
+        inspect(args.dsn, sql, timeout=args.timeout, limit=args.limit, max_bytes=args.max_bytes)
+    )
     print(
         render(
             result.columns,
@@ -68,6 +81,11 @@ def run(args: argparse.Namespace) -> int:
             truncated=result.truncated,
         )
     )
-    if result.truncated and selected_format(args) != "table":
-        print(f"pgflow: only the first {args.limit} rows shown (--limit)", file=sys.stderr)
+    if result.truncated and len(result.rows) < args.limit:
+        print(f"pgflow: rows cut at the --max-bytes cap ({args.max_bytes} bytes)", file=sys.stderr)
+    elif result.truncated and selected_format(args) != "table":
+        print(
+            f"pgflow: only the first {len(result.rows)} rows shown (--limit/--max-bytes)",
+            file=sys.stderr,
+        )
     return 0

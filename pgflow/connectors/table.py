@@ -69,6 +69,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import time as _time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -81,7 +82,14 @@ from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
 
 from .. import _db
-from ..cursors import CursorKey, LostCursor, load_cursor, try_lock_shard, upsert_cursor
+from ..cursors import (
+    IDLE_ADVANCE_AFTER,
+    CursorKey,
+    LostCursor,
+    load_cursor,
+    try_lock_shard,
+    upsert_cursor,
+)
 from ..snapshots import DiffRead, Position, diff_read_sql
 from ._base import Ack, ConnectorEvent, MalformedEvent
 
@@ -196,12 +204,65 @@ class TableStream:
                 columns="{cols}",
                 tx="{tx}",
                 id="{id}",
+                keep_empty=True,
             )
         ).format(relation=relation, cols=cols, tx=sql.Identifier(self.tx_column), id=id_col)
+
+    async def erase_for(
+        self, conn: AsyncConnection[Any], translator: RowTranslator, foreign_id: str
+    ) -> int:
+        """Erase (NULL the row images of) the rows of the change log this stream
+        delivers whose event would name ``foreign_id``. Only for ``pgflow.changes``: a
+        user's table is theirs. A translator that declares its foreign id column
+        (``translator.foreign_id_column``, the default change translator's ``pk``) is
+        matched in SQL; any other is applied to every row of the stream (erasure is
+        rare; correctness over speed)."""
+        if self.table != "pgflow.changes":
+            return 0
+        relation = sql.SQL("(SELECT * FROM pgflow.changes s WHERE {where})").format(
+            where=sql.SQL(self.where or "true")
+        )
+        column = getattr(translator, "foreign_id_column", None)
+        if column is not None:
+            cur = await conn.execute(
+                sql.SQL(
+                    "UPDATE pgflow.changes c SET old = NULL, new = NULL FROM {relation} e"
+                    " WHERE c.id = e.id AND e.{col} = %(__fid)s"
+                    " AND (c.old IS NOT NULL OR c.new IS NOT NULL)"
+                ).format(relation=relation, col=sql.Identifier(column)),
+                {**self.params, "__fid": foreign_id},
+            )
+            return max(cur.rowcount, 0)
+        ids: list[int] = []
+        cur = await conn.execute(
+            sql.SQL("SELECT e.* FROM {relation} e WHERE e.old IS NOT NULL OR e.new IS NOT NULL")
+            .format(relation=relation),
+            dict(self.params),
+        )
+        names = [d.name for d in (cur.description or [])]
+        for raw in await cur.fetchall():
+            row = dict(zip(names, raw, strict=True))
+            try:
+                if translator(row).foreign_id == foreign_id:
+                    ids.append(int(row["id"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a row it cannot translate was never delivered as an event
+        if ids:
+            await conn.execute(
+                "UPDATE pgflow.changes SET old = NULL, new = NULL WHERE id = ANY(%s)", (ids,)
+            )
+        return len(ids)
 
     async def read(
         self, conn: AsyncConnection[Any], after: Position, limit: int
     ) -> list[tuple[Position, Row]]:
+        return (await self.read_or_idle(conn, after, limit))[0]
+
+    async def read_or_idle(
+        self, conn: AsyncConnection[Any], after: Position, limit: int
+    ) -> tuple[list[tuple[Position, Row]], Position | None]:
+        """:meth:`read`, and when nothing is new, the position an idle reader may move
+        to (the read's own snapshot: nothing of this source committed before it)."""
         params = {**self.params, **after.params(), "__limit": limit + 1}
         cur = await conn.execute(self.read_sql(), params)
         names = [d.name for d in (cur.description or [])][4:]
@@ -210,15 +271,17 @@ class TableStream:
             return [
                 (Position(after.snapshot, None, int(r[3])), dict(zip(names, r[4:], strict=True)))
                 for r in raw[:limit]
-            ]
-        if not raw and after.in_diff:  # the diff is exhausted: go on from its end
-            assert after.upto is not None
-            return await self.read(conn, Position(after.upto), limit)
+            ], None
+        if len(raw) == 1 and raw[0][3] is None:  # nothing new (keep_empty's marker row)
+            if after.upto is not None:  # the diff is exhausted: go on from its end
+                return await self.read_or_idle(conn, Position(after.upto), limit)
+            idle = Position(str(raw[0][0]))
+            return [], (idle if idle != after else None)
         read = DiffRead.from_rows(after, raw, limit)
         return [
             (p, dict(zip(names, r, strict=True)))
             for p, r in zip(read.positions, read.rows, strict=True)
-        ]
+        ], None
 
 
 # ----------------------------------------------------------------------- translation
@@ -392,6 +455,16 @@ class Connector:
     async def make(self, consumer_name: str) -> TableConsumer:
         return TableConsumer(self, consumer_name)
 
+    async def erase(self, conn: AsyncConnection[Any], foreign_id: str) -> int:
+        """Data erasure (``Workflow.delete_data``): when this connector reads pgflow's
+        change log, remove the row images of the changes it would deliver for
+        ``foreign_id``; the user's own tables are never touched. Returns the rows
+        erased."""
+        erase = getattr(self.stream, "erase_for", None)
+        if erase is None:
+            return 0
+        return int(await erase(conn, self.translator, foreign_id))
+
     def wake(self) -> None:
         """Tell waiting ``recv()`` calls in this process to look again now."""
         for waker in self._wakers:
@@ -436,6 +509,7 @@ class TableConsumer:
         self._buffer: deque[tuple[Position, Row]] = deque()
         self._read_to: Position | None = None  # last position fetched (plain recv)
         self._written: Position | None = None  # last position stored (plain recv)
+        self._idle_moved_at = -IDLE_ADVANCE_AFTER  # monotonic time of the last idle move
         self._write_lock = asyncio.Lock()
         self._delivered: deque[_Delivered] = deque()  # handed out, not yet committed
         self._batch: _TxBatch | None = None  # the open recv_batch_in batch
@@ -460,7 +534,24 @@ class TableConsumer:
         self._batch = None  # an earlier batch's transaction is over: forget it
         # Always the stored position: a rolled-back batch leaves nothing behind here.
         start = await store.load(conn, self.cursor_name)
-        rows = await self.connector.stream.read(conn, start, limit)
+        read_or_idle = getattr(self.connector.stream, "read_or_idle", None)
+        if read_or_idle is None:
+            rows, idle = await self.connector.stream.read(conn, start, limit), None
+        else:
+            rows, idle = await read_or_idle(conn, start, limit)
+        if idle is not None and _time.monotonic() - self._idle_moved_at >= IDLE_ADVANCE_AFTER:
+            # Nothing new: now and then move the cursor to the read's snapshot, so
+            # prune and lag see this reader caught up (one write per interval, in the
+            # caller's transaction; a cursor someone else moved is left alone).
+            self._idle_moved_at = _time.monotonic()
+            await store.compare_and_set(
+                conn,
+                self.cursor_name,
+                start,
+                idle,
+                self.connector.cursor_stream,
+                self.connector.source_table,
+            )
         good: list[tuple[Position, ConnectorEvent]] = []
         for position, row in rows:
             try:

@@ -96,6 +96,8 @@ class EventLogStream:
         self, conn: AsyncConnection[Any], after: Position, limit: int
     ) -> list[tuple[Position, Row]]:
         batch = await read_batch(conn, self.filter, after, limit)
+        if not batch.events:
+            return []  # (a batch that only leaves an exhausted diff: nothing to hand out)
         return [
             (
                 position,
