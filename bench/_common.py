@@ -76,9 +76,8 @@ def bench_args(
     parser.add_argument(
         "--private-server",
         action="store_true",
-        help="start a private PostgreSQL cluster for the run (fsync on) instead of --dsn: "
-        "the xid horizon is cluster-wide, so other clients' open transactions on a shared "
-        "server delay delivery and skew latency numbers",
+        help="start a private PostgreSQL cluster for the run (fsync on) instead of --dsn, "
+        "away from other clients' load on a shared server",
     )
     args = parser.parse_args(argv)
     args.dsn = resolve_dsn(args.dsn)

@@ -18,7 +18,9 @@ b) commit -> handler latency: one writer commits an event every few ms and pokes
    database of the server for the whole phase (0.1 stalled every reader then);
 c) writer throughput: 32 writer connections (in a child process) each committing
    one-event transactions, alone vs. with Listener + Notifier + Consumer running, and
-   the bad alternative: ``pg_notify`` inside every write transaction.
+   the bad alternative: ``pg_notify`` inside every write transaction;
+d) the cost of the trigger that stamps ``tx``: one connection's single-row INSERT
+   transactions with the trigger and with it disabled (interleaved rounds).
 """
 
 from __future__ import annotations
@@ -183,6 +185,36 @@ async def bench_tail(dsn: str, n: int) -> dict[str, Any]:
         "raw_seconds": t_raw.seconds,
         "raw_events_per_s": raw_rate,
         "pgflow_vs_raw": pgflow_rate / raw_rate,
+    }
+
+
+async def bench_stamp_trigger(dsn: str, n: int, rounds: int = 3) -> dict[str, Any]:
+    """What the trigger that stamps ``tx`` (so it cannot be forged) costs a writer:
+    single-row INSERT transactions with it and with it disabled, interleaved."""
+    import psycopg
+
+    timings: dict[str, list[float]] = {"with": [], "without": []}
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        for r in range(rounds):
+            for variant in ("with", "without"):
+                action = "ENABLE" if variant == "with" else "DISABLE"
+                await conn.execute(f"ALTER TABLE pgflow.events {action} TRIGGER stamp_tx")
+                with Timer() as t:
+                    for i in range(n):
+                        await conn.execute(
+                            "INSERT INTO pgflow.events (stream, type, foreign_id)"
+                            " VALUES ('stamp', 't', %s)",
+                            (f"{variant}-{r}-{i}",),
+                        )
+                timings[variant].append(t.seconds)
+        await conn.execute("ALTER TABLE pgflow.events ENABLE TRIGGER stamp_tx")
+    with_rate = n * rounds / sum(timings["with"])
+    without_rate = n * rounds / sum(timings["without"])
+    return {
+        "inserts": n * rounds,
+        "with_per_s": with_rate,
+        "without_per_s": without_rate,
+        "ratio": with_rate / without_rate,
     }
 
 
@@ -489,6 +521,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
                 )
         alone, listening, together, bad = (_merge(runs[v]) for v in variants)
+        n_stamp = 500 if args.quick else 5_000
+        print(f"(d) tx-stamping trigger: {n_stamp:,} insert transactions x 3", flush=True)
+        stamp = await bench_stamp_trigger(dsn, n_stamp)
     writers = {
         "writers": WRITERS,
         "alone": alone,
@@ -570,6 +605,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "value": writers["notify_in_tx_ratio"],
             "unit": "ratio",
         },
+        {"metric": "(d) inserts, tx-stamping trigger on", "value": stamp["with_per_s"],
+         "unit": "tx/s"},
+        {"metric": "(d) inserts, trigger disabled", "value": stamp["without_per_s"],
+         "unit": "tx/s"},
+        {"metric": "(d) ratio on/off", "value": stamp["ratio"], "unit": "ratio"},
     ]
     met = {
         "tail_events_per_s": tail["pgflow_events_per_s"] >= GOALS["tail_events_per_s"],
@@ -595,6 +635,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "latency": latency,
         "latency_held_elsewhere": held,
         "writers": writers,
+        "stamp_trigger": stamp,
         "table": rows,
     }
 

@@ -13,6 +13,11 @@ of the run's last event minus that of its first (trigger insert -> final step's 
 
 * ``pgflow 1-step`` / ``pgflow 3-step`` with 1 and 2 worker processes
   (``pgflow worker``-equivalent processes running :class:`pgflow.Workflow`);
+* ``pgflow+pgbouncer 1-step`` x1: the first scenario again, in the same run, with the
+  worker and the triggering client going through a pgbouncer in transaction mode
+  (``tests/_pgbouncer.py``, 20 server connections) started by the benchmark
+  (``PGFLOW_POOLER=transaction``; LISTEN goes directly via ``PGFLOW_LISTEN_DSN``); the
+  ratio pgbouncer / direct is printed. Skipped with a note when pgbouncer is missing;
 * ``hand-written 1-step``: the same SQL statements pgflow issues (trigger CTE; per
   batch and shard: shard lock, cursor, gap-free read, records, one bulk record update +
   event insert, cursor CAS), as a bare psycopg loop (2 shards, polling every 2 ms
@@ -39,6 +44,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +73,9 @@ class Status(enum.IntEnum):
     DONE = 4
 
 
-def make_workflow(steps: int, dsn: str) -> pgflow.Workflow[dict[str, Any], Status]:
+def make_workflow(
+    steps: int, dsn: str, pooler: str | None = None
+) -> pgflow.Workflow[dict[str, Any], Status]:
     b = pgflow.Builder(f"bench{steps}", dict, Status, batch_size=200, polling_frequency=0.1)
     chain = [*[Status.START, Status.STEP1, Status.STEP2][:steps], Status.DONE]
     for src, dest in itertools.pairwise(chain):
@@ -76,7 +84,8 @@ def make_workflow(steps: int, dsn: str) -> pgflow.Workflow[dict[str, Any], Statu
             return dest
 
         b.add_step(src, step, dest, parallel_count=2)
-    return b.build(dsn, pool_size=int(os.environ.get("PGFLOW_BENCH_POOL", "16")))
+    pool_size = int(os.environ.get("PGFLOW_BENCH_POOL", "16"))
+    return b.build(dsn, pool_size=pool_size, pooler=pooler)
 
 
 # -- worker processes ------------------------------------------------------------------
@@ -198,8 +207,10 @@ async def hand_worker(dsn: str) -> None:
     await asyncio.gather(*tasks)
 
 
-def start_workers(kind: str, dsn: str, count: int, steps: int, tracing: bool) -> list[Any]:
-    env = {**os.environ, "PGFLOW_BENCH_TRACING": "1" if tracing else "0"}
+def start_workers(
+    kind: str, dsn: str, count: int, steps: int, tracing: bool, env: dict[str, str] | None = None
+) -> list[Any]:
+    env = {**os.environ, **(env or {}), "PGFLOW_BENCH_TRACING": "1" if tracing else "0"}
     procs = []
     for _ in range(count):
         procs.append(
@@ -240,15 +251,24 @@ SELECT r.workflow, r.status, r.foreign_id, r.run_id, r.version,
 """
 
 
-async def drive(kind: str, dsn: str, runs: int, workflow: str, steps: int) -> dict[str, Any]:
-    """Trigger ``runs`` runs from CONCURRENCY tasks; wait until all completed."""
+async def drive(
+    kind: str,
+    dsn: str,
+    runs: int,
+    workflow: str,
+    steps: int,
+    observe_dsn: str | None = None,
+    pooler: str | None = None,
+) -> dict[str, Any]:
+    """Trigger ``runs`` runs from CONCURRENCY tasks on ``dsn``; wait until all completed
+    (watched on ``observe_dsn``, default ``dsn``)."""
     import psycopg
     from psycopg_pool import AsyncConnectionPool
 
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(runs):
         queue.put_nowait(i)
-    wf = make_workflow(steps, dsn) if kind == "pgflow" else None
+    wf = make_workflow(steps, dsn, pooler) if kind == "pgflow" else None
     pool: AsyncConnectionPool[Any] | None = None
     if kind == "hand":
         pool = AsyncConnectionPool(
@@ -272,7 +292,7 @@ async def drive(kind: str, dsn: str, runs: int, workflow: str, steps: int) -> di
     started = time.perf_counter()
     await asyncio.gather(*(trigger_loop() for _ in range(CONCURRENCY)))
     triggered = time.perf_counter() - started
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+    async with await psycopg.AsyncConnection.connect(observe_dsn or dsn, autocommit=True) as conn:
         deadline = time.monotonic() + 600
         while True:
             cur = await conn.execute(
@@ -309,17 +329,46 @@ async def drive(kind: str, dsn: str, runs: int, workflow: str, steps: int) -> di
 
 
 async def scenario(
-    server: str, kind: str, workers: int, steps: int, runs: int, tracing: bool
+    server: str,
+    kind: str,
+    workers: int,
+    steps: int,
+    runs: int,
+    tracing: bool,
+    bouncer: Any = None,
 ) -> dict[str, Any]:
+    """One scenario on a scratch database; with ``bouncer`` (a running pgbouncer) the
+    workers and the triggering client go through it, in transaction-pooling mode."""
     async with scratch_database(server, prefix="pgflow_bench_wf") as dsn:
-        procs = start_workers(kind, dsn, workers, steps, tracing)
+        app_dsn, env, pooler = dsn, {}, None
+        if bouncer is not None:
+            app_dsn, pooler = bouncer.dsn_for(dsn), "transaction"
+            env = {"PGFLOW_POOLER": pooler, "PGFLOW_LISTEN_DSN": dsn}
+        procs = start_workers(kind, app_dsn, workers, steps, tracing, env)
         try:
             name = f"bench{steps}" if kind == "pgflow" else "hand1"
-            result = await drive(kind, dsn, runs, name, steps)
+            result = await drive(kind, app_dsn, runs, name, steps, dsn, pooler)
         finally:
             stop_workers(procs)
     label = "pgflow" if kind == "pgflow" else "hand-written"
+    if bouncer is not None:
+        label += "+pgbouncer"
     return {"system": label, "steps": steps, "workers": workers, **result}
+
+
+@contextlib.contextmanager
+def maybe_pgbouncer(server: str) -> Iterator[Any]:
+    """A production-like pgbouncer (transaction mode) in front of ``server``, or None
+    (with the reason printed) when it cannot run here."""
+    from tests._pgbouncer import pgbouncer
+
+    with contextlib.ExitStack() as stack:
+        try:
+            bouncer = stack.enter_context(pgbouncer(server, pool_size=20, round_robin=False))
+        except RuntimeError as exc:
+            print(f"pgbouncer row skipped: {exc}", flush=True)
+            bouncer = None
+        yield bouncer
 
 
 # -- DBOS ------------------------------------------------------------------------------
@@ -442,15 +491,23 @@ async def main(args: argparse.Namespace) -> int:
         ("pgflow", 2, 3),
         ("hand", 1, 1),
     ]
-    for kind, workers, steps in plan:
-        n = runs if steps == 1 else runs // 2
-        row = await scenario(args.dsn, kind, workers, steps, n, tracing)
-        rows.append(row)
-        print(
-            f"{row['system']:>12} {steps}-step x{workers}: {row['runs_per_s']:.0f} runs/s,"
-            f" p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms",
-            flush=True,
-        )
+    pooled_ratio: float | None = None
+    with maybe_pgbouncer(args.dsn) as bouncer:
+        if bouncer is not None:
+            plan.insert(1, ("pgbouncer", 1, 1))
+        for kind, workers, steps in plan:
+            n = runs if steps == 1 else runs // 2
+            if kind == "pgbouncer":
+                row = await scenario(args.dsn, "pgflow", workers, steps, n, tracing, bouncer)
+                pooled_ratio = row["runs_per_s"] / rows[0]["runs_per_s"]
+            else:
+                row = await scenario(args.dsn, kind, workers, steps, n, tracing)
+            rows.append(row)
+            print(
+                f"{row['system']:>12} {steps}-step x{workers}: {row['runs_per_s']:.0f} runs/s,"
+                f" p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms",
+                flush=True,
+            )
     dbos_note = None
     if not args.no_dbos:
         dbos = await asyncio.to_thread(dbos_scenario, args.dsn, 300 if args.quick else 3000)
@@ -471,6 +528,8 @@ async def main(args: argparse.Namespace) -> int:
         f"\none-step runs/s (best): {best_one:.0f} (goal {GOALS['one_step_runs_per_s']});"
         f" pgflow / hand-written (1 worker): {ratio:.2f} (goal {GOALS['overhead_ratio']})"
     )
+    if pooled_ratio is not None:
+        print(f"one-step runs/s through pgbouncer / direct (1 worker): {pooled_ratio:.2f}")
     path = write_results(
         "workflow",
         {
@@ -481,6 +540,7 @@ async def main(args: argparse.Namespace) -> int:
             "rows": rows,
             "best_one_step_runs_per_s": best_one,
             "overhead_ratio": ratio,
+            "pgbouncer_ratio": pooled_ratio,
             "dbos": dbos_note or "ok",
         },
         path=args.out,

@@ -18,7 +18,9 @@ from .errors import (
     InvalidTransition,
     NotFound,
     PgflowError,
+    RunPaused,
     SchemaError,
+    WorkerFailed,
     WorkflowInProgress,
 )
 from .events import Event, NewEvent, Position
@@ -60,6 +62,8 @@ __all__ = [
     "RunState",
     "SchemaError",
     "Workflow",
+    "RunPaused",
+    "WorkerFailed",
     "WorkflowInProgress",
     "capture",
     "migrate",

@@ -10,27 +10,31 @@ all buffered runs with their first events in one multi-row statement
 (:func:`pgflow.records.insert_runs`) at the end of the batch. The whole attempt runs
 in one savepoint of the batch transaction, before any ack.
 
-Anything unusual makes the attempt *fall back*: the savepoint is rolled back (nothing
-of the attempt remains) and the same events go through the per-event path in the same
-transaction, with its exact semantics (savepoint per event, failures retried or
-dead-lettered alone, ``WorkflowInProgress`` raised where it happens). Unusual is:
+When one event's function fails — it raises (including :class:`pgflow.
+WorkflowInProgress` it did not catch), or it needs the per-event path (it used
+``api.conn``, or an API call that writes something other than a new run:
+``update_status``, ``callback``, ``pause``, ..., or a trigger straight into a terminal
+status) — the attempt's savepoint is rolled back and the runs buffered by the events
+*before* it are written again (:attr:`Batch.added`: in this mode a function that
+returned has no other effect), so their functions do not run twice. A raising event is
+then handled as on the per-event path (that was its attempt: retried later or
+dead-lettered alone); one that needs the per-event path goes there with the rest of
+the batch, in the same transaction.
 
-* a function raised (including :class:`pgflow.WorkflowInProgress` it did not catch);
-* a buffered run hit a unique index when written (the foreign id already had a run in
-  progress, or the run id existed: a redelivery);
-* the function used ``api.conn`` (its raw SQL would run before the buffered triggers)
-  or an API call that writes something other than a new run (``update_status``,
-  ``callback``, ``pause``, ..., or a trigger straight into a terminal status).
+Only when a buffered run hits a unique index when the batch is written (the foreign id
+already had a run in progress, or the run id existed: a redelivery) does the whole
+attempt *fall back*: nothing of it remains and the batch's functions run again per
+event, with the exact per-event semantics (``WorkflowInProgress`` raised where it
+happens).
 
 Semantics kept: reads (``exists``, ``latest``, ``get``, ``wait_for``) first write what
 is buffered, so a function sees the runs triggered earlier in the batch
 (read-your-writes); two triggers of one foreign id in a batch behave as they would one
 after the other (the second raises ``WorkflowInProgress``, or returns the run id when
 it is the same explicit ``run_id``); effects and the source cursor still commit in one
-transaction. The price of a fallback is that the batch's functions run twice (the
-first run's database effects are gone; connector functions must tolerate redelivery
-anyway). :class:`Optimism` keeps that price small: after a fallback the runner skips
-the optimistic attempt for the next 1, 2, 4 ... 64 batches.
+transaction. A fallback (or a function that needs the per-event path) runs functions a
+second time; :class:`Optimism` keeps that price small: after one the runner skips the
+optimistic attempt for the next 1, 2, 4 ... 64 batches.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ __all__ = ["Batch", "NeedsPerEventPath", "Optimism"]
 class NeedsPerEventPath(Exception):
     """The optimistic attempt cannot continue; the runner falls back (see module doc)."""
 
+    control_flow = True  #: not an error: spans do not record it as one
+
 
 class Batch:
     """The triggers buffered by one optimistic batch of one workflow."""
@@ -57,6 +63,9 @@ class Batch:
         self.conn = conn
         self.workflow = workflow
         self.pending: list[NewRun] = []
+        #: every run added, in order, flushed or not (the runner re-writes those of the
+        #: events before a failing one after rolling the attempt back)
+        self.added: list[NewRun] = []
         self.active: dict[str, UUID] = {}  #: foreign id -> run buffered in this batch
         self.fallback: str | None = None  #: why the batch must run per event
 
@@ -84,6 +93,7 @@ class Batch:
             )
         self.active[run.foreign_id] = run.run_id
         self.pending.append(run)
+        self.added.append(run)
         return run.run_id
 
     async def flush(self) -> None:

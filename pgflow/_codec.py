@@ -13,6 +13,7 @@ import datetime as dt
 import enum
 import functools
 import json
+import re
 import types
 import typing
 import uuid
@@ -95,6 +96,10 @@ def _convert(tp: Any, data: Any) -> Any:
     return data
 
 
+#: ``\u0000`` as a JSON escape (not preceded by an escaped backslash): jsonb refuses it
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
 class ObjectCodec(Generic[T]):
     """Serialises run objects of type ``T`` to JSON text and back."""
 
@@ -102,10 +107,23 @@ class ObjectCodec(Generic[T]):
         self.type = type_
 
     def dump(self, value: T | None) -> str | None:
-        """JSON text for the ``object`` column (None stays SQL NULL)."""
+        """JSON text for the ``object`` column (None stays SQL NULL).
+
+        Raises ValueError/TypeError for what PostgreSQL's jsonb would refuse later
+        (NaN and infinities, the NUL character) so that the error belongs to the one
+        run whose object it is, not to the statement that writes a whole batch.
+        """
         if value is None:
             return None
-        return json.dumps(to_jsonable(value), separators=(",", ":"))
+        try:
+            text = json.dumps(to_jsonable(value), separators=(",", ":"), allow_nan=False)
+        except ValueError as exc:
+            if "float" not in str(exc):
+                raise
+            raise ValueError("cannot store NaN or infinity in a run object (not JSON)") from None
+        if "\\u0000" in text and _NUL_ESCAPE.search(text):
+            raise ValueError("cannot store the NUL character (\\x00) in a run object")
+        return text
 
     def load(self, data: Any) -> T:
         """Rebuild a ``T`` from the JSONB value psycopg returned (already parsed)."""

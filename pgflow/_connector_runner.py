@@ -48,9 +48,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -59,13 +60,15 @@ from psycopg import AsyncConnection
 
 from ._batch_api import Batch, NeedsPerEventPath, Optimism
 from ._codec import to_jsonable
-from ._steps import error_text
+from ._steps import contained, error_text
+from ._supervise import supervise
 from .api import API
 from .connectors._base import Ack, ConnectorEvent, MalformedEvent, Reject, TransactionalConsumer
 from .cursors import LostCursor
 from .events import shard_hash
 from .graph import ConnectorSpec
 from .observability import connector_span, metrics
+from .records import insert_runs
 
 if TYPE_CHECKING:  # pragma: no cover
     from .workflow import Workflow
@@ -150,8 +153,14 @@ async def _flushed(consumer: Any, conn: AsyncConnection[Any]) -> AsyncIterator[N
 class ConnectorRunner(Generic[T, S]):
     """The consumers of one ``add_connector`` (see the module doc)."""
 
-    def __init__(self, wf: Workflow[T, S], spec: ConnectorSpec) -> None:
+    def __init__(
+        self,
+        wf: Workflow[T, S],
+        spec: ConnectorSpec,
+        on_give_up: Callable[[str], None] | None = None,
+    ) -> None:
         self.wf = wf
+        self._on_give_up = on_give_up
         self.spec = spec
         self.name = spec.name
         #: this connector's pgflow.dead_letters.consumer (see dead_letter_consumer)
@@ -172,13 +181,19 @@ class ConnectorRunner(Generic[T, S]):
                 consumer_name(self.wf.name, self.name, shard, self.count)
             )
             self.consumers.append(consumer)
-            loop = (
-                self._transactional(shard, consumer)
+            loop = functools.partial(
+                self._transactional
                 if isinstance(consumer, TransactionalConsumer)
-                else self._broker(shard, consumer)
+                else self._broker,
+                shard,
+                consumer,
+            )
+            name = f"connector {self.name}[{shard}]"
+            task = supervise(
+                name, loop, stopping=self._stopping.is_set, on_give_up=self._on_give_up
             )
             self.tasks.append(
-                asyncio.create_task(loop, name=f"pgflow:connector:{self.name}:{shard}")
+                asyncio.create_task(task, name=f"pgflow:connector:{self.name}:{shard}")
             )
 
     def stop(self) -> None:
@@ -294,7 +309,9 @@ class ConnectorRunner(Generic[T, S]):
                     metrics.success(self.name, shard)
                     self.handled += 1
                     break
-                except Exception as exc:
+                except BaseException as exc:
+                    if not contained(exc):
+                        raise
                     metrics.error(self.name, shard)
                     if isinstance(exc, Reject) or (
                         attempt >= opts.max_retries
@@ -412,7 +429,12 @@ class ConnectorRunner(Generic[T, S]):
             if items and self._try_optimistic(shard):
                 done = await self._optimistic(conn, shard, items)
                 if done is not None:
-                    return done[0], (wait if done[1] is None else done[1])
+                    handled, stop, items = done
+                    if stop is not None:
+                        return handled, stop
+                    if not items:
+                        return handled, wait
+                    # the rest of the batch (from the event that needs it) per event
             for event, ack in items:
                 if not self._mine(shard, event):
                     await ack()
@@ -422,30 +444,53 @@ class ConnectorRunner(Generic[T, S]):
                     wait = min(poll, lag - self._age(event))  # not ripe: stop, unacked
                     break
                 self._check_lag(shard, event)
-                key = (shard, event.id)
                 try:
                     async with conn.transaction():  # savepoint per event
                         await self._call(conn, shard, event)
                 except psycopg.OperationalError:
                     raise
-                except Exception as exc:
-                    metrics.error(self.name, shard)
-                    attempt = self._attempts.get(key, 0) + 1
-                    if attempt >= opts.max_retries or isinstance(exc, Reject):
-                        self._attempts.pop(key, None)
-                        await self._dead_letter(shard, event, exc, attempt, conn)
-                        await ack()
-                        continue
-                    self._attempts[key] = attempt
-                    wait = opts.backoff(attempt).total_seconds()
-                    self._retrying(shard, event, exc, attempt, wait)
+                except BaseException as exc:
+                    if not contained(exc):
+                        raise
+                    retry_in = await self._event_failed(conn, shard, event, ack, exc)
+                    if retry_in is None:
+                        continue  # dead-lettered (and acked)
+                    wait = retry_in
                     break  # commit what succeeded; re-read from this event later
-                self._attempts.pop(key, None)
+                self._event_done(shard, event)
                 await ack()
-                metrics.success(self.name, shard)
-                self.handled += 1
                 handled += 1
         return handled, wait
+
+    async def _event_failed(
+        self,
+        conn: AsyncConnection[Any],
+        shard: int,
+        event: ConnectorEvent,
+        ack: Ack,
+        exc: BaseException,
+    ) -> float | None:
+        """A transactional event's function failed (its effects are rolled back): dead-
+        letter and ack it after ``max_retries`` (returns None), else the seconds until
+        its retry (the batch stops there, unacked)."""
+        opts = self.spec.options
+        metrics.error(self.name, shard)
+        key = (shard, event.id)
+        attempt = self._attempts.get(key, 0) + 1
+        if attempt >= opts.max_retries or isinstance(exc, Reject):
+            self._attempts.pop(key, None)
+            await self._dead_letter(shard, event, exc, attempt, conn)
+            await ack()
+            return None
+        self._attempts[key] = attempt
+        wait = opts.backoff(attempt).total_seconds()
+        self._retrying(shard, event, exc, attempt, wait)
+        return wait
+
+    def _event_done(self, shard: int, event: ConnectorEvent) -> None:
+        self._attempts.pop((shard, event.id), None)
+        metrics.success(self.name, shard)
+        self.handled += 1
 
     # -- the optimistic attempt (pgflow._batch_api) ---------------------------------
 
@@ -456,19 +501,34 @@ class ConnectorRunner(Generic[T, S]):
 
     async def _optimistic(
         self, conn: AsyncConnection[Any], shard: int, items: list[tuple[ConnectorEvent, Ack]]
-    ) -> tuple[int, float | None] | None:
-        """Handle ``items`` without per-event savepoints; returns (events handled,
-        seconds to wait or None) — or None when the batch fell back, leaving nothing
-        behind (its savepoint rolled back, nothing acked)."""
+    ) -> tuple[int, float | None, list[tuple[ConnectorEvent, Ack]]] | None:
+        """Handle ``items`` without per-event savepoints.
+
+        Returns (events handled, seconds to wait or None, the items left for the
+        per-event path) — or None when the whole batch fell back, leaving nothing
+        behind (its savepoint rolled back, nothing acked).
+
+        When the function of one event fails (raises, or needs the per-event path), the
+        events before it are NOT run again: in this mode a function that returned has
+        no effect but the runs it buffered, so after the attempt's savepoint is rolled
+        back those runs are written again in one statement and the events acked. The
+        failing event is then handled as the per-event path would (its exception counts
+        as an attempt: retried later or dead-lettered) — or, when it needs the per-event
+        path, it and the rest of the batch go there. A connector function therefore
+        runs once per event in normal operation; only a function that needs the per-event
+        path (it used ``api.conn``...) or a trigger that hits an existing run runs again.
+        """
         lag = self.spec.options.consume_lag.total_seconds()
         batch = Batch(conn, self.wf.name)
         api: API[T, S] = API(self.wf.engine, conn, batch)
         acks: list[Ack] = []
         handled: list[ConnectorEvent] = []
         wait: float | None = None
+        failed_at: int | None = None
+        failure: BaseException | None = None
         try:
             async with conn.transaction():  # undone as a whole if the attempt falls back
-                for event, ack in items:
+                for index, (event, ack) in enumerate(items):
                     if not self._mine(shard, event):
                         acks.append(ack)
                         continue
@@ -478,29 +538,75 @@ class ConnectorRunner(Generic[T, S]):
                             lag - self._age(event),
                         )
                         break
-                    await self._call(conn, shard, event, api)
-                    if batch.fallback is not None:  # the function swallowed the signal
-                        raise NeedsPerEventPath(batch.fallback)
+                    mark = len(batch.added)
+                    try:
+                        await self._call(conn, shard, event, api)
+                        if batch.fallback is not None:  # the function swallowed the signal
+                            raise NeedsPerEventPath(batch.fallback)
+                    except psycopg.OperationalError:
+                        raise
+                    except BaseException as exc:
+                        if not contained(exc):
+                            raise
+                        failed_at, failure = index, exc
+                        del batch.added[mark:]  # the failing event's runs are not kept
+                        raise _Partial from exc
                     acks.append(ack)
                     handled.append(event)
                 await batch.flush()
+        except _Partial:
+            pass
         except psycopg.OperationalError:
             raise  # the connection is gone: the batch loop reconnects
-        except Exception as exc:
-            self._optimism[shard].fell_back()
-            self.fallbacks += 1
-            logger.debug(
-                "connector %s[%d]: optimistic batch falls back to per event: %s",
-                self.name,
-                shard,
-                batch.fallback or error_text(exc),
-            )
+        except BaseException as exc:
+            if not contained(exc):
+                raise
+            self._fell_back(shard, batch.fallback or error_text(exc))
             return None
-        self._optimism[shard].succeeded()
+        if failed_at is not None:
+            assert failure is not None
+            try:
+                async with conn.transaction():  # the runs of the events that succeeded
+                    if len(await insert_runs(conn, self.wf.name, batch.added)) != len(batch.added):
+                        raise NeedsPerEventPath("a run was triggered concurrently")
+            except NeedsPerEventPath as exc:
+                self._fell_back(shard, str(exc))
+                return None
+            self._optimism[shard].succeeded()
+            if isinstance(failure, NeedsPerEventPath) or batch.fallback is not None:
+                self._optimism[shard].fell_back()  # this event's function runs again
+                self.fallbacks += 1
+        else:
+            self._optimism[shard].succeeded()
         for ack in acks:  # in source order, after everything else succeeded
             await ack()
         for event in handled:
             self._check_lag(shard, event)
-            metrics.success(self.name, shard)
-        self.handled += len(handled)
-        return len(handled), wait
+            self._event_done(shard, event)
+        if failed_at is None:
+            return len(handled), wait, []
+        assert failure is not None
+        if isinstance(failure, NeedsPerEventPath) or batch.fallback is not None:
+            return len(handled), None, items[failed_at:]
+        event, ack = items[failed_at]
+        retry_in = await self._event_failed(conn, shard, event, ack, failure)
+        if retry_in is not None:
+            return len(handled), retry_in, []  # stop here: re-read from this event later
+        return len(handled), None, items[failed_at + 1 :]
+
+    def _fell_back(self, shard: int, reason: str) -> None:
+        self._optimism[shard].fell_back()
+        self.fallbacks += 1
+        logger.debug(
+            "connector %s[%d]: optimistic batch falls back to per event: %s",
+            self.name,
+            shard,
+            reason,
+        )
+
+
+class _Partial(Exception):
+    """Rolls the optimistic attempt back when one event's function failed (see
+    ``ConnectorRunner._optimistic``)."""
+
+    control_flow = True  #: not an error: spans do not record it as one

@@ -2,13 +2,27 @@
 
 Each pgflow process uses a fixed connection budget: one dedicated LISTEN connection
 (see :mod:`pgflow.streamer`) plus one bounded :class:`AsyncConnectionPool`.
+
+Behind a connection pooler in transaction mode (pgbouncer ``pool_mode = transaction``,
+RDS Proxy, Supavisor, PgCat) consecutive transactions of one client connection run on
+different server sessions, so nothing may outlive a transaction. pgflow's own SQL is
+written that way (transaction-scoped advisory locks, ``SET LOCAL``, ``ON COMMIT DROP``
+temp tables, no ``WITH HOLD`` cursors); what remains is per connection and set here:
+psycopg's server-side prepared statements (``prepare_threshold``) are switched off, and
+LISTEN goes to a separate session DSN (``listen_dsn``) or is replaced by polling. It
+cannot be detected soundly from the client (the pooler's ``SHOW`` commands live on its
+admin console), so it is explicit: ``pooler=``, a ``pgflow_pooler=`` parameter in the
+DSN (stripped before libpq sees it), or ``PGFLOW_POOLER``. (The listener does check the
+property it needs: see :class:`pgflow.streamer.Listener`.)
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any
+from urllib.parse import unquote
 
 import psycopg
 from psycopg import AsyncConnection
@@ -20,6 +34,95 @@ from .errors import ConfigError, DatabaseUnavailable
 logger = logging.getLogger("pgflow.db")
 
 DSN_ENV_VARS = ("PGFLOW_DATABASE_URL", "DATABASE_URL")
+POOLER_ENV = "PGFLOW_POOLER"
+LISTEN_DSN_ENV = "PGFLOW_LISTEN_DSN"
+
+#: What sits between pgflow and PostgreSQL: nothing (or a session pooler, which behaves
+#: like a direct connection), or a transaction pooler.
+POOLERS = ("none", "session", "transaction")
+
+
+#: pgflow's own DSN parameter: ``postgresql://…/app?pgflow_pooler=transaction`` or
+#: ``host=… pgflow_pooler=transaction``; removed before the DSN reaches libpq (which
+#: rejects parameters it does not know).
+POOLER_PARAM = "pgflow_pooler"
+_KV_POOLER = re.compile(r"(?:^|\s+)pgflow_pooler\s*=\s*(?:'([^']*)'|(\S*))")
+
+
+def split_pooler(dsn: str) -> tuple[str, str | None]:
+    """``dsn`` without a ``pgflow_pooler`` parameter, and that parameter's value.
+
+    The rest of the DSN is kept byte for byte (a URL's other query parameters are not
+    re-encoded: libpq does not read ``+`` as a space, for one).
+    """
+    if dsn.startswith(("postgresql://", "postgres://")):
+        base, sep, query = dsn.partition("?")
+        if not sep:
+            return dsn, None
+        kept, value = [], None
+        for part in query.split("&"):
+            key, _, raw = part.partition("=")
+            if unquote(key) == POOLER_PARAM:
+                value = unquote(raw)
+            else:
+                kept.append(part)
+        if value is None:
+            return dsn, None
+        return (f"{base}?{'&'.join(kept)}" if kept else base), value
+    match = _KV_POOLER.search(dsn)
+    if match is None:
+        return dsn, None
+    value = match.group(1) if match.group(1) is not None else match.group(2)
+    return (dsn[: match.start()] + dsn[match.end() :]).strip(), value
+
+
+def libpq_dsn(dsn: str) -> str:
+    """``dsn`` as libpq accepts it (pgflow's own parameters removed)."""
+    return split_pooler(dsn)[0]
+
+
+def resolve_pooler(pooler: str | None = None, dsn: str | None = None) -> str:
+    """``pooler``, else the DSN's ``pgflow_pooler``, else ``$PGFLOW_POOLER``, else
+    ``"none"``; validated.
+
+    Statement pooling is refused: pgflow's guarantees rest on multi-statement
+    transactions (batch + effects + cursor commit together).
+    """
+    source = "pooler"
+    if pooler is None and dsn is not None:
+        pooler = split_pooler(dsn)[1]
+        source = f"{POOLER_PARAM} in the DSN"
+    if pooler is None:
+        pooler, source = os.environ.get(POOLER_ENV) or "none", POOLER_ENV
+    mode = pooler.strip().lower()
+    if mode == "statement":
+        raise ConfigError(
+            f"{source}=statement: pgflow needs multi-statement transactions; "
+            "use pool_mode = transaction (or session)"
+        )
+    if mode not in POOLERS:
+        raise ConfigError(f"{source} must be one of {', '.join(POOLERS)}, not {pooler!r}")
+    return mode
+
+
+def transaction_pooled(pooler: str | None = None, dsn: str | None = None) -> bool:
+    """True when consecutive transactions may run on different server sessions."""
+    return resolve_pooler(pooler, dsn) == "transaction"
+
+
+def resolve_listen_dsn(dsn: str, listen_dsn: str | None, pooler: str | None) -> str | None:
+    """The DSN of the dedicated LISTEN session, or None when there is none to use.
+
+    ``listen_dsn`` (else ``$PGFLOW_LISTEN_DSN``) when given; else ``dsn`` itself unless
+    it goes through a transaction pooler, where LISTEN cannot work (the session that
+    listened is handed to another client after each transaction).
+    """
+    if listen_dsn is None:
+        listen_dsn = os.environ.get(LISTEN_DSN_ENV) or None
+    if listen_dsn is not None:
+        validate_dsn(listen_dsn)
+        return listen_dsn
+    return None if transaction_pooled(pooler, dsn) else dsn
 
 
 def resolve_dsn(dsn: str | None = None) -> str:
@@ -43,9 +146,13 @@ def resolve_dsn(dsn: str | None = None) -> str:
 
 
 def validate_dsn(dsn: str) -> None:
-    """Raise :class:`ConfigError` when ``dsn`` is not a parseable libpq connection string."""
+    """Raise :class:`ConfigError` when ``dsn`` is not a parseable libpq connection string
+    (or has a bad ``pgflow_pooler``)."""
+    libpq, pooler = split_pooler(dsn)
+    if pooler is not None:
+        resolve_pooler(None, dsn)
     try:
-        conninfo_to_dict(dsn)
+        conninfo_to_dict(libpq)
     except psycopg.ProgrammingError as exc:
         raise ConfigError(f"malformed DSN {redact(dsn)!r}: {first_line(exc)}") from None
 
@@ -53,7 +160,7 @@ def validate_dsn(dsn: str) -> None:
 def redact(dsn: str) -> str:
     """The DSN with any password replaced, for error messages and logs."""
     try:
-        params = conninfo_to_dict(dsn)
+        params = conninfo_to_dict(libpq_dsn(dsn))
     except psycopg.ProgrammingError:
         return dsn.split("@")[-1] if "@" in dsn else dsn
     if "password" in params:
@@ -71,25 +178,43 @@ def first_line(exc: BaseException) -> str:
 DEFAULT_CONNECT_TIMEOUT = 10
 
 
-def connect_kwargs(dsn: str) -> dict[str, Any]:
-    """Extra connection parameters pgflow adds to a DSN that does not set them."""
-    return (
-        {}
-        if "connect_timeout" in conninfo_to_dict(dsn)
-        else {"connect_timeout": DEFAULT_CONNECT_TIMEOUT}
-    )
+def connect_kwargs(dsn: str, pooler: str | None = None) -> dict[str, Any]:
+    """Extra connection parameters pgflow adds: a connect timeout unless the DSN sets
+    one, and no server-side prepared statements behind a transaction pooler (psycopg
+    prepares a query after 5 runs; the next transaction may land on a session that
+    never saw it: ``prepared statement "_pg3_1" does not exist``)."""
+    kwargs: dict[str, Any] = {}
+    if "connect_timeout" not in conninfo_to_dict(libpq_dsn(dsn)):
+        kwargs["connect_timeout"] = DEFAULT_CONNECT_TIMEOUT
+    if transaction_pooled(pooler, dsn):
+        kwargs["prepare_threshold"] = None
+    return kwargs
 
 
-async def connect(dsn: str, *, autocommit: bool = False) -> AsyncConnection[Any]:
+def check_pool(pool: Any, pooler: str | None = None) -> None:
+    """Refuse a shared pool that would prepare statements behind a transaction pooler."""
+    kwargs = getattr(pool, "kwargs", None) or {}
+    if transaction_pooled(pooler) and kwargs.get("prepare_threshold", 5) is not None:
+        raise ConfigError(
+            "pooler=transaction but the given pool prepares statements: create it with "
+            "kwargs={'prepare_threshold': None}"
+        )
+
+
+async def connect(
+    dsn: str, *, autocommit: bool = False, pooler: str | None = None
+) -> AsyncConnection[Any]:
     """Open one connection, turning libpq failures into one-line pgflow errors.
 
     A bad option value (``port=abc``, ``sslmode=bogus``) is a :class:`ConfigError`;
     anything else (refused, unknown host, auth, no such database) is
-    :class:`DatabaseUnavailable`.
+    :class:`DatabaseUnavailable`. ``pooler``: see :func:`resolve_pooler`.
     """
     validate_dsn(dsn)
     try:
-        return await AsyncConnection.connect(dsn, autocommit=autocommit, **connect_kwargs(dsn))
+        return await AsyncConnection.connect(
+            libpq_dsn(dsn), autocommit=autocommit, **connect_kwargs(dsn, pooler)
+        )
     except psycopg.OperationalError as exc:
         message = first_line(exc)
         if message.startswith("connection is bad: invalid"):
@@ -100,18 +225,27 @@ async def connect(dsn: str, *, autocommit: bool = False) -> AsyncConnection[Any]
 
 
 async def open_pool(
-    dsn: str, *, min_size: int = 1, max_size: int = 8, name: str = "pgflow"
+    dsn: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 8,
+    name: str = "pgflow",
+    pooler: str | None = None,
+    autocommit: bool = False,
 ) -> AsyncConnectionPool[AsyncConnection[Any]]:
     """Open a bounded pool after checking the server is reachable (fail fast, clearly)."""
-    conn = await connect(dsn)
+    conn = await connect(dsn, pooler=pooler)
     await conn.close()
+    kwargs = connect_kwargs(dsn, pooler)
+    if autocommit:
+        kwargs["autocommit"] = True
     pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
-        dsn,
+        libpq_dsn(dsn),
         min_size=min_size,
         max_size=max_size,
         open=False,
         name=name,
-        kwargs=connect_kwargs(dsn),
+        kwargs=kwargs,
     )
     await pool.open(wait=True, timeout=30)
     return pool

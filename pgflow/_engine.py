@@ -59,6 +59,8 @@ class Engine(Generic[T, S]):
         pool_size: int = 10,
         custom_delete: Callable[[T], Any] | None = None,
         clock: Clock | None = None,
+        pooler: str | None = None,
+        listen_dsn: str | None = None,
     ) -> None:
         self.graph = graph
         #: what time it is for timeouts, retries and schedules (see pgflow.clock)
@@ -78,7 +80,11 @@ class Engine(Generic[T, S]):
         self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
         self._dsn: str | None = None
         self.owns_pool = not isinstance(dsn_or_pool, AsyncConnectionPool)
+        self._pooler = pooler
+        self._listen_dsn = listen_dsn
+        self.configure(pooler=pooler, listen_dsn=listen_dsn)
         if isinstance(dsn_or_pool, AsyncConnectionPool):
+            _db.check_pool(dsn_or_pool, pooler)  # (a pool's conninfo has no pgflow_pooler)
             self._pool = dsn_or_pool
             self._dsn = str(dsn_or_pool.conninfo)
         elif dsn_or_pool is not None:
@@ -89,6 +95,27 @@ class Engine(Generic[T, S]):
         self.notifier: Notifier | None = None
 
     # -- connections -----------------------------------------------------------------
+
+    def configure(self, *, pooler: str | None = None, listen_dsn: str | None = None) -> None:
+        """Set the pooler mode and LISTEN DSN (None: keep / ``$PGFLOW_*``); validated now."""
+        if pooler is not None:
+            self._pooler = pooler
+        if listen_dsn is not None:
+            _db.validate_dsn(listen_dsn)
+            self._listen_dsn = listen_dsn
+        _db.resolve_pooler(self._pooler)  # a typo fails at build time, not at first use
+
+    @property
+    def pooler(self) -> str:
+        """``none``, ``session`` or ``transaction``: ``pooler=``, else the DSN's
+        ``pgflow_pooler``, else ``$PGFLOW_POOLER``."""
+        return _db.resolve_pooler(self._pooler, self.dsn)
+
+    @property
+    def listen_dsn(self) -> str | None:
+        """Where the LISTEN session connects; None behind a transaction pooler without
+        ``listen_dsn``/``$PGFLOW_LISTEN_DSN`` (consumers then poll)."""
+        return _db.resolve_listen_dsn(self.dsn, self._listen_dsn, self._pooler)
 
     def set_dsn(self, dsn: str) -> None:
         """Use ``dsn`` (before the pool is opened; a shared pool is kept)."""
@@ -114,19 +141,13 @@ class Engine(Generic[T, S]):
             self._pool_lock = asyncio.Lock()
         async with self._pool_lock:
             if self._pool is None or self._pool.closed:
-                dsn = self.dsn
-                probe = await _db.connect(dsn)  # fail fast with a clear message
-                await probe.close()
-                pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
-                    dsn,
-                    min_size=1,
+                self._pool = await _db.open_pool(
+                    self.dsn,
                     max_size=self.pool_size,
-                    kwargs={"autocommit": True},
-                    open=False,
                     name=f"pgflow:{self.name}",
+                    pooler=self.pooler,
+                    autocommit=True,
                 )
-                await pool.open(wait=True, timeout=30)
-                self._pool = pool
                 self.owns_pool = True
             if self.notifier is None:
                 self.notifier = Notifier(self._pool, self.listener)
@@ -191,9 +212,10 @@ class Engine(Generic[T, S]):
         return Run(self, raw, self.to_record(raw), conn)
 
     async def fire(self, kind: str, run: Run[T, S]) -> None:
-        """Run the ``on_<kind>`` hooks in the transaction of the change (errors propagate
-        and roll that change back)."""
-        for hook in self.hooks.get(kind, ()):
+        """Run the ``in_transaction=True`` ``on_<kind>`` hooks in the transaction of the
+        change (errors propagate and roll that change back). The other hooks run after
+        commit, from the event log (:mod:`pgflow._hooks`)."""
+        for hook in self.hooks.get(f"{kind}:tx", ()):
             await maybe_await(hook(run))
 
     def allowed(self, status: S) -> set[S]:
@@ -295,7 +317,7 @@ class Engine(Generic[T, S]):
     ) -> Callable[[RawRecord, AsyncConnection[Any]], Awaitable[None]] | None:
         """An admin-function hook that fires this workflow's hooks for ``state``."""
         kind = _HOOK_FOR_STATE.get(state)
-        if kind is None or not self.hooks.get(kind):
+        if kind is None or not self.hooks.get(f"{kind}:tx"):
             return None
 
         async def hook(raw: RawRecord, conn: AsyncConnection[Any]) -> None:

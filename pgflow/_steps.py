@@ -30,14 +30,17 @@ for every record update and event of the batch, compare-and-set per record). The
 first time a step is seen using ``run.tx`` (``Run.tx`` records access) the consumer
 switches that step to a savepoint per event; had it failed in that same call, the
 whole batch is rolled back and retried (:class:`RetryBatch`) so its writes cannot
-leak. Workflows with ``on_complete`` hooks (which may write) always use savepoints.
+leak. Workflows with in-transaction ``on_complete`` hooks (which may write) always
+use savepoints.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import time
+import traceback as _traceback
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
@@ -52,10 +55,17 @@ from .errors import InvalidTransition
 from .events import Event
 from .graph import StepSpec
 from .observability import metrics, step_span
-from .records import PROCESSABLE_STATES, RawRecord, RunState, load_many
+from .records import PROCESSABLE_STATES, RECORD_COLUMNS, RawRecord, RunState
 from .streamer import Filter
 
-__all__ = ["AUTO_PAUSE_REASON", "RetryBatch", "StepConsumer", "error_text", "record_error"]
+__all__ = [
+    "AUTO_PAUSE_REASON",
+    "RetryBatch",
+    "StepConsumer",
+    "contained",
+    "error_text",
+    "record_error",
+]
 
 logger = logging.getLogger("pgflow.steps")
 
@@ -66,10 +76,14 @@ S = TypeVar("S", bound=enum.Enum)
 class _Stale(Exception):
     """The record moved while the step ran: its effects are rolled back, event skipped."""
 
+    control_flow = True  #: not an error: spans do not record it as one
+
 
 class RetryBatch(RetryBatchNow):
     """A step that wrote through ``run.tx`` failed outside a savepoint: the whole batch
     is rolled back and retried (now with savepoints for that step)."""
+
+    control_flow = True  #: not an error: spans do not record it as one
 
 
 # The fast path's transitions, written for a whole batch in one statement:
@@ -99,9 +113,36 @@ RETURNING run_id
 """
 
 
-def error_text(exc: BaseException) -> str:
+_ERROR_TEXT_MAX = 2000
+
+
+def error_text(exc: BaseException, *, traceback: bool = False) -> str:
+    """``Type: message`` (then, with ``traceback``, the start of the traceback), cut to
+    2000 characters and without NUL characters (a text column refuses them: recording
+    the error must not fail because of the error's own message)."""
     text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= 2000 else text[:1997] + "..."
+    if traceback:
+        tb = "".join(_traceback.format_exception(exc)).rstrip()
+        text = f"{text}\n{tb}"
+    text = text.replace("\x00", "\\x00")
+    return text if len(text) <= _ERROR_TEXT_MAX else text[: _ERROR_TEXT_MAX - 3] + "..."
+
+
+def contained(exc: BaseException) -> bool:
+    """Whether an exception from user code is that run's failure (True) or must end the
+    consumer (False).
+
+    Every ``Exception`` is the run's. So is a ``CancelledError`` the user's code raised
+    by awaiting a task that was cancelled — unless *this* task is being cancelled
+    (``Task.cancelling()``): then it is our shutdown and must propagate.
+    KeyboardInterrupt, SystemExit and GeneratorExit always propagate.
+    """
+    if isinstance(exc, Exception):
+        return True
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        return task is None or task.cancelling() == 0
+    return False
 
 
 #: The run-state reason of a run paused by ``pause_after_err_count`` (luno's words).
@@ -117,11 +158,14 @@ async def record_error(
     err_backoff_s: float,
     pause_after: int | None,
     pause_retry: timedelta | None = None,
+    retry_step: bool = True,
 ) -> RawRecord | None:
     """Count a failed attempt on ``rec``; schedule its retry or pause the run.
 
     Compare-and-set on the version without bumping it: the retry event re-emitted by
     the poller carries the same version, so it is still current when it arrives.
+    ``retry_step=False`` (timers: they schedule their own retry) only counts and
+    pauses; no event is re-emitted, so the step of the status does not run again.
 
     A pause here records :data:`AUTO_PAUSE_REASON` and, with ``pause_retry``, sets the
     paused run's ``retry_at`` to when the timer poller resumes it (a pause by hand
@@ -132,13 +176,21 @@ async def record_error(
     now = engine.clock.sql_now()
     cur = await conn.execute(
         "UPDATE pgflow.records SET err_count = err_count + 1, last_error = %s,"
-        " retry_at = CASE WHEN %s THEN NULL"
+        " retry_at = CASE WHEN %s THEN NULL WHEN NOT %s THEN retry_at"
         "   ELSE coalesce(%s, now())"
         "        + make_interval(secs => least(%s * 2 ^ least(err_count, 30), 600))"
         " END,"
         " updated_at = now()"
         " WHERE run_id = %s AND version = %s RETURNING err_count",
-        (error_text(exc), pausing, now, err_backoff_s, rec.run_id, rec.version),
+        (
+            error_text(exc, traceback=True),
+            pausing,
+            retry_step,
+            now,
+            err_backoff_s,
+            rec.run_id,
+            rec.version,
+        ),
     )
     row = await cur.fetchone()
     if row is None:
@@ -173,6 +225,45 @@ async def record_error(
     return None
 
 
+async def _load(
+    conn: AsyncConnection[Any], run_ids: list[UUID]
+) -> tuple[dict[UUID, RawRecord], set[UUID]]:
+    """The records of a batch, and the runs whose current step already ran for their
+    current version and chose to wait (``step_done_version = version``)."""
+    if not run_ids:
+        return {}, set()
+    cur = await conn.execute(
+        f"SELECT {RECORD_COLUMNS}, step_done_version = version FROM pgflow.records"
+        " WHERE run_id = ANY(%s::uuid[])",
+        (run_ids,),
+    )
+    records: dict[UUID, RawRecord] = {}
+    done: set[UUID] = set()
+    for row in await cur.fetchall():
+        rec = RawRecord.from_row(row[:-1])
+        records[rec.run_id] = rec
+        if row[-1]:
+            done.add(rec.run_id)
+    return records, done
+
+
+async def _mark_done(
+    conn: AsyncConnection[Any], run_ids: list[UUID], versions: list[int]
+) -> set[UUID]:
+    """Record that the current step ran for these (run, version) pairs and returned
+    None (errors reset too); returns the runs marked — a run missing was moved, or
+    marked, by someone else in the meantime (compare-and-set)."""
+    cur = await conn.execute(
+        "UPDATE pgflow.records r SET step_done_version = r.version, err_count = 0,"
+        " last_error = NULL, retry_at = NULL"
+        " FROM unnest(%s::uuid[], %s::bigint[]) AS v(run_id, version)"
+        " WHERE r.run_id = v.run_id AND r.version = v.version"
+        " AND r.step_done_version IS DISTINCT FROM r.version RETURNING r.run_id",
+        (run_ids, versions),
+    )
+    return {row[0] for row in await cur.fetchall()}
+
+
 @dataclass(frozen=True, slots=True)
 class _Move:
     run_id: UUID
@@ -204,7 +295,7 @@ class StepConsumer(Generic[T, S]):
         self.consumer: Consumer | None = None
         #: savepoint per event once the step was seen writing through run.tx, or when
         #: on_complete hooks (which may write) exist; else the fast path
-        self.isolate = bool(engine.hooks.get("complete"))
+        self.isolate = bool(engine.hooks.get("complete:tx"))
 
     def make_consumer(self, pool: Any) -> Consumer:
         opts = self.spec.options
@@ -229,8 +320,9 @@ class StepConsumer(Generic[T, S]):
     async def handle(self, events: list[Event], conn: AsyncConnection[Any]) -> None:
         started = time.perf_counter()
         self._wrote = False
-        records = await load_many(conn, [e.run_id for e in events if e.run_id is not None])
+        records, done = await _load(conn, [e.run_id for e in events if e.run_id is not None])
         moves: list[_Move] = []
+        waits: list[_Move] = []
         lag_alert = self.spec.options.lag_alert
         now = datetime.now(UTC)
         for event in events:
@@ -240,8 +332,12 @@ class StepConsumer(Generic[T, S]):
                 or rec.version != event.version
                 or rec.run_state not in PROCESSABLE_STATES
                 or rec.status != event.type
+                or rec.run_id in done
             ):
-                continue  # stale, or the run is paused/finished: nothing to do
+                # stale, the run is paused/finished, or this step already ran for this
+                # version and chose to wait (the event was read again: a new shard
+                # layout, a lost cursor, two deploys at once): nothing to do
+                continue
             if lag_alert is not None and now - event.created_at > lag_alert:
                 age = (now - event.created_at).total_seconds()
                 metrics.lag_alert(self.name, self.shard, age)
@@ -257,25 +353,37 @@ class StepConsumer(Generic[T, S]):
                 new = await self._one(conn, event, rec)
                 if new is not None:
                     records[rec.run_id] = new
+                else:
+                    done.add(rec.run_id)  # waited, failed or stale: not again in this batch
             else:
-                await self._fast(conn, event, rec, moves)
+                await self._fast(conn, event, rec, moves, waits)
+                done.add(rec.run_id)
+        if waits:
+            await self._write_waits(conn, waits)
         if moves:
-            await self._write_moves(conn, moves)
+            await self._write_moves(conn, moves, records)
         metrics.batch(self.name, self.shard, len(events), time.perf_counter() - started)
 
     async def _fast(
-        self, conn: AsyncConnection[Any], event: Event, rec: RawRecord, moves: list[_Move]
+        self,
+        conn: AsyncConnection[Any],
+        event: Event,
+        rec: RawRecord,
+        moves: list[_Move],
+        waits: list[_Move],
     ) -> None:
         """Run a step that (so far) never touched ``run.tx``: no savepoint is needed, as
         it wrote nothing; its transition joins the batch's single bulk write."""
         engine, spec = self.engine, self.spec
-        run = engine.make_run(rec, conn)
+        run = None
+        object_json: str | None = None
         try:
             with step_span(
                 f"{engine.name} {spec.status.name}",
                 event.traceparent,
                 self._attributes(rec),
             ) as traceparent:
+                run = engine.make_run(rec, conn)
                 dest = await maybe_await(spec.fn(run))
                 if (
                     dest is not None
@@ -286,10 +394,15 @@ class StepConsumer(Generic[T, S]):
                         f"step {spec.name} returned {dest!r}: not one of its declared "
                         f"destinations ({', '.join(s.name for s in spec.to)}) or None"
                     )
+                if dest is not None and not run.changed:
+                    # inside the try: an object jsonb would refuse is this run's error
+                    object_json = engine.objects.dump(run.object)
         except psycopg.OperationalError:
             raise
-        except Exception as exc:
-            if run.tx_used:
+        except BaseException as exc:
+            if not contained(exc):
+                raise
+            if run is not None and run.tx_used:
                 self.isolate = True
                 raise RetryBatch(f"{spec.name} wrote through run.tx and failed") from exc
             await self._failed(conn, rec, exc)
@@ -301,13 +414,8 @@ class StepConsumer(Generic[T, S]):
         if run.changed:
             self._wrote = True
             return
-        if dest is None:
-            if rec.err_count:
-                await conn.execute(
-                    "UPDATE pgflow.records SET err_count = 0, last_error = NULL,"
-                    " retry_at = NULL WHERE run_id = %s AND version = %s",
-                    (rec.run_id, rec.version),
-                )
+        if dest is None:  # waits (for a callback, a timeout...): mark it done
+            waits.append(_Move(rec.run_id, rec.version, "", "", None, None, wrote_tx))
             return
         terminal = engine.graph.is_terminal(dest)
         moves.append(
@@ -316,13 +424,56 @@ class StepConsumer(Generic[T, S]):
                 rec.version,
                 dest.name,
                 str(RunState.COMPLETED if terminal else RunState.RUNNING),
-                engine.objects.dump(run.object),
+                object_json,
                 traceparent,
                 wrote_tx,
             )
         )
 
-    async def _write_moves(self, conn: AsyncConnection[Any], moves: list[_Move]) -> None:
+    async def _write_moves(
+        self, conn: AsyncConnection[Any], moves: list[_Move], records: dict[UUID, RawRecord]
+    ) -> None:
+        try:
+            async with conn.transaction():  # savepoint: a refused row must not end the batch
+                moved = await self._bulk_move(conn, moves)
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error as exc:
+            # One run's row was refused (a value the codec let through but the database
+            # does not take, a constraint...). Find it: each move in its own savepoint;
+            # the refused run records the error, the others move.
+            logger.info("%s: bulk move refused (%s); moving one by one", self.key, exc)
+            moved = set()
+            for move in moves:
+                try:
+                    async with conn.transaction():
+                        moved |= await self._bulk_move(conn, [move])
+                except psycopg.OperationalError:
+                    raise
+                except psycopg.Error as one:
+                    if move.wrote_tx:  # its run.tx writes must go with the move
+                        self.isolate = True
+                        raise RetryBatch(f"run {move.run_id}: move refused") from one
+                    await self._failed(conn, records[move.run_id], one)
+        # A record that moved concurrently (an API call won the race) did not match.
+        # If its step wrote nothing, there is nothing to undo (a stale event). If it
+        # wrote through run.tx, those writes must not commit without the transition:
+        # roll the whole batch back and redo it with a savepoint per event.
+        lost = [m for m in moves if m.wrote_tx and m.run_id not in moved]
+        if lost:
+            raise RetryBatch(f"run {lost[0].run_id} moved while its step wrote through run.tx")
+        if moved:
+            self._wrote = True
+
+    async def _write_waits(self, conn: AsyncConnection[Any], waits: list[_Move]) -> None:
+        marked = await _mark_done(conn, [w.run_id for w in waits], [w.version for w in waits])
+        # A concurrent consumer (another shard layout) ran the same step for the same
+        # version and marked it first: writes through run.tx must not commit twice.
+        if any(w.wrote_tx and w.run_id not in marked for w in waits):
+            self.isolate = True
+            raise RetryBatch("a waiting step's run was handled concurrently")
+
+    async def _bulk_move(self, conn: AsyncConnection[Any], moves: list[_Move]) -> set[UUID]:
         cur = await conn.execute(
             _BULK_MOVE,
             (
@@ -334,16 +485,7 @@ class StepConsumer(Generic[T, S]):
                 [m.traceparent for m in moves],
             ),
         )
-        moved = {row[0] for row in await cur.fetchall()}
-        # A record that moved concurrently (an API call won the race) did not match.
-        # If its step wrote nothing, there is nothing to undo (a stale event). If it
-        # wrote through run.tx, those writes must not commit without the transition:
-        # roll the whole batch back and redo it with a savepoint per event.
-        lost = [m for m in moves if m.wrote_tx and m.run_id not in moved]
-        if lost:
-            raise RetryBatch(f"run {lost[0].run_id} moved while its step wrote through run.tx")
-        if moved:
-            self._wrote = True
+        return {row[0] for row in await cur.fetchall()}
 
     def _attributes(self, rec: RawRecord) -> dict[str, Any]:
         return {
@@ -355,16 +497,19 @@ class StepConsumer(Generic[T, S]):
             "shard": self.shard,
         }
 
-    async def _failed(self, conn: AsyncConnection[Any], rec: RawRecord, exc: Exception) -> None:
+    async def _failed(self, conn: AsyncConnection[Any], rec: RawRecord, exc: BaseException) -> None:
         spec = self.spec
         metrics.error(self.name, self.shard)
         logger.warning(
-            "%s: step %s failed for %r (attempt %d): %s",
-            self.key,
+            "workflow %s, status %s: step %s failed for run %s (foreign id %r, attempt %d): %s",
+            self.engine.name,
+            spec.status.name,
             spec.name,
+            rec.run_id,
             rec.foreign_id,
             rec.err_count + 1,
             error_text(exc),
+            exc_info=exc,
         )
         paused = await record_error(
             self.engine,
@@ -395,12 +540,8 @@ class StepConsumer(Generic[T, S]):
                         new: RawRecord | None = run._raw
                     elif dest is None:
                         new = None
-                        if rec.err_count:
-                            await conn.execute(
-                                "UPDATE pgflow.records SET err_count = 0, last_error = NULL,"
-                                " retry_at = NULL WHERE run_id = %s AND version = %s",
-                                (rec.run_id, rec.version),
-                            )
+                        if not await _mark_done(conn, [rec.run_id], [rec.version]):
+                            raise _Stale  # another consumer ran it for this version first
                     else:
                         if not isinstance(dest, engine.statuses.enum):
                             raise InvalidTransition(
@@ -424,6 +565,8 @@ class StepConsumer(Generic[T, S]):
             return None
         except psycopg.OperationalError:
             raise  # the connection is gone: the whole batch is retried
-        except Exception as exc:
+        except BaseException as exc:
+            if not contained(exc):
+                raise
             await self._failed(conn, rec, exc)
             return None

@@ -37,7 +37,7 @@ from psycopg import AsyncConnection
 
 from . import admin
 from ._engine import Engine, maybe_await
-from ._steps import error_text
+from ._steps import contained, error_text, record_error
 from .cursors import Consumer, CursorKey
 from .errors import InvalidTransition, WorkflowInProgress
 from .events import Event, NewEvent, append
@@ -68,6 +68,8 @@ def _current(rec: RawRecord | None, status: str, version: int) -> bool:
 
 class _Void(Exception):
     """The run moved while its timeout's ``expire`` ran: the timeout is void."""
+
+    control_flow = True  #: not an error: spans do not record it as one
 
 
 class TimerArmer(Generic[T, S]):
@@ -103,57 +105,96 @@ class TimerArmer(Generic[T, S]):
 
     async def handle(self, events: list[Event], conn: AsyncConnection[Any]) -> None:
         records = await load_many(conn, [e.run_id for e in events if e.run_id is not None])
-        rows: list[tuple[Any, ...]] = []
         now = self.engine.clock.now()
         for event in events:
             rec = records.get(event.run_id) if event.run_id is not None else None
             if rec is None or not _current(rec, event.type, event.version):
                 continue
-            run = self.engine.make_run(rec, conn)
             for spec in self.specs:
-                due = await self._due(spec, run, rec, conn, now)
-                if due is not None:
-                    rows.append(
-                        (rec.workflow, rec.foreign_id, rec.run_id, rec.status, rec.version,
-                         due, spec.index)
-                    )  # fmt: skip
-        if rows:
-            async with conn.cursor() as cur:
-                await cur.executemany(
-                    "INSERT INTO pgflow.timeouts"
-                    " (workflow, foreign_id, run_id, status, version, expire_at, timer)"
-                    " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                    rows,
-                )
+                await arm(self.engine, spec, conn, rec, now, self.name)
 
-    async def _due(
-        self,
-        spec: TimeoutSpec[S],
-        run: Any,
-        rec: RawRecord,
-        conn: AsyncConnection[Any],
-        now: datetime,
-    ) -> datetime | None:
-        try:
+
+async def arm(
+    engine: Engine[T, S],
+    spec: TimeoutSpec[S],
+    conn: AsyncConnection[Any],
+    rec: RawRecord,
+    now: datetime,
+    name: str,
+    timeout_id: int | None = None,
+) -> None:
+    """Call ``timer(run, now)`` in a savepoint and store its due time.
+
+    A timer that raises — or whose SQL fails — leaves nothing behind (its savepoint is
+    rolled back, the batch goes on for the other runs and timers); the error is counted
+    on the record (pause after ``pause_after_err_count``) and a *re-arm* row is stored,
+    due after the backoff, for the poller to call ``timer`` again. Re-emitting the run's
+    event instead (as step retries do) would run the step of this status again.
+    ``timeout_id`` is that re-arm row when the poller calls.
+    """
+    try:
+        async with conn.transaction():
+            run = engine.make_run(rec, conn)
             due = await maybe_await(spec.timer(run, now))
-        except Exception as exc:
-            # Not retried automatically (a re-emitted event would re-run the step of
-            # this status too); the error is visible on the record, `pgflow retry`
-            # re-arms.
-            metrics.error(self.name, self.shard)
-            logger.warning("%s: timer failed for %r: %s", self.key, rec.foreign_id, exc)
-            await conn.execute(
-                "UPDATE pgflow.records SET err_count = err_count + 1, last_error = %s"
-                " WHERE run_id = %s AND version = %s",
-                (error_text(exc), rec.run_id, rec.version),
-            )
-            return None
-        if due is None:
-            return None
-        if not isinstance(due, datetime):
-            logger.warning("%s: timer returned %r, not a datetime; ignored", self.key, due)
-            return None
-        return due if due.tzinfo is not None else due.replace(tzinfo=UTC)
+            if due is not None and not isinstance(due, datetime):
+                raise TypeError(f"timer returned {due!r}, not a datetime or None")
+    except psycopg.OperationalError:
+        raise
+    except BaseException as exc:
+        if not contained(exc):
+            raise
+        metrics.error(name, 0)
+        logger.warning(
+            "%s: timer %s failed for run %s (foreign id %r, attempt %d): %s",
+            name,
+            spec.name,
+            rec.run_id,
+            rec.foreign_id,
+            rec.err_count + 1,
+            error_text(exc),
+            exc_info=exc,
+        )
+        paused = await record_error(
+            engine,
+            conn,
+            rec,
+            exc,
+            err_backoff_s=spec.options.err_backoff.total_seconds(),
+            pause_after=spec.options.pause_after_err_count,
+            pause_retry=spec.options.pause_retry,
+            retry_step=False,
+        )
+        if paused is None:
+            retry_at = now + spec.options.backoff(rec.err_count + 1)
+            await _store(conn, rec, spec, retry_at, True, timeout_id)
+        return
+    if due is not None:
+        due = due if due.tzinfo is not None else due.replace(tzinfo=UTC)
+        await _store(conn, rec, spec, due, False, timeout_id)
+
+
+async def _store(
+    conn: AsyncConnection[Any],
+    rec: RawRecord,
+    spec: TimeoutSpec[S],
+    at: datetime,
+    rearm: bool,
+    timeout_id: int | None,
+) -> None:
+    if timeout_id is not None:
+        await conn.execute(
+            "UPDATE pgflow.timeouts SET expire_at = %s, rearm = %s, completed = false"
+            " WHERE id = %s",
+            (at, rearm, timeout_id),
+        )
+        return
+    await conn.execute(
+        "INSERT INTO pgflow.timeouts"
+        " (workflow, foreign_id, run_id, status, version, expire_at, timer, rearm)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+        (rec.workflow, rec.foreign_id, rec.run_id, rec.status, rec.version, at, spec.index,
+         rearm),
+    )  # fmt: skip
 
 
 class Poller(Generic[T, S]):
@@ -172,6 +213,10 @@ class Poller(Generic[T, S]):
     def stop(self) -> None:
         self._stopping.set()
         self._wake.set()
+
+    def stopping(self) -> bool:
+        """Whether ``stop()`` was called (a supervisor then lets the loop end)."""
+        return self._stopping.is_set()
 
     def wake(self) -> None:
         """Look for due work now (the clock jumped); safe from any thread."""
@@ -237,7 +282,7 @@ class Poller(Generic[T, S]):
                 " SELECT id FROM pgflow.timeouts WHERE workflow = %s AND NOT completed"
                 " AND expire_at <= coalesce(%s, now()) ORDER BY expire_at LIMIT %s"
                 " FOR UPDATE SKIP LOCKED)"
-                " RETURNING t.id, t.run_id, t.status, t.version, t.timer",
+                " RETURNING t.id, t.run_id, t.status, t.version, t.timer, t.rearm",
                 (engine.name, engine.clock.sql_now(), self.batch),
             )
             rows = await cur.fetchall()
@@ -245,7 +290,7 @@ class Poller(Generic[T, S]):
                 return 0
             records = await load_many(conn, [r[1] for r in rows])
             now = engine.clock.now()
-            for timeout_id, run_id, status, version, timer in rows:
+            for timeout_id, run_id, status, version, timer, rearm in rows:
                 rec = records.get(run_id)
                 try:
                     specs = engine.graph.timeouts.get(engine.statuses.load(status), [])
@@ -254,6 +299,9 @@ class Poller(Generic[T, S]):
                 spec = specs[timer] if 0 <= timer < len(specs) else None
                 if spec is None or rec is None or not _current(rec, status, version):
                     continue  # the run moved on: the timeout is void, claimed as done
+                if rearm:  # its timer() failed: call it again
+                    await arm(engine, spec, conn, rec, now, self.name, timeout_id)
+                    continue
                 moved = await self._expire(conn, spec, rec, timeout_id, now)
                 if moved is not None:
                     fired += 1
@@ -286,7 +334,7 @@ class Poller(Generic[T, S]):
             with step_span(
                 f"{engine.name} {rec.status} timeout", rec.traceparent, attributes
             ) as tp:
-                async with conn.transaction():
+                async with conn.transaction():  # savepoint: the promise of run.tx
                     run = engine.make_run(rec, conn)
                     dest = await maybe_await(spec.expire(run, now))
                     if dest is not None and not run.changed:
@@ -303,27 +351,38 @@ class Poller(Generic[T, S]):
             return None
         except psycopg.OperationalError:
             raise
-        except Exception as exc:
+        except BaseException as exc:
+            if not contained(exc):
+                raise
             metrics.error(self.name, 0)
             backoff = spec.options.backoff(rec.err_count + 1)
             logger.warning(
-                "%s: expire %s failed for %r: %s; retrying in %s",
+                "%s: expire %s failed for run %s (foreign id %r, attempt %d): %s; retrying in %s",
                 self.name,
                 spec.name,
+                rec.run_id,
                 rec.foreign_id,
+                rec.err_count + 1,
                 error_text(exc),
                 backoff,
+                exc_info=exc,
             )
-            await conn.execute(
-                "UPDATE pgflow.timeouts SET completed = false,"
-                " expire_at = coalesce(%s, now()) + %s WHERE id = %s",
-                (engine.clock.sql_now(), backoff, timeout_id),
+            paused = await record_error(
+                engine,
+                conn,
+                rec,
+                exc,
+                err_backoff_s=spec.options.err_backoff.total_seconds(),
+                pause_after=spec.options.pause_after_err_count,
+                pause_retry=spec.options.pause_retry,
+                retry_step=False,
             )
-            await conn.execute(
-                "UPDATE pgflow.records SET err_count = err_count + 1, last_error = %s"
-                " WHERE run_id = %s AND version = %s",
-                (error_text(exc), rec.run_id, rec.version),
-            )
+            if paused is None:
+                await conn.execute(
+                    "UPDATE pgflow.timeouts SET completed = false,"
+                    " expire_at = coalesce(%s, now()) + %s WHERE id = %s",
+                    (engine.clock.sql_now(), backoff, timeout_id),
+                )
             return None
 
     # -- step retries -----------------------------------------------------------------

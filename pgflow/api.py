@@ -34,7 +34,7 @@ from psycopg import AsyncConnection, errors
 from . import admin
 from ._batch_api import Batch
 from ._engine import Engine, maybe_await
-from .errors import ConfigError, InvalidTransition, NotFound, WorkflowInProgress
+from .errors import ConfigError, InvalidTransition, NotFound, RunPaused, WorkflowInProgress
 from .listing import Order, Page, list_records
 from .observability import current_traceparent, trigger_span
 from .records import (
@@ -61,7 +61,13 @@ _RUN_NAMESPACE = uuid.UUID("6f1f6c2e-4a4b-4c1e-9a43-7067666c6f77")
 
 
 def run_id_for(*parts: str) -> str:
-    """A deterministic run id (uuid5) for idempotent triggers from outside event ids."""
+    """A deterministic run id (uuid5) for idempotent triggers from outside event ids.
+
+    Run ids are global (one ``records`` primary key for every workflow): two workflows
+    fed by one source must not derive the same id from the same event. Use
+    :meth:`API.run_id_for` (``api.run_id_for(ev.id)``), which puts the workflow's
+    name first, or include the workflow in ``parts`` yourself.
+    """
     return str(uuid.uuid5(_RUN_NAMESPACE, "\x1f".join(parts)))
 
 
@@ -81,6 +87,13 @@ class API(Generic[T, S]):
     @property
     def name(self) -> str:
         return self._engine.name
+
+    def run_id_for(self, *parts: str) -> str:
+        """A deterministic run id of THIS workflow for an outside event: ``run_id_for(
+        workflow, *parts)``. The idempotent-trigger pattern (``api.trigger(fid,
+        run_id=api.run_id_for("shop", ev.id))``) stays correct when several workflows
+        consume one source; ``wf.run_id_for(...)`` finds the run again."""
+        return run_id_for(self.name, *parts)
 
     @property
     def conn(self) -> AsyncConnection[Any] | None:
@@ -204,6 +217,12 @@ class API(Generic[T, S]):
                     raise WorkflowInProgress(
                         f"workflow {self.name!r}: foreign id {foreign_id!r} already has a "
                         "run in progress (wait for it, or cancel it first)"
+                    ) from None
+                if diag == "records_pkey":
+                    raise ConfigError(
+                        f"workflow {self.name!r}: run id {rid} is already used by another"
+                        " run (run ids are global across workflows): derive it with"
+                        " api.run_id_for(...), which includes the workflow"
                     ) from None
                 raise
         return str(rid)
@@ -412,7 +431,11 @@ class API(Generic[T, S]):
 
         Each ``fn(run, payload)`` runs in this call's transaction until one returns a
         status, which must be one of its declared destinations. A run that is not at
-        ``status`` (late or duplicate callback) is left alone: returns None.
+        ``status`` (late or duplicate callback) is left alone: returns None. A *paused*
+        run at ``status`` refuses the callback with :class:`RunPaused` — dropping it
+        would leave the run waiting forever after ``resume`` — so the caller keeps the
+        payload and delivers it again after the run is resumed (a connector retries it,
+        then dead-letters it for ``pgflow dead-letters --replay``).
         """
         engine = self._engine
         try:
@@ -428,6 +451,12 @@ class API(Generic[T, S]):
             raw = await load_run(conn, self.name, foreign_id, lock=True)
             if raw is None:
                 raise NotFound(f"workflow {self.name!r}: no run for foreign id {foreign_id!r}")
+            if raw.status == target.name and raw.run_state is RunState.PAUSED:
+                raise RunPaused(
+                    f"workflow {self.name!r}: run {raw.run_id} of {foreign_id!r} is paused"
+                    f" at {target.name}; the callback was not applied (resume the run, then"
+                    " deliver it again)"
+                )
             if raw.status != target.name or raw.run_state not in PROCESSABLE_STATES:
                 return None
             run = engine.make_run(raw, conn)

@@ -76,6 +76,8 @@ class Builder(Generic[T, S]):
         self._on_complete: list[Hook] = []
         self._on_pause: list[Hook] = []
         self._on_cancel: list[Hook] = []
+        #: hooks that run inside the change's transaction (``in_transaction=True``)
+        self._in_tx: dict[str, list[Hook]] = {"complete": [], "pause": [], "cancel": []}
 
     # -- declaring -------------------------------------------------------------------
 
@@ -122,7 +124,7 @@ class Builder(Generic[T, S]):
 
         ``fn`` runs inside a transaction that also commits the source's position when
         the source lives in the workflow's database (exactly-once), else before the ack
-        (at-least-once: make it idempotent, e.g. ``api.trigger(..., run_id=run_id_for(
+        (at-least-once: make it idempotent, e.g. ``api.trigger(..., run_id=api.run_id_for(
         name, event.id))``). With ``parallel_count=N`` there are N consumers, named
         ``"<workflow>--<name>-<i>-of-<N>"`` (e.g. ``orders--payments-1-of-2``): that
         name is the source's durable position (Redis group, NATS durable, Kafka group,
@@ -133,20 +135,31 @@ class Builder(Generic[T, S]):
         self._connectors.append((name, connector, fn, dict(options)))
         return self
 
-    def on_complete(self, fn: F) -> F:
-        """``fn(run)`` runs in the transaction that completes a run (usable as decorator)."""
-        self._on_complete.append(fn)
-        return fn
+    def on_complete(self, fn: F | None = None, *, in_transaction: bool = False) -> Any:
+        """``fn(run)`` runs once a run completed (decorator: ``@b.on_complete``).
 
-    def on_pause(self, fn: F) -> F:
-        """``fn(run)`` runs in the transaction that pauses a run."""
-        self._on_pause.append(fn)
-        return fn
+        By default after the completion committed, from the event log: at least once,
+        retried with backoff when it raises, never re-running a step (see
+        :mod:`pgflow._hooks`). ``in_transaction=True``: inside the completing
+        transaction instead — a failure rolls the completion back and the step runs
+        again.
+        """
+        return self._hook("complete", self._on_complete, fn, in_transaction)
 
-    def on_cancel(self, fn: F) -> F:
-        """``fn(run)`` runs in the transaction that cancels a run."""
-        self._on_cancel.append(fn)
-        return fn
+    def on_pause(self, fn: F | None = None, *, in_transaction: bool = False) -> Any:
+        """``fn(run)`` runs once a run was paused (after commit; see :meth:`on_complete`)."""
+        return self._hook("pause", self._on_pause, fn, in_transaction)
+
+    def on_cancel(self, fn: F | None = None, *, in_transaction: bool = False) -> Any:
+        """``fn(run)`` runs once a run was cancelled (after commit; see :meth:`on_complete`)."""
+        return self._hook("cancel", self._on_cancel, fn, in_transaction)
+
+    def _hook(self, kind: str, after: list[Hook], fn: F | None, in_transaction: bool) -> Any:
+        def register(f: F) -> F:
+            (self._in_tx[kind] if in_transaction else after).append(f)
+            return f
+
+        return register if fn is None else register(fn)
 
     # -- validating ------------------------------------------------------------------
 
@@ -261,9 +274,9 @@ class Builder(Generic[T, S]):
                 "workflow has nothing to run: add at least one step, callback or timeout"
             )
         for hooks, what in (
-            (self._on_complete, "on_complete"),
-            (self._on_pause, "on_pause"),
-            (self._on_cancel, "on_cancel"),
+            (self._on_complete + self._in_tx["complete"], "on_complete"),
+            (self._on_pause + self._in_tx["pause"], "on_pause"),
+            (self._on_cancel + self._in_tx["cancel"], "on_cancel"),
         ):
             for hook in hooks:
                 if not callable(hook):
@@ -288,6 +301,8 @@ class Builder(Generic[T, S]):
         pool_size: int = 10,
         pause_retry: timedelta | None = timedelta(hours=1),
         clock: Clock | None = None,
+        pooler: str | None = None,
+        listen_dsn: str | None = None,
     ) -> Workflow[T, S]:
         """Validate the graph and return the :class:`pgflow.Workflow` that runs it.
 
@@ -301,6 +316,14 @@ class Builder(Generic[T, S]):
 
         ``clock``: what timeouts, retries and schedules read (default: the database's
         clock); :class:`pgflow.testing.Clock` makes them testable in milliseconds.
+
+        ``pooler="transaction"`` (default: the DSN's ``pgflow_pooler``, else
+        ``$PGFLOW_POOLER``, else ``"none"``) when the DSN goes through a
+        transaction-mode pooler (pgbouncer, RDS Proxy, Supavisor): no server-side
+        prepared statements, and LISTEN needs ``listen_dsn`` (default
+        ``$PGFLOW_LISTEN_DSN``), a DSN that reaches the same database directly or
+        through a session-mode pooler; without it consumers poll
+        (``polling_frequency``).
         """
         from .workflow import Workflow
 
@@ -315,8 +338,11 @@ class Builder(Generic[T, S]):
                 "complete": tuple(self._on_complete),
                 "pause": tuple(self._on_pause),
                 "cancel": tuple(self._on_cancel),
+                **{f"{kind}:tx": tuple(hooks) for kind, hooks in self._in_tx.items()},
             },
             pool_size=pool_size,
             custom_delete=self.custom_delete,
             clock=clock,
+            pooler=pooler,
+            listen_dsn=listen_dsn,
         )

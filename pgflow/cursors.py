@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
@@ -31,7 +31,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from .events import Event
-from .snapshots import CURSOR_ROW, Position
+from .snapshots import CURSOR_ROW, START_SNAPSHOT, Position
 from .streamer import Batch, Filter, Listener, _batch, _params, _read_sql, read_batch
 
 __all__ = [
@@ -83,18 +83,53 @@ class LostCursor(Exception):
 async def ensure_cursor(
     conn: AsyncConnection[Any], key: CursorKey, filter: Filter | None = None
 ) -> None:
-    """Create the cursor row at the start of the log if it does not exist yet."""
+    """Create the cursor row if it does not exist yet: at the start of the log, or —
+    when the same consumer already has a complete layout of other shards (its
+    ``parallel_count`` changed, or two deploys run two layouts) — where every shard of
+    those layouts has read up to (:func:`inherited_snapshot`), so a new layout does not
+    re-read the whole log. What is read twice near that point is harmless: steps apply
+    once per (run, version)."""
+    cur = await conn.execute(
+        "SELECT shard_count, count(*), array_agg(snap::text) FROM pgflow.cursors"
+        " WHERE consumer = %s AND shard_count <> %s GROUP BY shard_count",
+        (key.consumer, key.shard_count),
+    )
+    layouts = [(int(n), int(have), list(snaps)) for n, have, snaps in await cur.fetchall()]
     await conn.execute(
-        "INSERT INTO pgflow.cursors (consumer, shard, shard_count, stream, types)"
-        " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+        "INSERT INTO pgflow.cursors (consumer, shard, shard_count, stream, types, snap)"
+        " VALUES (%s, %s, %s, %s, %s, %s::pg_snapshot) ON CONFLICT DO NOTHING",
         (
             key.consumer,
             key.shard,
             key.shard_count,
             filter.stream if filter else None,
             list(filter.types) if filter and filter.types else None,
+            inherited_snapshot(layouts),
         ),
     )
+
+
+def inherited_snapshot(layouts: Sequence[tuple[int, int, Sequence[str]]]) -> str:
+    """Where a new layout of a consumer may start, given its other layouts as
+    ``(shard_count, rows present, their snapshots)``: the intersection of the
+    snapshots of every complete layout (an incomplete one says nothing: a missing shard
+    is at the start). The intersection of snapshots is a snapshot — xmin and xmax the
+    smallest, in progress whatever any of them had in progress below that xmax — in
+    which an event is visible only if every shard of those layouts has read it (a
+    shard's partial diff is ignored: read again, harmlessly)."""
+    snaps = [s for n, have, group in layouts if have == n for s in group]
+    if not snaps:
+        return START_SNAPSHOT
+    parsed = [_parse_snapshot(s) for s in snaps]
+    xmax = min(p[1] for p in parsed)
+    xip = sorted({x for p in parsed for x in p[2] if x < xmax})
+    xmin = min([*xip, xmax])  # everything below it is visible in every one of them
+    return f"{xmin}:{xmax}:{','.join(map(str, xip))}"
+
+
+def _parse_snapshot(text: str) -> tuple[int, int, list[int]]:
+    xmin, xmax, xip = text.split(":")
+    return int(xmin), int(xmax), [int(x) for x in xip.split(",") if x]
 
 
 #: The stored position's columns, in :class:`Position`'s field order.
@@ -265,8 +300,8 @@ async def _read_at_cursor(
     filter: Filter,
     batch_size: int,
     lag: timedelta | None,
-) -> tuple[Position | None, Batch]:
-    """(stored cursor or None, the batch after it)."""
+) -> tuple[Position, Batch]:
+    """(the stored cursor, the batch after it); creates a missing cursor row."""
     types, params = _params(filter, Position.start(), batch_size)
     params.update(c_consumer=key.consumer, c_shard=key.shard, c_shard_count=key.shard_count)
     if lag is not None:
@@ -274,8 +309,14 @@ async def _read_at_cursor(
     sql = _consume_sql(types, filter.shard_count > 1, lag is not None)
     cur = await conn.execute(sql, params)
     rows = await cur.fetchall()
-    if not rows:  # no cursor row yet: read from the start of the log
-        return None, await read_batch(conn, filter, Position.start(), batch_size, lag)
+    if not rows:
+        # No cursor row yet (the caller skipped ensure_cursor): create it — at the start
+        # of the log, or where an old layout of this consumer had read — and read there.
+        await ensure_cursor(conn, key, filter)
+        cur = await conn.execute(sql, params)
+        rows = await cur.fetchall()
+        if not rows:  # deleted again at once by someone else: try again next batch
+            raise LostCursor(str(key))
     # Columns: 0-4 the stored position, 5 this statement's snapshot, 6 "idle long
     # enough to move", then the read (s2, lo, hi, __id, event columns), NULL if none.
     stored = position_from_row(rows[0])
@@ -306,18 +347,12 @@ async def consume_once(
             async with conn.transaction():
                 if not await try_lock_shard(conn, key):
                     return BatchResult(BatchOutcome.LOCKED)
-                stored, batch = await _read_at_cursor(conn, key, filter, batch_size, lag)
-                old = stored or Position.start()
+                old, batch = await _read_at_cursor(conn, key, filter, batch_size, lag)
                 new = batch.position
                 if new is None:
                     return BatchResult(BatchOutcome.EMPTY, 0, old)
                 if batch.events:
                     await handler(batch.events, conn)
-                if stored is None:
-                    # No row yet (the caller skipped ensure_cursor): create it at the
-                    # start so the CAS below can succeed — without this every batch
-                    # would be rolled back as LOST, forever.
-                    await ensure_cursor(conn, key, filter)
                 if not await advance_cursor(conn, key, old, new):
                     raise LostCursor(str(key))
                 if not batch.events:
@@ -374,6 +409,10 @@ class Consumer:
         """Ask the loop to exit after the current batch (which commits or rolls back)."""
         self._stopping.set()
 
+    def stopping(self) -> bool:
+        """Whether ``stop()`` was called (a supervisor then lets the loop end)."""
+        return self._stopping.is_set()
+
     async def run(self) -> None:
         sub = self.listener.subscribe(self.filter.stream) if self.listener else None
         backoff = 0.0
@@ -402,6 +441,14 @@ class Consumer:
                     if not failing_since_logged:
                         logger.warning("%s: database unavailable (%s); retrying", self.key, exc)
                         failing_since_logged = True
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if self._stopping.is_set() or task is None or task.cancelling():
+                        raise  # our own shutdown
+                    # a stray CancelledError from the handler: an error like any other
+                    result = None
+                    self.errors += 1
+                    logger.exception("%s: batch handler failed; retrying", self.key)
                 except Exception:
                     result = None
                     self.errors += 1

@@ -37,8 +37,7 @@ from datetime import timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-import psycopg
-
+from . import _db
 from ._connector_runner import dead_letter_consumer
 from .api import API, run_id_for
 from .builder import Builder
@@ -230,7 +229,7 @@ async def run_demo(dsn: str, *, timeout: float = 20.0, tag: str | None = None) -
         # A refund for a fulfilled order starts a new run for it.
         memory.append(refund)
         await _wait(lambda: mine.settled(dsn, 4, 2), timeout)
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+    async with await _db.connect(dsn) as conn:
         cur = await conn.execute(
             "SELECT foreign_id, status, run_state, object->'notes' FROM pgflow.runs"
             " WHERE workflow = %s AND run_id = ANY(%s::uuid[]) ORDER BY foreign_id, created_at",
@@ -257,7 +256,7 @@ class _Invocation:
         self.run_ids = [run_id_for(CONNECTOR, e) for e in self.event_ids]
 
     async def settled(self, dsn: str, finished: int, dead: int) -> bool:
-        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        async with await _db.connect(dsn) as conn:
             cur = await conn.execute(
                 "SELECT (SELECT count(*) FROM pgflow.records WHERE workflow = %s"
                 "        AND run_id = ANY(%s::uuid[]) AND run_state = 'COMPLETED'),"

@@ -13,7 +13,9 @@ __all__ = [
     "InvalidTransition",
     "NotFound",
     "PgflowError",
+    "RunPaused",
     "SchemaError",
+    "WorkerFailed",
     "WorkflowInProgress",
 ]
 
@@ -48,3 +50,11 @@ class WorkflowInProgress(PgflowError):
 
 class InvalidTransition(PgflowError):
     """A status change the workflow graph does not allow, or on a run that cannot move."""
+
+
+class WorkerFailed(PgflowError):
+    """A worker could not keep its consumers running (a task kept dying); it exits."""
+
+
+class RunPaused(InvalidTransition):
+    """A callback for a paused run: refused (not dropped); deliver it after ``resume``."""

@@ -9,7 +9,6 @@ half-understood.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 from dataclasses import dataclass
@@ -106,7 +105,7 @@ async def migrate(dsn: str | None = None, *, repair_xid_reset: bool = False) -> 
     """Apply pending migrations and refresh views; return the versions applied now.
 
     Safe to run concurrently from many processes: an advisory lock serialises them and
-    each migration commits together with its ``schema_migrations`` row.
+    the pending migrations commit together with their ``schema_migrations`` rows.
     """
     dsn = _db.resolve_dsn(dsn)
     conn = await _db.connect(dsn, autocommit=True)
@@ -127,44 +126,49 @@ def _log_pgflow_notice(diag: psycopg.errors.Diagnostic) -> None:
 async def migrate_connection(
     conn: AsyncConnection[Any], *, repair_xid_reset: bool = False
 ) -> list[int]:
+    """Apply pending migrations on ``conn`` (not inside a transaction).
+
+    Everything happens in one transaction under a *transaction-scoped* advisory lock:
+    a session lock would be taken and released on different server sessions behind a
+    transaction pooler (pgbouncer), leaking it and blocking every later migrate. One
+    transaction also means a failing migration leaves the schema as it was.
+    """
     conn.add_notice_handler(_log_pgflow_notice)
-    await conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
     try:
-        await conn.execute("CREATE SCHEMA IF NOT EXISTS pgflow")
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS pgflow.schema_migrations ("
-            " version integer PRIMARY KEY, name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        done = set(await applied_versions(conn))
-        newest = latest_version()
-        if done and max(done) > newest:
-            raise SchemaError(
-                f"database schema version {max(done)} is newer than this pgflow "
-                f"(knows up to {newest}): upgrade pgflow instead of migrating"
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+            await conn.execute("CREATE SCHEMA IF NOT EXISTS pgflow")
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS pgflow.schema_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
             )
-        applied: list[int] = []
-        for migration in known_migrations():
-            if migration.version in done:
-                continue
-            logger.info("applying migration %04d_%s", migration.version, migration.name)
-            async with conn.transaction():
+            done = set(await applied_versions(conn))
+            newest = latest_version()
+            if done and max(done) > newest:
+                raise SchemaError(
+                    f"database schema version {max(done)} is newer than this pgflow "
+                    f"(knows up to {newest}): upgrade pgflow instead of migrating"
+                )
+            applied: list[int] = []
+            for migration in known_migrations():
+                if migration.version in done:
+                    continue
+                logger.info("applying migration %04d_%s", migration.version, migration.name)
                 await conn.execute(migration.path.read_text())
                 await conn.execute(
                     "INSERT INTO pgflow.schema_migrations (version, name) VALUES (%s, %s)",
                     (migration.version, migration.name),
                 )
-            applied.append(migration.version)
-        async with conn.transaction():
+                applied.append(migration.version)
             for path in sorted(resource_dir("sql").glob("*.sql")):
                 await conn.execute(path.read_text())
-        await check_xid_counter(conn, repair=repair_xid_reset)
+        async with conn.transaction():  # applied migrations stay, even if this refuses
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+            await check_xid_counter(conn, repair=repair_xid_reset)
         return applied
     finally:
         conn.remove_notice_handler(_log_pgflow_notice)
-        if not conn.closed:  # a dead connection released the session lock already
-            with contextlib.suppress(psycopg.Error):
-                await conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
 
 
 async def check_xid_counter(conn: AsyncConnection[Any], *, repair: bool) -> None:

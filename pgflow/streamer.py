@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -252,10 +254,23 @@ class Listener:
     wait for notifications. After any connection failure it reconnects with backoff,
     re-LISTENs and wakes everyone again, so nothing committed during the outage waits
     for the next notification.
+
+    ``dsn=None`` (behind a transaction pooler with no ``listen_dsn``: LISTEN needs a
+    session) makes an in-process hub only: this process's own writes still wake its
+    readers at once, other processes' writes are found by polling — logged once.
+
+    After the first LISTEN it proves that notifications reach it: it sends one from
+    another connection and waits for it (:attr:`verified`). Behind a transaction pooler
+    the session that ran LISTEN is handed to other clients, so the test notification
+    never arrives, and a WARNING names the fix (``PGFLOW_POOLER``/``PGFLOW_LISTEN_DSN``)
+    instead of leaving a silent fall-back to polling.
     """
 
+    #: seconds the self-test waits for its notification before warning
+    probe_timeout = 5.0
+
     def __init__(
-        self, dsn: str, *, channel: str = CHANNEL, health_check_interval: float = 5.0
+        self, dsn: str | None, *, channel: str = CHANNEL, health_check_interval: float = 5.0
     ) -> None:
         self.dsn = dsn
         self.channel = channel
@@ -265,6 +280,10 @@ class Listener:
         self._conn: AsyncConnection[Any] | None = None
         self._ready = asyncio.Event()
         self.connects = 0  #: successful (re)connections, for tests and metrics
+        #: set once a notification sent from another session reached this one
+        self.verified = asyncio.Event()
+        self._probe_payload = f"pgflow-probe:{os.getpid()}:{secrets.token_hex(6)}"
+        self._probe: asyncio.Task[None] | None = None
 
     def subscribe(self, stream: str) -> Subscription:
         sub = Subscription(self, stream)
@@ -290,25 +309,37 @@ class Listener:
 
     async def start(self) -> None:
         """Connect and LISTEN; returns once listening (raises if the first connect fails)."""
+        if self.dsn is None:
+            logger.warning(
+                "no LISTEN session: the database DSN goes through a transaction pooler "
+                "(PGFLOW_POOLER=transaction) and no listen_dsn / PGFLOW_LISTEN_DSN is set; "
+                "other processes' events are found by polling (polling_frequency)"
+            )
+            return
         self._conn = await self._connect()
         self._task = asyncio.create_task(self._run(), name="pgflow-listener")
+        self._probe = asyncio.create_task(self._self_test(), name="pgflow-listener-probe")
 
     async def wait_connected(self, timeout: float = 30.0) -> None:
         await asyncio.wait_for(self._ready.wait(), timeout)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._probe, self._task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._probe = None
+        self._task = None
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
         self._ready.clear()
 
     async def _connect(self) -> AsyncConnection[Any]:
-        conn = await _db.connect(self.dsn, autocommit=True)
+        assert self.dsn is not None
+        # A session of its own (never pooled): it only runs LISTEN and a health check.
+        conn = await _db.connect(self.dsn, autocommit=True, pooler="none")
         await conn.execute(f'LISTEN "{self.channel}"')
         self.connects += 1
         self._ready.set()
@@ -339,11 +370,40 @@ class Listener:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
+    async def _self_test(self) -> None:
+        """NOTIFY from a separate connection; warn if it does not come back in time.
+
+        (Other processes' listeners receive it too and wake no one: no stream has
+        that name.)"""
+        assert self.dsn is not None
+        try:
+            conn = await _db.connect(self.dsn, autocommit=True, pooler="none")
+            try:
+                await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, self._probe_payload))
+            finally:
+                await conn.close()
+            await asyncio.wait_for(self.verified.wait(), self.probe_timeout)
+        except TimeoutError:
+            logger.warning(
+                "the LISTEN connection did not receive a test notification within %gs: "
+                "if %s goes through a transaction pooler (pgbouncer pool_mode = "
+                "transaction, RDS Proxy, Supavisor), set PGFLOW_POOLER=transaction and "
+                "PGFLOW_LISTEN_DSN to a direct DSN; until then other processes' events "
+                "are found by polling",
+                self.probe_timeout,
+                _db.redact(self.dsn),
+            )
+        except (psycopg.Error, OSError, DatabaseUnavailable) as exc:
+            logger.debug("listener self-test could not run (%s)", exc)
+
     async def _pump(self, conn: AsyncConnection[Any]) -> None:
         while True:
             got_any = False
             async for note in conn.notifies(timeout=self.health_check_interval):
                 got_any = True
+                if note.payload == self._probe_payload:
+                    self.verified.set()
+                    continue
                 self.wake(note.payload or None)
             if not got_any:
                 # Idle: prove the connection is alive (a dropped network sends no FIN,
@@ -359,11 +419,12 @@ class Listener:
 # One Listener per process (per event loop, DSN and channel), shared by every workflow
 # and reader in it: the fixed connection budget is one LISTEN connection, however many
 # workflows a process runs.
-_shared_listeners: dict[tuple[int, str, str], tuple[Listener, int]] = {}
+_shared_listeners: dict[tuple[int, str | None, str], tuple[Listener, int]] = {}
 
 
-async def acquire_listener(dsn: str, *, channel: str = CHANNEL) -> Listener:
-    """The process's shared, started :class:`Listener` for ``dsn`` (reference-counted)."""
+async def acquire_listener(dsn: str | None, *, channel: str = CHANNEL) -> Listener:
+    """The process's shared, started :class:`Listener` for ``dsn`` (reference-counted;
+    None: an in-process hub without a LISTEN session, see :class:`Listener`)."""
     key = (id(asyncio.get_running_loop()), dsn, channel)
     entry = _shared_listeners.get(key)
     if entry is not None:

@@ -167,7 +167,10 @@ class SyncWorkflow(Generic[T, S]):
 def connect(
     workflow: Builder[T, S] | Workflow[T, S],
     dsn_or_pool: str | AsyncConnectionPool[AsyncConnection[Any]] | None = None,
+    *,
+    pooler: str | None = None,
 ) -> SyncWorkflow[T, S]:
-    """A blocking client for ``workflow`` (a Builder is built with ``dsn_or_pool``)."""
-    wf = workflow.build(dsn_or_pool) if isinstance(workflow, Builder) else workflow
+    """A blocking client for ``workflow`` (a Builder is built with ``dsn_or_pool`` and
+    ``pooler``, see :meth:`pgflow.Builder.build`)."""
+    wf = workflow.build(dsn_or_pool, pooler=pooler) if isinstance(workflow, Builder) else workflow
     return SyncWorkflow(wf)

@@ -9,6 +9,8 @@ processed by one of them at a time (advisory lock + cursor compare-and-set), and
 killed worker's shards are picked up by the others at their next poll.
 
 Connection budget per process: one LISTEN connection plus the pool (``pool_size``).
+Behind a transaction pooler (``pooler="transaction"``) the LISTEN connection goes to
+``listen_dsn`` (a direct or session-pooled DSN); without one the consumers poll.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -27,7 +29,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from ._connector_runner import ConnectorRunner, consumer_name
 from ._engine import Engine, Hooks
+from ._hooks import HOOK_KINDS, HookConsumer
 from ._steps import StepConsumer
+from ._supervise import supervise
 from ._timers import Poller, TimerArmer
 from .api import API
 from .clock import Clock
@@ -66,18 +70,21 @@ class Workflow(API[T, S], Generic[T, S]):
         pool_size: int = 10,
         custom_delete: Callable[[T], Any] | None = None,
         clock: Clock | None = None,
+        pooler: str | None = None,
+        listen_dsn: str | None = None,
     ) -> None:
-        super().__init__(
-            Engine(
-                graph,
-                object_type,
-                dsn_or_pool,
-                hooks=hooks,
-                pool_size=pool_size,
-                custom_delete=custom_delete,
-                clock=clock,
-            )
+        engine: Engine[T, S] = Engine(
+            graph,
+            object_type,
+            dsn_or_pool,
+            hooks=hooks,
+            pool_size=pool_size,
+            custom_delete=custom_delete,
+            clock=clock,
+            pooler=pooler,
+            listen_dsn=listen_dsn,
         )
+        super().__init__(engine)
         self.graph = graph
         self.object_type = object_type
         self.consumers: list[Consumer] = []
@@ -88,6 +95,10 @@ class Workflow(API[T, S], Generic[T, S]):
         self._outcomes: dict[str, BatchOutcome] = {}
         self._running = False
         self._sampler: asyncio.Task[None] | None = None
+        #: set when a supervised task gave up (``failure`` says which and why): the
+        #: process no longer runs all its consumers (``pgflow worker`` exits non-zero)
+        self.failed = asyncio.Event()
+        self.failure: str | None = None
 
     @property
     def engine(self) -> Engine[T, S]:
@@ -105,7 +116,9 @@ class Workflow(API[T, S], Generic[T, S]):
         if self._running:
             return
         engine = self._engine
-        listener = await acquire_listener(engine.dsn)  # shared by the process's workflows
+        # shared by the process's workflows; without a LISTEN session (transaction
+        # pooler, no listen_dsn) an in-process hub: consumers poll, and say so once
+        listener = await acquire_listener(engine.listen_dsn)
         engine.listener = listener
         pool = await engine.pool()
         if engine.notifier is not None:
@@ -123,13 +136,19 @@ class Workflow(API[T, S], Generic[T, S]):
             intervals += [t.options.polling_frequency for t in timeouts]
             for shard in range(timeouts[0].options.parallel_count):
                 self.consumers.append(TimerArmer(engine, timeouts, shard).make_consumer(pool))
+        self.failure = None
+        self.failed.clear()
+        poll = min(intervals, default=timedelta(seconds=1)).total_seconds()
+        for kind in HOOK_KINDS:  # after-commit hooks (pgflow._hooks)
+            if engine.hooks.get(kind):
+                self.consumers.append(HookConsumer(engine, kind, 100, poll).make_consumer(pool))
         for consumer in self.consumers:
             self._track(consumer)
-            self._spawn(consumer.run(), str(consumer.key))
-        self.poller = Poller(engine, min(intervals, default=timedelta(seconds=1)))
-        self._spawn(self.poller.run(), f"{engine.name}/poller")
+            self._spawn(consumer.run, str(consumer.key), consumer.stopping)
+        poller = self.poller = Poller(engine, min(intervals, default=timedelta(seconds=1)))
+        self._spawn(poller.run, f"{engine.name}/poller", poller.stopping)
         for spec in self.graph.connectors.values():
-            runner = ConnectorRunner(self, spec)
+            runner = ConnectorRunner(self, spec, self._give_up)
             self.runners.append(runner)
             await runner.start()
         # Resolve the OTEL_* configuration now, not inside the first event's span.
@@ -146,10 +165,22 @@ class Workflow(API[T, S], Generic[T, S]):
             len(self.runners),
         )
 
-    def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.create_task(coro, name=f"pgflow:{name}")
+    def _spawn(
+        self, loop: Callable[[], Awaitable[None]], name: str, stopping: Callable[[], bool]
+    ) -> None:
+        """Start ``loop`` supervised: restarted when it dies (see :mod:`pgflow._supervise`)."""
+        task = asyncio.create_task(
+            supervise(name, loop, stopping=stopping, on_give_up=self._give_up),
+            name=f"pgflow:{name}",
+        )
         self._tasks.append(task)
         self._task_of[name] = task
+
+    def _give_up(self, message: str) -> None:
+        """A supervised task keeps dying: this process cannot do its share of the work."""
+        if self.failure is None:
+            self.failure = message
+        self.failed.set()
 
     def _track(self, consumer: Consumer) -> None:
         """Remember each batch's outcome for :meth:`states` (chains ``on_batch``)."""

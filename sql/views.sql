@@ -9,8 +9,9 @@
 -- (add `AND workflow = 'orders'` on big tables: it lets the planner use the indexes).
 
 -- How long a run in progress may sit without moving before `pgflow.stuck_runs` lists
--- it. Default 15 minutes; per session `SET pgflow.stuck_after = '1 hour'`, or for a
--- whole database `ALTER DATABASE app SET pgflow.stuck_after = '1 hour'`.
+-- it. Default 15 minutes; per transaction `SET LOCAL pgflow.stuck_after = '1 hour'`
+-- (a session `SET` is lost behind a transaction pooler), or for a whole database
+-- `ALTER DATABASE app SET pgflow.stuck_after = '1 hour'`.
 CREATE OR REPLACE FUNCTION pgflow.stuck_after() RETURNS interval
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT coalesce(nullif(current_setting('pgflow.stuck_after', true), '')::interval,

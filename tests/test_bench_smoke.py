@@ -7,6 +7,7 @@ unit tests. This only keeps the scripts anyone can run from rotting.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,9 @@ def test_workflow_bench_quick(pgflow_server: TestDatabases, tmp_path: Path) -> N
     assert ("pgflow", 1, 1) in systems and ("pgflow", 3, 2) in systems
     assert ("hand-written", 1, 1) in systems
     assert all(r["runs_per_s"] > 0 for r in doc["rows"])
+    if os.environ.get("PGFLOW_TEST_PGBOUNCER") == "required" or "row skipped" not in stdout:
+        assert ("pgflow+pgbouncer", 1, 1) in systems and doc["pgbouncer_ratio"] > 0
+        assert "through pgbouncer / direct" in stdout
 
 
 def test_connectors_bench_quick(pgflow_server: TestDatabases, tmp_path: Path) -> None:

@@ -180,7 +180,10 @@ def test_runs_in_a_read_only_transaction_that_is_rolled_back(scenario_dsn: str) 
     from pgflow.inspect import run_validated
 
     async def go() -> None:
-        async with await psycopg.AsyncConnection.connect(scenario_dsn) as conn:
+        # prepare_threshold=None: tests/test_pooled.py runs this through pgbouncer too
+        async with await psycopg.AsyncConnection.connect(
+            scenario_dsn, prepare_threshold=None
+        ) as conn:
             # Even a statement that slipped past validation could not write (here the
             # reader role stops it first; test_inspect_attacks checks READ ONLY alone).
             with pytest.raises(InspectRefused, match=r"permission denied|read-only"):

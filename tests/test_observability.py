@@ -153,6 +153,19 @@ def test_step_errors_are_recorded_and_reraised(spans: InMemorySpanExporter) -> N
     assert event.attributes["exception.type"] == "ValueError"
 
 
+def test_control_flow_signals_are_not_error_spans(spans: InMemorySpanExporter) -> None:
+    """NeedsPerEventPath (an optimistic batch falls back) is no failure: no ERROR span."""
+    from pgflow._batch_api import NeedsPerEventPath
+
+    with pytest.raises(NeedsPerEventPath), obs.connector_span("payments", "e1"):
+        raise NeedsPerEventPath("the connector function uses api.conn")
+    (span,) = spans.get_finished_spans()
+    assert span.status.status_code is not StatusCode.ERROR
+    assert not span.events
+    assert span.attributes is not None
+    assert span.attributes["pgflow.control_flow"] == "NeedsPerEventPath"
+
+
 def test_trigger_joins_the_callers_trace(spans: InMemorySpanExporter) -> None:
     tracer = spans.provider.get_tracer("app")  # type: ignore[attr-defined]
     with tracer.start_as_current_span("POST /orders") as request, obs.trigger_span("orders", "o-1"):

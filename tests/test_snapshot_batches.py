@@ -308,3 +308,50 @@ async def test_a_reader_leaves_an_exhausted_diff_even_with_nothing_new(pgflow_ds
         moved = await read_batch(conn, Filter(STREAM), inside, limit=2)
         assert moved.events == [] and moved.positions == [Position(inside.upto)]
         assert (await read_batch(conn, Filter(STREAM), moved.positions[0])).position is None
+
+
+async def test_a_new_shard_layout_starts_where_the_old_one_had_read(pgflow_dsn: str) -> None:
+    """parallel_count 1 -> 2: the new layout's shards start where every shard of the
+    complete old layout had read, not at the start of the log."""
+    seen: dict[str, list[int]] = {"old": [], "new": []}
+
+    def handler(into: str) -> Any:
+        async def h(events: list[Event], conn: Any) -> None:
+            seen[into].extend(e.id for e in events)
+
+        return h
+
+    old_ids = await _commit_events(pgflow_dsn, 6)
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(pgflow_dsn, min_size=1, open=False)
+    await pool.open(wait=True)
+    try:
+        async with await psycopg.AsyncConnection.connect(pgflow_dsn) as held:
+            held_ids = await append(held, [NewEvent(STREAM, "t", "late")])  # open at S1
+            r = await consume_once(pool, CursorKey("step"), Filter(STREAM), handler("old"))
+            assert r.events == 6 and seen["old"] == old_ids
+            await held.commit()
+        new_ids = await _commit_events(pgflow_dsn, 4, "n")
+        for shard in range(2):
+            key, flt = CursorKey("step", shard, 2), Filter(STREAM, None, shard, 2)
+            async with pool.connection() as conn:
+                await ensure_cursor(conn, key, flt)
+            while (await consume_once(pool, key, flt, handler("new"))).events:
+                pass
+    finally:
+        await pool.close()
+    # Not the 6 the old layout read; the late commit and the new ones, once each.
+    assert sorted(seen["new"]) == sorted(held_ids + new_ids)
+
+
+def test_inherited_snapshot_is_the_intersection_of_complete_layouts() -> None:
+    from pgflow.cursors import inherited_snapshot
+
+    assert inherited_snapshot([]) == "1:1:"
+    assert inherited_snapshot([(2, 1, ["50:60:"])]) == "1:1:"  # a shard missing
+    got = inherited_snapshot([(2, 2, ["40:70:40,65", "30:55:30,50"])])
+    assert got == "30:55:30,40,50"
+    pg_vis = {x: x not in (30, 40, 50) and x < 55 for x in range(25, 80)}
+    for x, visible in pg_vis.items():  # visible in both originals <=> in the intersection
+        in_a = x < 70 and x not in (40, 65)
+        in_b = x < 55 and x not in (30, 50)
+        assert visible == (in_a and in_b), x

@@ -52,7 +52,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SEED = int(os.environ.get("PGFLOW_CHAOS_SEED") or random.SystemRandom().randrange(1, 2**31))
 RUNS = int(os.environ.get("PGFLOW_CHAOS_RUNS", "500"))
 CHAOS_SECONDS = float(os.environ.get("PGFLOW_CHAOS_SECONDS", "10"))
-TRIGGER_SECONDS = CHAOS_SECONDS  # runs keep arriving until the chaos stops
 WORKERS = 3
 #: application_name of the test's own observer connections (sampler, chaos, checks):
 #: the chaos loop never terminates these, so what they observe can be trusted
@@ -133,11 +132,26 @@ async def scalar(conn: Conn, sql: str, params: tuple[Any, ...] = ()) -> Any:
 
 
 async def test_chaos_kills_processes_and_connections(pgflow_dsn: str, tmp_path: Path) -> None:
-    print(f"\nPGFLOW_CHAOS_SEED={SEED} runs={RUNS} chaos={CHAOS_SECONDS}s logs={tmp_path}")
+    await chaos_run(pgflow_dsn, tmp_path)
+
+
+async def chaos_run(
+    pgflow_dsn: str,
+    tmp_path: Path,
+    *,
+    observe_dsn: str | None = None,
+    runs: int = RUNS,
+    chaos_seconds: float = CHAOS_SECONDS,
+) -> None:
+    """The chaos test on ``pgflow_dsn`` (workers and client); the test's own observer
+    connections use ``observe_dsn`` (default: the same; tests/test_pooled.py runs the
+    workers through pgbouncer and observes directly)."""
+    observe_dsn = observe_dsn or pgflow_dsn
+    print(f"\nPGFLOW_CHAOS_SEED={SEED} runs={runs} chaos={chaos_seconds}s logs={tmp_path}")
     why = f"(PGFLOW_CHAOS_SEED={SEED}, worker logs in {tmp_path})"
     rng = random.Random(SEED)
     fleet = Fleet(pgflow_dsn, tmp_path)
-    admin = await observer(pgflow_dsn)
+    admin = await observer(observe_dsn)
     await admin.execute(chaos_app.APP_TABLES)
     client = chaos_app.make_builder().build(
         make_conninfo(pgflow_dsn, application_name="chaos-client"), pool_size=4
@@ -163,7 +177,7 @@ async def test_chaos_kills_processes_and_connections(pgflow_dsn: str, tmp_path: 
                 seen.append(pos)
 
     async def sampler() -> None:
-        async with await observer(pgflow_dsn) as conn:
+        async with await observer(observe_dsn) as conn:
             while True:
                 await sample(conn)
                 await asyncio.sleep(0.03)
@@ -187,8 +201,8 @@ async def test_chaos_kills_processes_and_connections(pgflow_dsn: str, tmp_path: 
     async def triggers() -> None:
         start = time.monotonic()
         pending: set[asyncio.Task[None]] = set()
-        for i in range(RUNS):
-            lag = start + i * TRIGGER_SECONDS / RUNS - time.monotonic()
+        for i in range(runs):
+            lag = start + i * chaos_seconds / runs - time.monotonic()
             if lag > 0:
                 await asyncio.sleep(lag)  # the workload's arrival rate
             task = asyncio.create_task(trigger(i))
@@ -237,8 +251,8 @@ async def test_chaos_kills_processes_and_connections(pgflow_dsn: str, tmp_path: 
     async def chaos() -> None:
         kinds = ["sigkill", "sigterm", "terminate"]
         first = rng.sample(kinds, len(kinds))  # every kind happens at least once
-        async with await observer(pgflow_dsn) as conn:
-            deadline = time.monotonic() + CHAOS_SECONDS
+        async with await observer(observe_dsn) as conn:
+            deadline = time.monotonic() + chaos_seconds
             while time.monotonic() < deadline:
                 await asyncio.sleep(rng.uniform(0.2, 0.8))  # chaos pacing
                 kind = first.pop(0) if first else rng.choices(kinds, weights=[3, 2, 5])[0]
@@ -271,7 +285,7 @@ async def test_chaos_kills_processes_and_connections(pgflow_dsn: str, tmp_path: 
             n = await scalar(
                 admin, "SELECT count(*) FROM pgflow.records WHERE run_state = 'COMPLETED'"
             )
-            return bool(n == RUNS)
+            return bool(n == runs)
 
         try:
             await wait_until(completed, timeout=45, interval=0.1, message=f"all runs {why}")
@@ -316,9 +330,9 @@ async def test_chaos_kills_processes_and_connections(pgflow_dsn: str, tmp_path: 
             " count(*) FROM pgflow.records WHERE workflow = 'chaos'"
         )
         clean, total = await cur.fetchone() or (0, 0)
-        assert (clean, total) == (RUNS, RUNS), f"runs: {clean} clean of {total} {why}"
+        assert (clean, total) == (runs, runs), f"runs: {clean} clean of {total} {why}"
 
-        expected = {(f"c{i:04d}", step) for i in range(RUNS) for step in chaos_app.STEPS}
+        expected = {(f"c{i:04d}", step) for i in range(runs) for step in chaos_app.STEPS}
         cur = await admin.execute("SELECT foreign_id, step FROM chaos_effects")
         effects = await cur.fetchall()
         assert len(effects) == len(expected) and set(effects) == expected, f"effects {why}"
@@ -337,7 +351,7 @@ async def test_chaos_kills_processes_and_connections(pgflow_dsn: str, tmp_path: 
             " GROUP BY type ORDER BY type"
         )
         per_status = {t: (n, d) for t, n, d in await cur.fetchall()}
-        assert per_status == {s.name: (RUNS, RUNS) for s in chaos_app.Status}, (
+        assert per_status == {s.name: (runs, runs) for s in chaos_app.Status}, (
             f"events per status {why}: {per_status}"
         )
         # The retry path ran (the failure plan fails ~20% of steps at least once).

@@ -211,7 +211,8 @@ async def test_pause_resume_cancel(pgflow_dsn: str) -> None:
         run_id = await wf.trigger("a")
         rec = await wf.pause("a", run_id)
         assert rec.run_state is RunState.PAUSED
-        assert paused == ["a"]
+        # hooks run after commit, from the event log
+        await wait_until(lambda: _ready(paused == ["a"]), message="on_pause")
         with pytest.raises(pgflow.InvalidTransition, match="PAUSED"):
             await wf.pause("a", run_id)
         with pytest.raises(pgflow.WorkflowInProgress):
@@ -227,7 +228,8 @@ async def test_pause_resume_cancel(pgflow_dsn: str) -> None:
         gate.clear()
         run_b = await wf.trigger("b")
         rec = await wf.cancel("b")
-        assert rec.run_state is RunState.CANCELLED and cancelled == ["b"]
+        assert rec.run_state is RunState.CANCELLED
+        await wait_until(lambda: _ready(cancelled == ["b"]), message="on_cancel")
         with pytest.raises(pgflow.InvalidTransition):
             await wf.resume("b", run_b)
         with pytest.raises(pgflow.InvalidTransition, match="without reaching"):

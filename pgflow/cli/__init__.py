@@ -8,11 +8,12 @@ printed as one line and exit with status 1; bad arguments exit with 2 (argparse)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -58,12 +59,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_dsn_argument(parser: argparse.ArgumentParser) -> None:
-    """The shared ``--dsn`` option (falls back to PGFLOW_DATABASE_URL / DATABASE_URL)."""
+    """The shared ``--dsn`` option (falls back to PGFLOW_DATABASE_URL / DATABASE_URL)
+    and ``--pooler`` (what sits in front of that DSN; falls back to PGFLOW_POOLER)."""
     parser.add_argument(
         "--dsn",
         default=None,
         help="PostgreSQL connection string (default: $PGFLOW_DATABASE_URL or $DATABASE_URL)",
     )
+    parser.add_argument(
+        "--pooler",
+        choices=_db.POOLERS,
+        default=None,
+        help="connection pooler in front of --dsn: 'transaction' for pgbouncer "
+        "transaction mode, RDS Proxy, Supavisor (default: $PGFLOW_POOLER, else none; "
+        "a pgflow_pooler parameter in the DSN wins)",
+    )
+
+
+@contextlib.contextmanager
+def _pooler_env(pooler: str | None) -> Iterator[None]:
+    """``--pooler`` is ``$PGFLOW_POOLER`` for this command: every connection it opens
+    (and any worker process it starts) resolves the pooler from there."""
+    if pooler is None:
+        yield
+        return
+    saved = os.environ.get(_db.POOLER_ENV)
+    os.environ[_db.POOLER_ENV] = pooler
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(_db.POOLER_ENV, None)
+        else:
+            os.environ[_db.POOLER_ENV] = saved
 
 
 async def with_connection(
@@ -85,12 +113,19 @@ async def with_connection(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    level = logging.getLevelName(str(args.log_level).upper())
+    if not isinstance(level, int):
+        parser.error(
+            f"--log-level: unknown level {args.log_level!r}"
+            " (use DEBUG, INFO, WARNING, ERROR or CRITICAL)"
+        )
     logging.basicConfig(
         level=str(args.log_level).upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return int(args.func(args) or 0)
+        with _pooler_env(getattr(args, "pooler", None)):
+            return int(args.func(args) or 0)
     except PgflowError as exc:
         print(f"pgflow: error: {exc}", file=sys.stderr)
         return 1

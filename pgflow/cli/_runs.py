@@ -375,8 +375,13 @@ async def _show(conn: AsyncConnection[Any], args: argparse.Namespace) -> int:
                 for k, v in record.items()
                 if k not in ("traceparent", "meta") and not (k in _OPTIONAL and v is None)
             ]
+            error = record.get("last_error")
+            if error:  # its first line in the record, the stored traceback below it
+                shown = [(k, error.splitlines()[0] if k == "last_error" else v) for k, v in shown]
             title = f"== {run.workflow} / {run.foreign_id} / run {run.run_id}"
             blocks.append(render_record(shown, title=title))
+            if error and "\n" in error:
+                blocks.append("\n".join("  " + line for line in error.splitlines()[1:]))
             blocks.append(render_table(hcols, hrows, footer=False))
     if fmt == "json":
         print(json.dumps(out_json, indent=2, ensure_ascii=False))
@@ -389,12 +394,6 @@ async def _show(conn: AsyncConnection[Any], args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------- stuck
 async def _stuck(conn: AsyncConnection[Any], args: argparse.Namespace) -> int:
-    if args.after:
-        try:
-            await conn.execute("SELECT set_config('pgflow.stuck_after', %s::interval::text, false)",
-                               [args.after])  # fmt: skip
-        except psycopg.errors.DataError as exc:
-            raise ConfigError(f"--after {args.after!r}: {_db.first_line(exc)}") from None
     fmt = selected_format(args)
     cols = (
         "*"
@@ -409,7 +408,18 @@ async def _stuck(conn: AsyncConnection[Any], args: argparse.Namespace) -> int:
         params.append(args.workflow)
     sql += " ORDER BY updated_at LIMIT %s"
     params.append(args.limit + 1)
-    names, rows = await _fetch(conn, sql, params)
+    # The threshold is a transaction-local setting read by the view, in the same
+    # transaction as the query: a session SET would be lost behind a transaction pooler.
+    async with conn.transaction():
+        if args.after:
+            try:
+                await conn.execute(
+                    "SELECT set_config('pgflow.stuck_after', %s::interval::text, true)",
+                    [args.after],
+                )
+            except psycopg.errors.DataError as exc:
+                raise ConfigError(f"--after {args.after!r}: {_db.first_line(exc)}") from None
+        names, rows = await _fetch(conn, sql, params)
     truncated = len(rows) > args.limit
     print(render(names, _with_short_ids(names, rows[: args.limit], fmt), fmt, truncated=truncated))
     return 0

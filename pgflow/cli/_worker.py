@@ -11,15 +11,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import enum
 import importlib
+import inspect
 import logging
 import os
 import signal
 import sys
 from typing import Any
 
+from psycopg import AsyncConnection
+
+from .. import _db
+from .._heartbeat import Heartbeat
+from .._table import add_format_arguments, render, selected_format
 from ..builder import Builder
-from ..errors import ConfigError
+from ..errors import ConfigError, WorkerFailed
+from ..migrations import check_schema
 from ..workflow import Workflow
 
 logger = logging.getLogger("pgflow.worker")
@@ -45,20 +54,52 @@ def load_target(spec: str) -> Any:
 
 
 def resolve_workflow(target: Any, dsn: str | None) -> Workflow[Any, Any] | Builder[Any, Any]:
-    """A Workflow or Builder from ``target`` (calling a zero-argument factory once)."""
-    if not isinstance(target, Builder | Workflow) and callable(target):
-        target = target()
+    """A Workflow or Builder from ``target`` (calling a zero-argument factory once).
+
+    Only a plain function is called as a factory: a class (an enum, a dataclass...) or
+    any other callable is refused without calling it, as is a function that needs
+    arguments — calling what the user did not mean as a factory could have effects.
+    """
     if isinstance(target, Builder | Workflow):
         return target
-    raise ConfigError(f"{target!r} is not a pgflow.Builder, a pgflow.Workflow, or a factory of one")
+    what = _describe(target)
+    if not (inspect.isfunction(target) or inspect.ismethod(target)):
+        raise ConfigError(f"{what} is not a pgflow.Builder, a pgflow.Workflow, or a factory of one")
+    try:
+        inspect.signature(target).bind()
+    except TypeError:
+        raise ConfigError(
+            f"{what} needs arguments: a factory must take none"
+            " (or name the pgflow.Builder/Workflow itself)"
+        ) from None
+    built = target()
+    if isinstance(built, Builder | Workflow):
+        return built
+    raise ConfigError(
+        f"{what} returned {_describe(built)}, not a pgflow.Builder or pgflow.Workflow"
+    )
 
 
-def build_workflow(spec: str, dsn: str | None, pool_size: int | None = None) -> Workflow[Any, Any]:
+def _describe(value: Any) -> str:
+    if inspect.isclass(value):
+        kind = "enum" if issubclass(value, enum.Enum) else "class"
+        return f"{kind} {value.__qualname__}"
+    if inspect.isfunction(value) or inspect.ismethod(value):
+        return f"function {value.__qualname__}()"
+    return f"a {type(value).__name__} ({value!r:.60})"
+
+
+def build_workflow(
+    spec: str, dsn: str | None, pool_size: int | None = None, listen_dsn: str | None = None
+) -> Workflow[Any, Any]:
     target = resolve_workflow(load_target(spec), dsn)
     if isinstance(target, Builder):
-        return target.build(dsn) if pool_size is None else target.build(dsn, pool_size=pool_size)
+        if pool_size is None:
+            return target.build(dsn, listen_dsn=listen_dsn)
+        return target.build(dsn, pool_size=pool_size, listen_dsn=listen_dsn)
     if dsn is not None:
         target.engine.set_dsn(dsn)
+    target.engine.configure(listen_dsn=listen_dsn)
     if pool_size is not None:
         if pool_size < 2:
             raise ConfigError("--pool-size must be at least 2")
@@ -102,32 +143,137 @@ def register(subparsers: Any) -> None:
         help="connections in the worker's pool (default: $PGFLOW_POOL_SIZE, else the "
         "workflow's own, 10); the worker also holds one LISTEN connection",
     )
+    parser.add_argument(
+        "--listen-dsn",
+        default=None,
+        help="a direct (or session-pooled) connection string for the LISTEN connection "
+        "when --dsn goes through a transaction pooler (default: $PGFLOW_LISTEN_DSN; "
+        "without one the worker polls)",
+    )
     parser.set_defaults(func=run)
+
+    workers: argparse.ArgumentParser = subparsers.add_parser(
+        "workers",
+        help="list worker processes and whether they are alive",
+        description=(
+            "List pgflow.workers: one row per running `pgflow worker` with its last "
+            "heartbeat. ALIVE is 'no' when the heartbeat is older than three periods "
+            "(the process died or its event loop is stuck); FAILURE says why a worker "
+            "gave up."
+        ),
+    )
+    add_dsn_argument(workers)
+    add_format_arguments(workers)
+    workers.set_defaults(func=list_workers)
+
+
+_WORKERS_SQL = """
+SELECT host, pid, array_to_string(workflows, ', ') AS workflows, tasks,
+       heartbeat_at > now() - make_interval(secs => 3 * interval_s) AND failure IS NULL
+           AS alive,
+       now() - heartbeat_at AS last_beat, started_at, failure, worker_id
+FROM pgflow.workers ORDER BY host, pid
+"""
+
+
+def list_workers(args: argparse.Namespace) -> int:
+    async def work(conn: AsyncConnection[Any]) -> int:
+        cur = await conn.execute(_WORKERS_SQL)
+        cols = [d.name for d in cur.description or ()]
+        rows = [
+            tuple(
+                ("yes" if v else "no") if c == "alive" else v for c, v in zip(cols, r, strict=True)
+            )
+            for r in await cur.fetchall()
+        ]
+        print(render(cols, rows, selected_format(args)))
+        return 0
+
+    from . import with_connection
+
+    return asyncio.run(with_connection(args.dsn, work))
 
 
 def run(args: argparse.Namespace) -> int:
     pool_size = args.pool_size if args.pool_size is not None else _pool_size_default()
-    workflows = [build_workflow(target, args.dsn, pool_size) for target in args.targets]
+    workflows = [
+        build_workflow(target, args.dsn, pool_size, args.listen_dsn) for target in args.targets
+    ]
     asyncio.run(serve(*workflows))
     return 0
 
 
-async def serve(*workflows: Workflow[Any, Any], stop: asyncio.Event | None = None) -> None:
+async def serve(
+    *workflows: Workflow[Any, Any],
+    stop: asyncio.Event | None = None,
+    heartbeat_interval: float | None = None,
+) -> None:
     """Run ``workflows`` until ``stop`` is set or SIGINT/SIGTERM arrives, then stop them
-    cleanly (batches in flight commit or roll back)."""
+    cleanly (batches in flight commit or roll back).
+
+    The schema is checked first (a one-line :class:`SchemaError` instead of a worker
+    that says "running" and then fails every second). While running, a heartbeat row
+    in ``pgflow.workers`` shows the process is alive (``pgflow workers``). When a
+    supervised task gives up (:mod:`pgflow._supervise`) the worker stops and raises
+    :class:`WorkerFailed`: a process that cannot run all its consumers must not look
+    healthy — its own supervisor restarts it.
+    """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    names = ", ".join(wf.name for wf in workflows)
+    interval = heartbeat_interval or _heartbeat_default()
+    conn = await _db.connect(workflows[0].engine.dsn, autocommit=True)
+    try:
+        await check_schema(conn)
+    finally:
+        await conn.close()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    names = ", ".join(wf.name for wf in workflows)
+    heartbeat: Heartbeat | None = None
+    failed: list[str] = []
     try:
         for wf in workflows:
             await wf.run()
+        heartbeat = Heartbeat(
+            await workflows[0].engine.pool(),
+            [wf.name for wf in workflows],
+            lambda: (
+                sum(len(wf._tasks) for wf in workflows),
+                next((wf.failure for wf in workflows if wf.failure), None),
+            ),
+            interval,
+        )
+        await heartbeat.start()
         print(f"pgflow worker: {names} running (Ctrl-C to stop)", flush=True)
-        await stop.wait()
+        waits = [asyncio.ensure_future(stop.wait())]
+        waits += [asyncio.ensure_future(wf.failed.wait()) for wf in workflows]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        failed = [wf.failure for wf in workflows if wf.failure]
         print(f"pgflow worker: {names} stopping", flush=True)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        if heartbeat is not None and not failed:
+            await heartbeat.stop()
+        elif heartbeat is not None:
+            with contextlib.suppress(Exception):
+                await heartbeat.beat()  # leave the failure visible in pgflow workers
         for wf in workflows:
             await wf.stop()
+    if failed:
+        raise WorkerFailed(f"worker cannot keep its consumers running: {failed[0]}")
+
+
+def _heartbeat_default() -> float:
+    raw = os.environ.get("PGFLOW_HEARTBEAT_INTERVAL", "5")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if value <= 0:
+        raise ConfigError(f"PGFLOW_HEARTBEAT_INTERVAL must be a positive number, not {raw!r}")
+    return value

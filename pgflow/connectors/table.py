@@ -359,9 +359,15 @@ class CursorStore:
     """
 
     def __init__(
-        self, db: str | AsyncConnectionPool[Any], *, prefix: str = "connector:", pool_size: int = 2
+        self,
+        db: str | AsyncConnectionPool[Any],
+        *,
+        prefix: str = "connector:",
+        pool_size: int = 2,
+        pooler: str | None = None,
     ) -> None:
         self.prefix = prefix
+        self._pooler = pooler  # for the lazily opened pool (see pgflow.Builder.build)
         self._dsn = db if isinstance(db, str) else None
         self._pool: AsyncConnectionPool[Any] | None = None if isinstance(db, str) else db
         self._owns_pool = isinstance(db, str)
@@ -376,7 +382,11 @@ class CursorStore:
             if self._pool is None:
                 assert self._dsn is not None
                 self._pool = await _db.open_pool(
-                    self._dsn, min_size=1, max_size=self._pool_size, name="pgflow-connector"
+                    self._dsn,
+                    min_size=1,
+                    max_size=self._pool_size,
+                    name="pgflow-connector",
+                    pooler=self._pooler,
                 )
             return self._pool
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -58,6 +59,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "the webhook connector needs Starlette and uvicorn: pip install 'pgflow-engine[webhook]'"
     ) from exc
 
+from ..errors import ConfigError
 from ..snapshots import Position
 from ..streamer import Filter, read_batch
 from ._base import ConnectorEvent
@@ -220,7 +222,14 @@ class Connector:
                 name=self.name,
                 max_connections=self.max_connections,
             )
-            self.port = await server.start(self.host, self.port)
+            try:
+                self.port = await server.start(self.host, self.port)
+            except OSError as exc:
+                raise ConfigError(
+                    f"webhook {self.name!r}: cannot listen on {self.host}:{self.port}:"
+                    f" {os.strerror(exc.errno) if exc.errno else exc}"
+                    " (is another process using the port?)"
+                ) from None
             self._server = server
             logger.info("webhook %s listening on %s", self.name, self.url)
 

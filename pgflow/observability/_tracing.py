@@ -192,7 +192,11 @@ class _Span(AbstractContextManager["str | None"]):
             return
         try:
             if exc is not None:
-                if isinstance(exc, Exception):
+                if getattr(exc, "control_flow", False):
+                    # an internal signal (fall back, retry the batch, stale run): the
+                    # work is redone elsewhere, nothing failed
+                    span.set_attribute("pgflow.control_flow", type(exc).__name__)
+                elif isinstance(exc, Exception):
                     span.record_exception(exc)
                     span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
                 else:
