@@ -85,6 +85,15 @@ def test_tracing_bench_quick(pgflow_server: TestDatabases, tmp_path: Path) -> No
     assert "on / off" in stdout
 
 
+def test_ui_bench_quick(pgflow_server: TestDatabases, tmp_path: Path) -> None:
+    doc, stdout = _run_bench("ui", pgflow_server, tmp_path)
+    assert doc["load"]["runs"] == 20_000 and doc["load"]["events"] == 100_000
+    pages = {row["page"] for row in doc["pages"]}
+    assert {"runs (all)", "run", "workflows", "consumers", "dead letters", "query"} <= pages
+    assert all(row["p95_ms"] > 0 for row in doc["pages"])
+    assert "slowest page p95" in stdout
+
+
 def test_list_bench_quick(pgflow_server: TestDatabases, tmp_path: Path) -> None:
     doc, stdout = _run_bench("list", pgflow_server, tmp_path)
     assert doc["records"] == 20_000

@@ -33,6 +33,7 @@ COMMAND_MODULES = [
     "pgflow.cli._worker",
     "pgflow.cli._graph",
     "pgflow.cli._prune",
+    "pgflow.cli._ui",
 ]
 
 
