@@ -358,3 +358,52 @@ async def _gt(f: Any, n: int) -> bool:
 
 async def _eq(f: Any, n: int) -> bool:
     return bool(await f() >= n)
+
+
+async def test_a_new_parallel_count_starts_where_the_old_layout_had_read(
+    pgflow_dsn: str, pool: Any
+) -> None:
+    """A workflow connector's shards are cursors named ``…-<i>-of-<n>``: changing
+    ``parallel_count`` makes new names, which start where every shard of the old,
+    complete layout had read instead of re-reading the whole source."""
+    import enum
+
+    import pgflow
+
+    class S(enum.IntEnum):
+        NEW = 1
+        DONE = 2
+
+    await _setup(pgflow_dsn, rows=6)
+    calls: list[str] = []
+
+    async def fn(api: Any, event: Any) -> None:
+        calls.append(event.id)
+
+    def build(parallel_count: int) -> Any:
+        b = pgflow.Builder("layouts", dict, S, polling_frequency=0.05)
+        b.add_step(S.NEW, lambda run: S.DONE, S.DONE)
+        b.add_connector(
+            "pay",
+            table.Connector(TableStream("app.payments"), CursorStore(pool), poll_interval=0.05),
+            fn,
+            parallel_count=parallel_count,
+        )
+        return b.build(pgflow_dsn)
+
+    async with build(1):
+        await wait_until(_true_when(lambda: len(calls) == 6), message="first layout read all")
+    assert sorted(calls, key=int) == [str(i) for i in range(1, 7)]
+    async with pool.connection() as conn:
+        await conn.execute("INSERT INTO app.payments (foreign_id) VALUES ('new-1'), ('new-2')")
+    async with build(2):
+        await wait_until(_true_when(lambda: len(calls) == 8), message="new rows read")
+        await asyncio.sleep(0.3)  # the new shards had every chance to re-read old rows
+    assert sorted(calls, key=int) == [str(i) for i in range(1, 9)]  # each row once
+
+
+def _true_when(check: Any) -> Any:
+    async def predicate() -> bool:
+        return bool(check())
+
+    return predicate

@@ -69,6 +69,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import re
 import time as _time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -86,11 +87,12 @@ from ..cursors import (
     IDLE_ADVANCE_AFTER,
     CursorKey,
     LostCursor,
+    inherited_snapshot,
     load_cursor,
     try_lock_shard,
     upsert_cursor,
 )
-from ..snapshots import DiffRead, Position, diff_read_sql
+from ..snapshots import START_SNAPSHOT, DiffRead, Position, diff_read_sql
 from ._base import Ack, ConnectorEvent, MalformedEvent
 
 __all__ = [
@@ -109,6 +111,15 @@ __all__ = [
 
 Row = Mapping[str, Any]
 RowTranslator = Callable[[Row], ConnectorEvent]
+
+#: A workflow connector shard's cursor name: ``<prefix><workflow>--<connector>`` (1),
+#: shard (2) of count (3) — see ``pgflow._connector_runner.consumer_name``.
+_LAYOUT = re.compile(r"(.+)-([0-9]+)-of-([0-9]+)")
+
+
+def _like_prefix(text: str) -> str:
+    """``text`` with LIKE's wildcards (and its escape character) escaped."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 # --------------------------------------------------------------------------- sources
@@ -391,7 +402,39 @@ class CursorStore:
             return self._pool
 
     async def load(self, conn: AsyncConnection[Any], consumer_name: str) -> Position:
-        return await load_cursor(conn, self.key(consumer_name))
+        """The stored position; a consumer without a row whose name ends in
+        ``-<i>-of-<n>`` (a workflow connector's shard) starts where every shard of a
+        complete other layout of that connector had read (its ``parallel_count``
+        changed), its row created there in ``conn``'s transaction; else at the start."""
+        key = self.key(consumer_name)
+        position = await load_cursor(conn, key)
+        layout = _LAYOUT.fullmatch(key.consumer)
+        if position != Position.start() or layout is None:
+            return position
+        cur = await conn.execute(
+            "SELECT count(*) FROM pgflow.cursors WHERE consumer = %s", (key.consumer,)
+        )
+        if (await cur.fetchone() or [0])[0]:
+            return position  # a row at the start: nothing to inherit
+        cur = await conn.execute(
+            "SELECT substring(consumer from '-of-([0-9]+)$')::int, count(*),"
+            " array_agg(snap::text) FROM pgflow.cursors"
+            " WHERE consumer LIKE %s AND consumer ~ %s"
+            " AND substring(consumer from '-of-([0-9]+)$')::int <> %s GROUP BY 1",
+            (
+                _like_prefix(layout[1]) + "-%",
+                r"-[0-9]+-of-[0-9]+$",
+                int(layout[3]),
+            ),
+        )
+        snapshot = inherited_snapshot(
+            [(int(n), int(have), list(s)) for n, have, s in await cur.fetchall()]
+        )
+        if snapshot == START_SNAPSHOT:
+            return position
+        inherited = Position(snapshot)
+        await upsert_cursor(conn, key, position, inherited, source=None)
+        return inherited
 
     async def compare_and_set(
         self,
