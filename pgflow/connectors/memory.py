@@ -21,6 +21,10 @@ rolled back: they are delivered again. Exactly-once into the workflow's database
 the process lives (the position itself is not durable: this is a test/dev source).
 Acks of the last batch before ``close()`` are not applied (their events are
 redelivered to the next consumer of that name; ``trigger`` is idempotent).
+
+``Connector(events, broker=True)`` makes consumers that offer only ``recv()`` and
+``close()``, so the runner treats them as a broker (commit, then ack): tests and
+benchmarks of that path without a broker server.
 """
 
 from __future__ import annotations
@@ -62,8 +66,9 @@ class _Position:
 class Connector:
     """In-memory events, one independent position per consumer name."""
 
-    def __init__(self, events: Iterable[ConnectorEvent] = ()) -> None:
+    def __init__(self, events: Iterable[ConnectorEvent] = (), *, broker: bool = False) -> None:
         self._events: list[ConnectorEvent] = list(events)
+        self.broker = broker  #: consumers look like a broker's (recv only), see module doc
         self._positions: dict[str, _Position] = {}
         self._waiters: set[asyncio.Event] = set()
 
@@ -83,9 +88,10 @@ class Connector:
         pos = self._positions.get(consumer_name)
         return pos.next_unacked if pos else 0
 
-    async def make(self, consumer_name: str) -> Consumer:
+    async def make(self, consumer_name: str) -> Consumer | BrokerConsumer:
         pos = self._positions.setdefault(consumer_name, _Position())
-        return Consumer(self, consumer_name, pos)
+        consumer = Consumer(self, consumer_name, pos)
+        return BrokerConsumer(consumer) if self.broker else consumer
 
 
 class Consumer:
@@ -167,3 +173,17 @@ class Consumer:
         self._closed = True
         self.connector._waiters.discard(self._wake)
         self._wake.set()
+
+
+class BrokerConsumer:
+    """A :class:`Consumer` seen as a broker's: ``recv()`` and ``close()`` only."""
+
+    def __init__(self, consumer: Consumer) -> None:
+        self._consumer = consumer
+        self.name = consumer.name
+
+    async def recv(self) -> tuple[ConnectorEvent, Ack]:
+        return await self._consumer.recv()
+
+    async def close(self) -> None:
+        await self._consumer.close()
