@@ -170,6 +170,8 @@ class ConnectorRunner(Generic[T, S]):
         self.tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._attempts: dict[tuple[int, str], int] = {}
+        #: per broker shard: a recv() started by _gather and not consumed yet
+        self._ahead: dict[int, asyncio.Future[tuple[ConnectorEvent, Ack]]] = {}
         self._optimism = [Optimism() for _ in range(self.count)]
         self.fallbacks = 0  #: optimistic batches that fell back to the per-event path
         self.handled = 0  #: events whose function succeeded (tests, metrics)
@@ -257,10 +259,11 @@ class ConnectorRunner(Generic[T, S]):
         with connector_span(self.name, event.id, attributes, headers=event.headers):
             await self.spec.fn(api if api is not None else self.wf.bind(conn), event)
 
-    # -- brokers: commit, then ack ---------------------------------------------------
+    # -- brokers: a batch of what has arrived, commit, then ack -----------------------
 
-    async def _recv(self, consumer: Any) -> tuple[ConnectorEvent, Ack] | None:
-        recv = asyncio.ensure_future(consumer.recv())
+    async def _recv(self, shard: int, consumer: Any) -> tuple[ConnectorEvent, Ack] | None:
+        """The next event (waiting for it), or None when the runner stops first."""
+        recv = self._ahead.pop(shard, None) or asyncio.ensure_future(consumer.recv())
         stop = asyncio.ensure_future(self._stopping.wait())
         done, _ = await asyncio.wait({recv, stop}, return_when=asyncio.FIRST_COMPLETED)
         if recv in done:
@@ -272,58 +275,116 @@ class ConnectorRunner(Generic[T, S]):
             await recv
         return None
 
+    async def _gather(
+        self, shard: int, consumer: Any, first: tuple[ConnectorEvent, Ack]
+    ) -> list[tuple[ConnectorEvent, Ack]]:
+        """``first`` and up to ``batch_size - 1`` more events that are there already.
+
+        Each further ``recv()`` gets one turn of the event loop (a broker consumer
+        returns from its buffer without waiting); one that needs to wait — or fails,
+        or returns an event younger than ``consume_lag`` — ends the batch and is kept,
+        not cancelled, for the next one (:meth:`_recv` takes it over), so nothing
+        received is dropped and a failure keeps its place after the batch's acks."""
+        opts = self.spec.options
+        lag = opts.consume_lag.total_seconds()
+        items = [first]
+        while len(items) < opts.batch_size:
+            recv = asyncio.ensure_future(consumer.recv())
+            if not recv.done():
+                await asyncio.sleep(0)
+            if (
+                not recv.done()
+                or recv.exception() is not None
+                or (lag > 0 and self._age(recv.result()[0]) < lag)
+            ):
+                self._ahead[shard] = recv
+                break
+            items.append(recv.result())
+        return items
+
     async def _broker(self, shard: int, consumer: Any) -> None:
+        try:
+            await self._broker_loop(shard, consumer)
+        finally:
+            ahead = self._ahead.pop(shard, None)
+            if ahead is not None and not ahead.done():
+                ahead.cancel()  # unacked: the source redelivers what it held
+
+    async def _broker_loop(self, shard: int, consumer: Any) -> None:
         opts = self.spec.options
         backoff = 0.05
+        items: list[tuple[ConnectorEvent, Ack]] = []  # received, not acked
         while not self._stopping.is_set():
+            if not items:
+                try:
+                    got = await self._recv(shard, consumer)
+                except MalformedEvent as bad:
+                    await self._malformed(shard, bad)
+                    continue
+                except Exception as exc:
+                    logger.warning("connector %s[%d]: recv failed (%s)", self.name, shard, exc)
+                    if await self._sleep(backoff):
+                        return
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                backoff = 0.05
+                if got is None:
+                    return
+                lag = opts.consume_lag.total_seconds()
+                ripe_in = lag - self._age(got[0]) if self._mine(shard, got[0]) else 0.0
+                if lag > 0 and await self._sleep(ripe_in):
+                    return  # stopping: not acked, the source redelivers it
+                items = await self._gather(shard, consumer, got)
             try:
-                got = await self._recv(consumer)
-            except MalformedEvent as bad:
-                await self._malformed(shard, bad)
-                continue
-            except Exception as exc:
-                logger.warning("connector %s[%d]: recv failed (%s)", self.name, shard, exc)
+                handled, wait, items, acks = await self._broker_batch(shard, items)
+            except (psycopg.OperationalError, OSError) as exc:
+                # rolled back, nothing acked: the same events again in a new transaction
+                logger.warning("connector %s[%d]: database error (%s)", self.name, shard, exc)
                 if await self._sleep(backoff):
                     return
                 backoff = min(backoff * 2, 5.0)
                 continue
             backoff = 0.05
-            if got is None:
-                return
-            event, ack = got
-            if not self._mine(shard, event):
+            for ack in acks:  # after the commit, in source order
                 await ack()
-                continue
-            lag = opts.consume_lag.total_seconds()
-            if lag > 0 and await self._sleep(lag - self._age(event)):
-                return  # stopping: not acked, the source redelivers it
-            self._check_lag(shard, event)
-            attempt = 0
-            while True:
-                attempt += 1
-                try:
-                    pool = await self.wf.engine.pool()
-                    async with pool.connection() as conn, conn.transaction():
-                        await self._call(conn, shard, event)
-                    self.wf.poke()
-                    metrics.success(self.name, shard)
-                    self.handled += 1
-                    break
-                except BaseException as exc:
-                    if not contained(exc):
-                        raise
-                    metrics.error(self.name, shard)
-                    if isinstance(exc, Reject) or (
-                        attempt >= opts.max_retries
-                        and not isinstance(exc, psycopg.OperationalError)
-                    ):
-                        await self._dead_letter(shard, event, exc, attempt)
-                        break
-                    delay = opts.backoff(attempt)
-                    self._retrying(shard, event, exc, attempt, delay.total_seconds())
-                    if await self._sleep(delay.total_seconds()):
-                        return  # stopping: not acked, redelivered later
-            await ack()
+            if handled:
+                self.wf.poke()
+            if wait > 0 and await self._sleep(wait):
+                return  # stopping: the rest is not acked, the source redelivers it
+
+    async def _broker_batch(
+        self, shard: int, items: list[tuple[ConnectorEvent, Ack]]
+    ) -> tuple[int, float, list[tuple[ConnectorEvent, Ack]], list[Ack]]:
+        """``items`` in one transaction, as a transactional batch is handled (optimistic
+        first, else per event with savepoints), except that every ack is only noted.
+
+        Returns (events handled, seconds to wait before the rest, the rest — from an
+        event that awaits its retry —, the acks to call once committed, in order)."""
+        acks: list[Ack] = []
+
+        def later(ack: Ack) -> Ack:
+            async def note() -> None:
+                acks.append(ack)
+
+            return note
+
+        if not any(self._mine(shard, event) for event, _ in items):
+            return 0, 0.0, [], [ack for _, ack in items]  # no transaction for others' events
+        noted = [(event, later(ack)) for event, ack in items]
+        handled = 0
+        wait: float | None = None
+        rest = noted
+        pool = await self.wf.engine.pool()
+        async with pool.connection() as conn, conn.transaction():
+            if self._try_optimistic(shard):
+                done = await self._optimistic(conn, shard, noted)
+                if done is not None:
+                    handled, wait, rest = done
+            if wait is None and rest:
+                more, wait, rest = await self._per_event(conn, shard, rest)
+                handled += more
+        left = items[len(items) - len(rest) :] if rest else []  # rest is a suffix
+        return handled, wait or 0.0, left, acks
 
     async def _malformed(
         self, shard: int, bad: MalformedEvent, conn: AsyncConnection[Any] | None = None
@@ -435,32 +496,46 @@ class ConnectorRunner(Generic[T, S]):
                     if not items:
                         return handled, wait
                     # the rest of the batch (from the event that needs it) per event
-            for event, ack in items:
-                if not self._mine(shard, event):
-                    await ack()
-                    continue
-                lag = opts.consume_lag.total_seconds()
-                if lag > 0 and self._age(event) < lag:
-                    wait = min(poll, lag - self._age(event))  # not ripe: stop, unacked
-                    break
-                self._check_lag(shard, event)
-                try:
-                    async with conn.transaction():  # savepoint per event
-                        await self._call(conn, shard, event)
-                except psycopg.OperationalError:
-                    raise
-                except BaseException as exc:
-                    if not contained(exc):
-                        raise
-                    retry_in = await self._event_failed(conn, shard, event, ack, exc)
-                    if retry_in is None:
-                        continue  # dead-lettered (and acked)
-                    wait = retry_in
-                    break  # commit what succeeded; re-read from this event later
-                self._event_done(shard, event)
-                await ack()
-                handled += 1
+            more, stop, _ = await self._per_event(conn, shard, items)
+            handled += more
+            if stop is not None:
+                wait = stop
         return handled, wait
+
+    async def _per_event(
+        self, conn: AsyncConnection[Any], shard: int, items: list[tuple[ConnectorEvent, Ack]]
+    ) -> tuple[int, float | None, list[tuple[ConnectorEvent, Ack]]]:
+        """Each event's function in a savepoint of ``conn``'s transaction, then its ack.
+
+        Returns (events handled, seconds to wait or None, the items left from the event
+        that stopped the batch: one not ripe yet, or one that awaits its retry)."""
+        opts = self.spec.options
+        handled = 0
+        for index, (event, ack) in enumerate(items):
+            if not self._mine(shard, event):
+                await ack()
+                continue
+            lag = opts.consume_lag.total_seconds()
+            if lag > 0 and self._age(event) < lag:  # not ripe: stop, unacked
+                wait = min(opts.polling_frequency.total_seconds(), lag - self._age(event))
+                return handled, wait, items[index:]
+            self._check_lag(shard, event)
+            try:
+                async with conn.transaction():  # savepoint per event
+                    await self._call(conn, shard, event)
+            except psycopg.OperationalError:
+                raise
+            except BaseException as exc:
+                if not contained(exc):
+                    raise
+                retry_in = await self._event_failed(conn, shard, event, ack, exc)
+                if retry_in is None:
+                    continue  # dead-lettered (and acked)
+                return handled, retry_in, items[index:]  # commit what succeeded
+            self._event_done(shard, event)
+            await ack()
+            handled += 1
+        return handled, None, []
 
     async def _event_failed(
         self,
@@ -504,9 +579,11 @@ class ConnectorRunner(Generic[T, S]):
     ) -> tuple[int, float | None, list[tuple[ConnectorEvent, Ack]]] | None:
         """Handle ``items`` without per-event savepoints.
 
-        Returns (events handled, seconds to wait or None, the items left for the
-        per-event path) — or None when the whole batch fell back, leaving nothing
-        behind (its savepoint rolled back, nothing acked).
+        Returns (events handled, seconds to wait or None, the items left: for the
+        per-event path when no wait is given, else from the event that stopped the
+        batch — a transactional source re-reads those, a broker keeps them) — or None
+        when the whole batch fell back, leaving nothing behind (its savepoint rolled
+        back, nothing acked).
 
         When the function of one event fails (raises, or needs the per-event path), the
         events before it are NOT run again: in this mode a function that returned has
@@ -525,6 +602,7 @@ class ConnectorRunner(Generic[T, S]):
         handled: list[ConnectorEvent] = []
         wait: float | None = None
         failed_at: int | None = None
+        unripe: int | None = None
         failure: BaseException | None = None
         try:
             async with conn.transaction():  # undone as a whole if the attempt falls back
@@ -537,6 +615,7 @@ class ConnectorRunner(Generic[T, S]):
                             self.spec.options.polling_frequency.total_seconds(),
                             lag - self._age(event),
                         )
+                        unripe = index
                         break
                     mark = len(batch.added)
                     try:
@@ -584,14 +663,14 @@ class ConnectorRunner(Generic[T, S]):
             self._check_lag(shard, event)
             self._event_done(shard, event)
         if failed_at is None:
-            return len(handled), wait, []
+            return len(handled), wait, [] if unripe is None else items[unripe:]
         assert failure is not None
         if isinstance(failure, NeedsPerEventPath) or batch.fallback is not None:
             return len(handled), None, items[failed_at:]
         event, ack = items[failed_at]
         retry_in = await self._event_failed(conn, shard, event, ack, failure)
         if retry_in is not None:
-            return len(handled), retry_in, []  # stop here: re-read from this event later
+            return len(handled), retry_in, items[failed_at:]  # stop here: retry it later
         return len(handled), None, items[failed_at + 1 :]
 
     def _fell_back(self, shard: int, reason: str) -> None:

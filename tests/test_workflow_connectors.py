@@ -46,10 +46,10 @@ class BroadcastConsumer:
         while self.next >= len(self.connector.events):  # noqa: ASYNC110 - a fake broker
             await asyncio.sleep(0.01)
         event = self.connector.events[self.next]
+        self.next += 1  # delivered; a new consumer starts over (unacked: redelivered)
 
         async def ack() -> None:
             self.connector.acks[self.name].append(event.id)
-            self.next += 1  # only an ack moves on: unacked events are redelivered
 
         return event, ack
 
