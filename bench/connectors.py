@@ -122,9 +122,7 @@ def _events(n: int) -> list[ConnectorEvent]:
     return [event(f"e{i}", f"acct-{i}", "payment.completed", amount=str(i)) for i in range(n)]
 
 
-async def scenario_memory(
-    dsn: str, n: int, parallel: int, broker: bool = False
-) -> dict[str, Any]:
+async def scenario_memory(dsn: str, n: int, parallel: int, broker: bool = False) -> dict[str, Any]:
     memory = MemoryConnector(_events(n), broker=broker)
     wf = build(dsn, memory, parallel)
     await wf.run()

@@ -21,6 +21,17 @@ Per event, ``fn(api, event)`` runs in one transaction on the workflow's pool wit
 * Broker-like consumers (``recv() -> (event, ack)``): commit, then ack —
   at-least-once; ``trigger`` is idempotent (``WorkflowInProgress``, or an explicit
   ``run_id``) so a redelivery after a crash between commit and ack changes nothing.
+  Events are batched as a transactional source's are (below: optimistic, else per
+  event in savepoints, one commit), from what the consumer holds already: the first
+  ``recv()`` waits, the next ones get one turn of the event loop each (a broker
+  consumer returns from its prefetch buffer without waiting), up to ``batch_size``;
+  a ``recv()`` that would wait is kept for the next batch, never cancelled (nothing
+  received is dropped). The batch's acks are only noted in the transaction and
+  called after the commit, in source order. A failing event stops the batch where
+  it is (what succeeded before it commits and is acked); it and the events after it
+  stay received, unacked, and are handled from there after its backoff — the same
+  event order and retry / dead-letter rules as before, with one transaction per batch
+  instead of one per event (bench ``memory-broker``: ~400 -> ~7,800 events/s).
 * :class:`~pgflow.connectors.TransactionalConsumer` (a source in the same database):
   ``recv_batch_in(conn, batch_size)``, each event's ``fn`` in a savepoint, its ``ack``
   (the source cursor) in the same transaction, one commit — exactly-once. A consumer
@@ -309,6 +320,8 @@ class ConnectorRunner(Generic[T, S]):
             ahead = self._ahead.pop(shard, None)
             if ahead is not None and not ahead.done():
                 ahead.cancel()  # unacked: the source redelivers what it held
+            elif ahead is not None and not ahead.cancelled():
+                ahead.exception()  # retrieved: redelivered later, not logged as lost
 
     async def _broker_loop(self, shard: int, consumer: Any) -> None:
         opts = self.spec.options
