@@ -8,6 +8,7 @@ waits on NEW, so no record is updated after the transaction that inserted it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import socket
 import uuid
@@ -350,3 +351,85 @@ async def test_a_malformed_message_waits_for_the_batch_before_it(pgflow_dsn: str
     runs, transactions = await _runs(pgflow_dsn)
     assert runs == {f"e{i}": 1 for i in range(10)}
     assert transactions == 2
+
+
+def _up(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@contextlib.asynccontextmanager
+async def _nats_source() -> AsyncIterator[Any]:
+    import nats
+
+    from pgflow.connectors import nats as nc
+
+    suffix = uuid.uuid4().hex[:10]
+    stream = f"PGFLOWT_{suffix}"
+    source = nc.Connector(
+        "nats://127.0.0.1:4222",
+        stream,
+        [f"pgflowt{suffix}.>"],
+        fetch_batch=100,
+        fetch_timeout=timedelta(milliseconds=200),
+    )
+    try:
+        yield source
+    finally:
+        await source.close()
+        client = await nats.connect("nats://127.0.0.1:4222")
+        with contextlib.suppress(Exception):
+            await client.jetstream().delete_stream(stream)
+        await client.close()
+
+
+@contextlib.asynccontextmanager
+async def _rabbitmq_source() -> AsyncIterator[Any]:
+    import aio_pika
+
+    from pgflow.connectors import rabbitmq
+
+    suffix = uuid.uuid4().hex[:10]
+    source = rabbitmq.Connector(
+        "amqp://guest:guest@127.0.0.1:5672/",
+        f"pgflow-test-{suffix}",
+        queue_prefix=f"pgflow-test-{suffix}.",
+        prefetch=100,
+    )
+    await source.declare("bb--feed-1-of-1")
+    try:
+        yield source
+    finally:
+        await source.close()
+        connection = await aio_pika.connect("amqp://guest:guest@127.0.0.1:5672/")
+        channel = await connection.channel()
+        await channel.queue_delete(source.queue_name("bb--feed-1-of-1"))
+        await channel.exchange_delete(source.exchange)
+        await connection.close()
+
+
+@pytest.mark.parametrize(("broker", "port"), [("nats", 4222), ("rabbitmq", 5672)])
+async def test_nats_and_rabbitmq_batch_too(pgflow_dsn: str, broker: str, port: int) -> None:
+    if not _up(port):
+        pytest.skip(f"no {broker} server on 127.0.0.1:{port}")
+    n = 100
+    sources = {"nats": _nats_source, "rabbitmq": _rabbitmq_source}
+    async with sources[broker]() as source:
+        for i in range(n):
+            await source.publish(event(f"e{i}", f"acct-{i}", "paid"))
+        watched = Watched(source, pgflow_dsn)
+        calls: Counter[str] = Counter()
+        async with build(pgflow_dsn, watched, trigger_fn(calls)):
+
+            async def done() -> bool:
+                return len(watched.acked) == n
+
+            await wait_until(done, timeout=30, message=f"{n} events acked")
+    runs, transactions = await _runs(pgflow_dsn)
+    assert runs == {f"e{i}": 1 for i in range(n)}
+    assert calls == Counter({f"e{i}": 1 for i in range(n)})
+    assert watched.acked == [f"e{i}" for i in range(n)]
+    assert watched.uncommitted_acks == []
+    print(f"{broker}: {n} events in {transactions} transactions")
+    assert transactions <= n // 4, transactions
