@@ -72,7 +72,13 @@ def test_workflow_bench_quick(pgflow_server: TestDatabases, tmp_path: Path) -> N
 def test_connectors_bench_quick(pgflow_server: TestDatabases, tmp_path: Path) -> None:
     doc, stdout = _run_bench("connectors", pgflow_server, tmp_path)
     names = [row["scenario"] for row in doc["scenarios"]]
-    assert names[:3] == ["memory p1", "memory p4", "table p1"]
+    assert names[:5] == [
+        "memory p1",
+        "memory p4",
+        "memory-broker p1",
+        "memory-broker p4",
+        "table p1",
+    ]
     assert any(n.startswith("webhook accept") for n in names)
     assert all(row["events_per_s"] > 0 for row in doc["scenarios"])
     assert "memory connector -> trigger" in stdout
