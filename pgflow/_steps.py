@@ -8,7 +8,7 @@ handler runs in the batch transaction that also moves the cursor, so a step's ef
 commit exactly once together with "this event was handled".
 
 Per event: load the record (one query per batch, no row locks: nothing takes an xid
-until the first write, so the xid horizon is not held while user code runs); skip
+until the first write, so no xid is held open while user code runs); skip
 stale events (``event.version != record.version``: the run moved on) and runs that are
 not processable; run the step inside a savepoint; write the transition by
 compare-and-set on the record version.
@@ -19,7 +19,7 @@ with ``retry_at = now() + err_backoff * 2**(n-1)``. The cursor moves on: a faili
 never blocks its shard. The timer poller (:mod:`pgflow._timers`) re-emits the run's
 event when ``retry_at`` has passed, so the retry is an ordinary event. We chose this
 over in-process retries (tenacity) because sleeping inside a batch would hold the
-batch transaction — and with it the cluster's xid horizon and the shard — for the
+batch transaction — and with it an open xid (VACUUM's horizon) and the shard — for the
 whole backoff, and a retry queue in memory would be lost with the process. After
 ``pause_after_err_count`` consecutive errors the run is paused (``on_pause`` fires);
 ``resume``/``retry`` start it again.
