@@ -42,7 +42,7 @@ import logging
 import time
 import traceback as _traceback
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 from uuid import UUID
 
@@ -50,6 +50,7 @@ import psycopg
 from psycopg import AsyncConnection
 
 from ._engine import Engine, maybe_await
+from ._options import Options
 from .cursors import BatchOutcome, BatchResult, Consumer, CursorKey, RetryBatchNow
 from .errors import InvalidTransition
 from .events import Event
@@ -154,13 +155,13 @@ async def record_error(
     conn: AsyncConnection[Any],
     rec: RawRecord,
     exc: BaseException,
+    options: Options,
     *,
-    err_backoff_s: float,
-    pause_after: int | None,
-    pause_retry: timedelta | None = None,
     retry_step: bool = True,
 ) -> RawRecord | None:
-    """Count a failed attempt on ``rec``; schedule its retry or pause the run.
+    """Count a failed attempt on ``rec``; schedule its retry or pause the run, as the
+    failing consumer's ``options`` say (``err_backoff``, ``pause_after_err_count``,
+    ``pause_retry``).
 
     Compare-and-set on the version without bumping it: the retry event re-emitted by
     the poller carries the same version, so it is still current when it arrives.
@@ -171,6 +172,8 @@ async def record_error(
     paused run's ``retry_at`` to when the timer poller resumes it (a pause by hand
     clears ``retry_at``, so only automatic pauses are resumed automatically).
     """
+    err_backoff_s = options.err_backoff.total_seconds()
+    pause_after, pause_retry = options.pause_after_err_count, options.pause_retry
     count = rec.err_count + 1
     pausing = pause_after is not None and count >= pause_after
     now = engine.clock.sql_now()
@@ -516,9 +519,7 @@ class StepConsumer(Generic[T, S]):
             conn,
             rec,
             exc,
-            err_backoff_s=spec.options.err_backoff.total_seconds(),
-            pause_after=spec.options.pause_after_err_count,
-            pause_retry=spec.options.pause_retry,
+            spec.options,
         )
         if paused is None:
             metrics.retry(self.name, self.shard)

@@ -159,9 +159,7 @@ async def arm(
             conn,
             rec,
             exc,
-            err_backoff_s=spec.options.err_backoff.total_seconds(),
-            pause_after=spec.options.pause_after_err_count,
-            pause_retry=spec.options.pause_retry,
+            spec.options,
             retry_step=False,
         )
         if paused is None:
@@ -372,9 +370,7 @@ class Poller(Generic[T, S]):
                 conn,
                 rec,
                 exc,
-                err_backoff_s=spec.options.err_backoff.total_seconds(),
-                pause_after=spec.options.pause_after_err_count,
-                pause_retry=spec.options.pause_retry,
+                spec.options,
                 retry_step=False,
             )
             if paused is None:
