@@ -30,8 +30,8 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from .events import EVENT_COLUMNS, Event
-from .snapshots import CURSOR_ROW, START_SNAPSHOT, Position
+from .events import Event
+from .snapshots import CURSOR_ROW, Position, intersect_snapshots
 from .streamer import Batch, Filter, Listener, _batch, _params, _read_sql, read_batch
 
 __all__ = [
@@ -113,23 +113,8 @@ def inherited_snapshot(layouts: Sequence[tuple[int, int, Sequence[str]]]) -> str
     """Where a new layout of a consumer may start, given its other layouts as
     ``(shard_count, rows present, their snapshots)``: the intersection of the
     snapshots of every complete layout (an incomplete one says nothing: a missing shard
-    is at the start). The intersection of snapshots is a snapshot — xmin and xmax the
-    smallest, in progress whatever any of them had in progress below that xmax — in
-    which an event is visible only if every shard of those layouts has read it (a
-    shard's partial diff is ignored: read again, harmlessly)."""
-    snaps = [s for n, have, group in layouts if have == n for s in group]
-    if not snaps:
-        return START_SNAPSHOT
-    parsed = [_parse_snapshot(s) for s in snaps]
-    xmax = min(p[1] for p in parsed)
-    xip = sorted({x for p in parsed for x in p[2] if x < xmax})
-    xmin = min([*xip, xmax])  # everything below it is visible in every one of them
-    return f"{xmin}:{xmax}:{','.join(map(str, xip))}"
-
-
-def _parse_snapshot(text: str) -> tuple[int, int, list[int]]:
-    xmin, xmax, xip = text.split(":")
-    return int(xmin), int(xmax), [int(x) for x in xip.split(",") if x]
+    is at the start). A shard's partial diff is ignored: read again, harmlessly."""
+    return intersect_snapshots([s for n, have, group in layouts if have == n for s in group])
 
 
 #: The stored position's columns, in :class:`Position`'s field order.
@@ -301,7 +286,7 @@ def _consume_sql(types: int, sharded: bool, lagged: bool) -> str:
             "r.hi",
         )
     )
-    event_columns = ", ".join(f"r.{c.split('.')[-1]}" for c in EVENT_COLUMNS.split(", "))
+    event_columns = ", ".join(f"r.{name}" for name in Event._fields)
     ripe = ", r.ripe" if lagged else ""
     return (
         f"SELECT {once}, r.__id, {event_columns}{ripe}"

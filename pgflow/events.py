@@ -61,10 +61,9 @@ class NewEvent:
     traceparent: str | None = None
 
 
-EVENT_COLUMNS = (
-    "e.id, e.tx, e.stream, e.type, e.foreign_id, e.run_id, e.version, e.shard_hash,"
-    " e.headers, e.traceparent, e.created_at"
-)
+#: ``pgflow.events`` columns as aliased ``e``, in :class:`Event`'s field order (the
+#: fields are named after the columns).
+EVENT_COLUMNS = ", ".join(f"e.{name}" for name in Event._fields)
 
 
 _new_event = tuple.__new__

@@ -57,6 +57,7 @@ __all__ = [
     "Position",
     "PositionSQL",
     "diff_read_sql",
+    "intersect_snapshots",
 ]
 
 #: A snapshot in which no transaction is visible: the start of every log.
@@ -122,6 +123,24 @@ class PositionSQL:
     after: str = "%(__after)s::bigint"
     lo: str = "%(__lo)s::bigint"
     hi: str = "%(__hi)s::bigint"
+
+
+def intersect_snapshots(snapshots: Sequence[str]) -> str:
+    """The snapshot in which a transaction is visible only if it is visible in every
+    one of ``snapshots`` (the start of the log when there are none): xmin and xmax the
+    smallest, in progress whatever any of them had in progress below that xmax."""
+    if not snapshots:
+        return START_SNAPSHOT
+    parsed = [_parse_snapshot(s) for s in snapshots]
+    xmax = min(p[1] for p in parsed)
+    xip = sorted({x for p in parsed for x in p[2] if x < xmax})
+    xmin = min([*xip, xmax])  # everything below it is visible in every one of them
+    return f"{xmin}:{xmax}:{','.join(map(str, xip))}"
+
+
+def _parse_snapshot(text: str) -> tuple[int, int, list[int]]:
+    xmin, xmax, xip = text.split(":")
+    return int(xmin), int(xmax), [int(x) for x in xip.split(",") if x]
 
 
 #: Has the cursor row ``c`` read row ``e``? Visible in its snapshot, or taken from the
