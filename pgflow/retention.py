@@ -48,7 +48,7 @@ batch of young ones waits for a later prune (never deleted too early, at worst l
 Change-log rows (``pgflow.changes``, written by :func:`pgflow.capture`) older than the
 cutoff go once every connector cursor reading the change log (``pgflow.cursors.source
 = 'pgflow.changes'``) has read them; with no such cursor they are kept unless
-``include_unconsumed``.
+``include_unconsumed``. They are walked like events (same windows, same early stop).
 
 Also pruned, older than the same cutoff: ``pgflow.timeouts`` rows that are completed
 (fired) — only when their run is no longer in progress, since a live run's completed
@@ -86,32 +86,6 @@ _ELIGIBLE = """
         WHERE r.run_id = e.run_id AND r.run_state <> ALL (%(finished)s::text[]))
 """
 
-# The next window of the walk: its last position and whether anything in it is old.
-_WINDOW = """
-SELECT w.id, bool_or(w.old) OVER () FROM (
-    SELECT e.id, e.created_at < %(cutoff)s AS old FROM pgflow.events e
-    WHERE e.id > %(id)s::bigint
-    ORDER BY e.id LIMIT %(batch)s
-) w ORDER BY w.id DESC LIMIT 1
-"""
-
-_IN_WINDOW = "e.id > %(id)s::bigint AND e.id <= %(hi_id)s::bigint"
-
-_DELETE_EVENTS = (
-    "WITH gone AS (DELETE FROM pgflow.events e WHERE "
-    + _IN_WINDOW
-    + " AND "
-    + _ELIGIBLE
-    + " RETURNING e.stream) SELECT stream, count(*) FROM gone GROUP BY stream"
-)
-_COUNT_EVENTS = (
-    "SELECT e.stream, count(*) FROM pgflow.events e WHERE "
-    + _IN_WINDOW
-    + " AND "
-    + _ELIGIBLE
-    + " GROUP BY e.stream"
-)
-
 _TIMEOUTS = """
     t.completed AND t.created_at < %(cutoff)s AND t.expire_at < %(cutoff)s
     AND NOT EXISTS (
@@ -143,12 +117,43 @@ _CHANGES = """
     AND (%(include_unconsumed)s OR EXISTS (
         SELECT 1 FROM pgflow.cursors c WHERE c.source = 'pgflow.changes'))
 """
-_DELETE_CHANGES = (
-    "DELETE FROM pgflow.changes WHERE id IN (SELECT e.id FROM pgflow.changes e WHERE "
-    + _CHANGES
-    + " ORDER BY e.id LIMIT %(batch)s)"
-)
-_COUNT_CHANGES = "SELECT count(*) FROM pgflow.changes e WHERE " + _CHANGES
+
+
+@dataclass(frozen=True, slots=True)
+class _Walk:
+    """An id-ordered walk of a log table, deleting (or counting) its eligible rows one
+    window at a time, grouped by ``group`` (events by stream, changes by table)."""
+
+    table: str
+    eligible: str  #: SQL over `e`
+    group: str
+
+    @property
+    def window(self) -> str:
+        """The next window: its last id and whether anything in it is old."""
+        return (
+            "SELECT w.id, bool_or(w.old) OVER () FROM ("
+            f" SELECT e.id, e.created_at < %(cutoff)s AS old FROM {self.table} e"
+            " WHERE e.id > %(id)s::bigint ORDER BY e.id LIMIT %(batch)s"
+            ") w ORDER BY w.id DESC LIMIT 1"
+        )
+
+    def rows(self, dry_run: bool) -> str:
+        """Count (dry run) or delete the window's eligible rows, per group."""
+        where = f"e.id > %(id)s::bigint AND e.id <= %(hi_id)s::bigint AND {self.eligible}"
+        if dry_run:
+            return (
+                f"SELECT e.{self.group}, count(*) FROM {self.table} e WHERE {where}"
+                f" GROUP BY e.{self.group}"
+            )
+        return (
+            f"WITH gone AS (DELETE FROM {self.table} e WHERE {where} RETURNING e.{self.group}"
+            f" AS g) SELECT g, count(*) FROM gone GROUP BY g"
+        )
+
+
+_EVENTS = _Walk("pgflow.events", _ELIGIBLE, "stream")
+_CHANGE_LOG = _Walk("pgflow.changes", _CHANGES, "table_name")
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,39 +222,47 @@ async def _prune(
         "include_unconsumed": include_unconsumed,
         "finished": list(_FINISHED),
         "batch": batch,
-        "id": 0,
     }
-    by_stream: dict[str, int] = {}
+    by_stream, event_batches = await _walk(conn, params, dry_run, _EVENTS)
+    timeouts = await _prune_table(conn, params, dry_run, _COUNT_TIMEOUTS, _DELETE_TIMEOUTS)
+    dead = await _prune_table(conn, params, dry_run, _COUNT_DEAD, _DELETE_DEAD)
+    by_table, change_batches = await _walk(conn, params, dry_run, _CHANGE_LOG)
+    return PruneResult(
+        cutoff=cutoff,
+        dry_run=dry_run,
+        events_by_stream=by_stream,
+        timeouts=timeouts,
+        dead_letters=dead,
+        batches=event_batches + change_batches,
+        changes=sum(by_table.values()),
+    )
+
+
+async def _walk(
+    conn: AsyncConnection[Any], params: dict[str, Any], dry_run: bool, walk: _Walk
+) -> tuple[dict[str, int], int]:
+    """Run ``walk`` from the start of its table: (rows per group, DELETE batches)."""
+    params = {**params, "id": 0}
+    by_group: dict[str, int] = {}
     batches = 0
     while True:
         # Each statement in its own transaction: no xid is held between batches.
         async with conn.transaction():
-            cur = await conn.execute(_WINDOW, params)
+            cur = await conn.execute(walk.window, params)
             window = await cur.fetchone()
         if window is None:
             break  # nothing (more)
         hi_id, any_old = window
         if not any_old:
-            break  # the walk reached young events: the rest is younger still
+            break  # the walk reached young rows: the rest is younger still
         params.update(hi_id=hi_id)
         async with conn.transaction():
-            cur = await conn.execute(_COUNT_EVENTS if dry_run else _DELETE_EVENTS, params)
-            for stream, count in await cur.fetchall():
-                by_stream[stream] = by_stream.get(stream, 0) + int(count)
+            cur = await conn.execute(walk.rows(dry_run), params)
+            for group, count in await cur.fetchall():
+                by_group[group] = by_group.get(group, 0) + int(count)
         batches += 0 if dry_run else 1
         params.update(id=hi_id)
-    timeouts = await _prune_table(conn, params, dry_run, _COUNT_TIMEOUTS, _DELETE_TIMEOUTS)
-    dead = await _prune_table(conn, params, dry_run, _COUNT_DEAD, _DELETE_DEAD)
-    changes = await _prune_table(conn, params, dry_run, _COUNT_CHANGES, _DELETE_CHANGES)
-    return PruneResult(
-        cutoff=cutoff,
-        dry_run=dry_run,
-        events_by_stream=dict(sorted(by_stream.items())),
-        timeouts=timeouts,
-        dead_letters=dead,
-        batches=batches,
-        changes=changes,
-    )
+    return dict(sorted(by_group.items())), batches
 
 
 async def _prune_table(
