@@ -400,6 +400,11 @@ async def test_a_new_parallel_count_starts_where_the_old_layout_had_read(
         await wait_until(_true_when(lambda: len(calls) == 8), message="new rows read")
         await asyncio.sleep(0.3)  # the new shards had every chance to re-read old rows
     assert sorted(calls, key=int) == [str(i) for i in range(1, 9)]  # each row once
+    async with pool.connection() as conn:  # inherited rows record what they read too
+        cur = await conn.execute(
+            "SELECT DISTINCT source FROM pgflow.cursors WHERE consumer LIKE 'connector:%'"
+        )
+        assert await cur.fetchall() == [("app.payments",)]
 
 
 def _true_when(check: Any) -> Any:

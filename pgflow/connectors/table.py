@@ -401,11 +401,18 @@ class CursorStore:
                 )
             return self._pool
 
-    async def load(self, conn: AsyncConnection[Any], consumer_name: str) -> Position:
+    async def load(
+        self,
+        conn: AsyncConnection[Any],
+        consumer_name: str,
+        stream: str | None = None,
+        source: str | None = None,
+    ) -> Position:
         """The stored position; a consumer without a row whose name ends in
         ``-<i>-of-<n>`` (a workflow connector's shard) starts where every shard of a
         complete other layout of that connector had read (its ``parallel_count``
-        changed), its row created there in ``conn``'s transaction; else at the start."""
+        changed), its row created there in ``conn``'s transaction, recording ``stream``
+        and ``source`` as :meth:`compare_and_set` does; else at the start."""
         key = self.key(consumer_name)
         position = await load_cursor(conn, key)
         layout = _LAYOUT.fullmatch(key.consumer)
@@ -433,7 +440,7 @@ class CursorStore:
         if snapshot == START_SNAPSHOT:
             return position
         inherited = Position(snapshot)
-        await upsert_cursor(conn, key, position, inherited, source=None)
+        await upsert_cursor(conn, key, position, inherited, stream, source)
         return inherited
 
     async def compare_and_set(
@@ -449,19 +456,6 @@ class CursorStore:
         ``old == start``). False when it is not at ``old``: someone else moved it.
         ``source``: the table read (recorded for ``pgflow prune``)."""
         return await upsert_cursor(conn, self.key(consumer_name), old, new, stream, source)
-
-    async def advance(
-        self,
-        conn: AsyncConnection[Any],
-        consumer_name: str,
-        old: Position,
-        new: Position,
-        stream: str | None,
-        source: str | None = None,
-    ) -> None:
-        """Move the cursor ``old -> new``; a cursor that is no longer at ``old`` (another
-        process moved it) is left alone: this is the at-least-once path."""
-        await upsert_cursor(conn, self.key(consumer_name), old, new, stream, source)
 
     async def close(self) -> None:
         if self._owns_pool and self._pool is not None:
@@ -586,7 +580,9 @@ class TableConsumer:
             return []
         self._batch = None  # an earlier batch's transaction is over: forget it
         # Always the stored position: a rolled-back batch leaves nothing behind here.
-        start = await store.load(conn, self.cursor_name)
+        start = await store.load(
+            conn, self.cursor_name, self.connector.cursor_stream, self.connector.source_table
+        )
         read_or_idle = getattr(self.connector.stream, "read_or_idle", None)
         if read_or_idle is None:
             rows, idle = await self.connector.stream.read(conn, start, limit), None
@@ -704,7 +700,12 @@ class TableConsumer:
         pool = await self.connector.cursor_store.pool()
         async with pool.connection() as conn:
             if self._read_to is None:
-                self._read_to = await self.connector.cursor_store.load(conn, self.cursor_name)
+                self._read_to = await self.connector.cursor_store.load(
+                    conn,
+                    self.cursor_name,
+                    self.connector.cursor_stream,
+                    self.connector.source_table,
+                )
                 self._written = self._read_to
             rows = await self.connector.stream.read(conn, self._read_to, self.connector.batch_size)
         if rows:
@@ -728,7 +729,8 @@ class TableConsumer:
                     return
                 pool = await self.connector.cursor_store.pool()
                 async with pool.connection() as conn:
-                    await self.connector.cursor_store.advance(
+                    # At-least-once path: a cursor someone else moved is left alone.
+                    await self.connector.cursor_store.compare_and_set(
                         conn,
                         self.cursor_name,
                         old,
