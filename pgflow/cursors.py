@@ -32,7 +32,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from .events import Event
 from .snapshots import CURSOR_ROW, Position, intersect_snapshots
-from .streamer import Batch, Filter, Listener, _batch, _params, _read_sql, read_batch
+from .streamer import Batch, Filter, Listener, _batch, _params, _read_sql, leave_diff
 
 __all__ = [
     "BatchHandler",
@@ -327,7 +327,7 @@ async def _read_at_cursor(
     stored = position_from_row(rows[0])
     if rows[0][7] is None:  # the LEFT JOIN found nothing new
         if stored.upto is not None:  # an exhausted diff: go on from its end
-            return stored, await read_batch(conn, filter, stored, batch_size, lag)
+            return stored, await leave_diff(conn, filter, stored.upto, batch_size, lag)
         if rows[0][6] and stored.snapshot != rows[0][5]:
             # Idle for a while: move the snapshot to this statement's own (nothing of
             # this filter committed in between, or it would have been read), so prune

@@ -181,12 +181,22 @@ async def read_batch(
     cur = await conn.execute(sql, params)
     rows = await cur.fetchall()
     if not rows and after.upto is not None:
-        # The diff being read is exhausted (its last chunk was cut short by a lag or
-        # a batch boundary): go on from its end — and if nothing is newer, the batch
-        # is just that move (no events, a position), so the reader leaves the diff.
-        ahead = await read_batch(conn, filter, Position(after.upto), limit, lag)
-        return ahead if ahead.position is not None else Batch([], moved=Position(after.upto))
+        return await leave_diff(conn, filter, after.upto, limit, lag)
     return _batch(after, rows, limit, lag is not None)
+
+
+async def leave_diff(
+    conn: AsyncConnection[Any],
+    filter: Filter,
+    upto: str,
+    limit: int,
+    lag: timedelta | None,
+) -> Batch:
+    """The batch after a diff found exhausted (its last chunk was cut short by a lag or
+    a batch boundary): read on from its end, ``upto`` — and if nothing is newer, the
+    batch is just that move (no events, a position), so the reader leaves the diff."""
+    ahead = await read_batch(conn, filter, Position(upto), limit, lag)
+    return ahead if ahead.position is not None else Batch([], moved=Position(upto))
 
 
 def _batch(

@@ -355,3 +355,29 @@ def test_inherited_snapshot_is_the_intersection_of_complete_layouts() -> None:
         in_a = x < 70 and x not in (40, 65)
         in_b = x < 55 and x not in (30, 50)
         assert visible == (in_a and in_b), x
+
+
+async def test_a_consumer_leaves_an_exhausted_diff_even_with_nothing_new(
+    pgflow_dsn: str,
+) -> None:
+    ids = await _commit_events(pgflow_dsn, 3)
+
+    async def handler(events: list[Event], conn: Any) -> None:
+        pass
+
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(pgflow_dsn, min_size=1, open=False)
+    await pool.open(wait=True)
+    try:
+        key, flt = CursorKey("c"), Filter(STREAM)
+        first = await consume_once(pool, key, flt, handler, batch_size=2)
+        assert first.position is not None and first.position.upto is not None
+        async with pool.connection() as conn:
+            await conn.execute("DELETE FROM pgflow.events WHERE id = %s", (ids[2],))
+        moved = await consume_once(pool, key, flt, handler, batch_size=2)
+        assert moved.outcome is BatchOutcome.EMPTY
+        assert moved.position == Position(first.position.upto)
+        async with pool.connection() as conn:
+            cur = await conn.execute("SELECT upto FROM pgflow.cursors WHERE consumer = 'c'")
+            assert await cur.fetchone() == (None,)  # stored: out of the diff
+    finally:
+        await pool.close()
