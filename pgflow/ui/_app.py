@@ -469,7 +469,7 @@ def _actions_for(run_state: str) -> list[str]:
     return []
 
 
-def create_app(
+def app(
     dsn_or_pool: str | Pool | None = None,
     *,
     workflows: Iterable[Any] = (),
@@ -481,7 +481,21 @@ def create_app(
     pool_size: int = 4,
     allowed_hosts: Sequence[str] | None = None,
 ) -> Starlette:
-    """See :func:`pgflow.ui.app`."""
+    """The console as an ASGI app.
+
+    ``dsn_or_pool``: a DSN (a small pool of ``pool_size`` connections is opened on the
+    first request and closed at shutdown), an open ``psycopg_pool.AsyncConnectionPool``
+    (yours: you close it), or None for ``$PGFLOW_DATABASE_URL``.
+    ``workflows``: Builders / Workflows / Graphs whose graphs the Workflows page draws.
+    ``token``: required on every request (``Authorization: Bearer`` or the cookie set by
+    ``?token=``). ``auth``: a hook ``request -> bool`` (or awaitable) for when the console
+    is mounted in an app with its own login. ``read_only``: no actions.
+    ``trace_url``: link template for traces, e.g. ``http://jaeger:16686/trace/{trace_id}``.
+    ``allowed_hosts``: ``Host`` header values to accept (Starlette's TrustedHostMiddleware;
+    ``pgflow ui`` without a token allows only loopback names, against DNS rebinding).
+    A DSN's pool runs with ``jit = off``; do the same for a pool you pass (the console's
+    queries are short index walks that JIT compilation slows down).
+    """
     console = Console(
         dsn_or_pool,
         workflows=workflows,
@@ -517,7 +531,7 @@ def create_app(
         Route("/query.csv", console.query_csv, name="query_csv"),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
-    app = Starlette(
+    starlette_app = Starlette(
         routes=routes,
         middleware=[
             # Host check first: against DNS rebinding (a page on evil.example whose name
@@ -528,5 +542,5 @@ def create_app(
         exception_handlers={HTTPException: console.error_page, psycopg.Error: console.error_page},
         lifespan=lifespan,
     )
-    app.state.console = console
-    return app
+    starlette_app.state.console = console
+    return starlette_app
