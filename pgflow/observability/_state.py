@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from opentelemetry.trace import Tracer
 
 #: One logger for the whole package (operators filter on this name).
-logger = logging.getLogger("pgflow.observability")
+logger = logging.getLogger(__name__)
 
 INSTRUMENTATION_NAME = "pgflow"
 DEFAULT_SERVICE_NAME = "pgflow"
@@ -56,6 +56,6 @@ def ensure_resolved() -> None:
     """
     # Deferred: _config installs the resolved providers into the hooks' modules, which
     # import this one, so a top-level import would be circular.
-    from ._config import resolve_once
+    from pgflow.observability._config import resolve_once
 
     resolve_once()
