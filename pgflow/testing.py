@@ -34,7 +34,7 @@ import psycopg
 from psycopg import AsyncConnection, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from pgflow.errors import NotFound
+from pgflow.errors import ConfigError, NotFound
 from pgflow.ops.migrations import migrate
 from pgflow.postgres import throwaway_cluster
 from pgflow.workflow import clock as _clock
@@ -308,7 +308,7 @@ class Clock(_clock.Clock):
         """Move forward by ``delta`` (a timedelta or seconds); returns the new time."""
         step = delta if isinstance(delta, timedelta) else timedelta(seconds=delta)
         if step < timedelta(0):
-            raise ValueError("a Clock only moves forward")
+            raise ConfigError("a Clock only moves forward")
         return self.set(self._now + step)
 
     def set(self, when: datetime) -> datetime:

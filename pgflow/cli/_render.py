@@ -18,6 +18,7 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
+from pgflow.errors import ConfigError
 from pgflow.ops._format import format_interval
 
 __all__ = [
@@ -190,5 +191,5 @@ def render(
     if fmt == "csv":
         return render_csv(columns, rows)
     if fmt != "table":
-        raise ValueError(f"unknown format {fmt!r} (use one of {', '.join(FORMATS)})")
+        raise ConfigError(f"unknown format {fmt!r} (use one of {', '.join(FORMATS)})")
     return render_table(columns, rows, max_width=max_width, truncated=truncated)

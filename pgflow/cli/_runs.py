@@ -33,7 +33,7 @@ from pgflow.cli._render import (
     render_table,
     selected_format,
 )
-from pgflow.errors import ConfigError, InvalidTransition, NotFound, PgflowError
+from pgflow.errors import ConfigError, InvalidTransition, NotFound, PgflowError, ReplayFailed
 
 __all__ = ["ReplayFailed", "register", "replay_dead_letter", "resolve_run"]
 
@@ -312,7 +312,11 @@ async def resolve_run(
     if not rows:
         what = f"workflow {workflow!r}: " if workflow else ""
         which = f"run {run_id}" if run_id else "run"
-        raise NotFound(f"{what}no {which} for foreign id {foreign_id!r}")
+        raise NotFound(
+            f"{what}no {which} for foreign id {foreign_id!r}",
+            workflow=workflow or None,
+            foreign_id=foreign_id,
+        )
     runs = [_Run(r[0], r[1], r[2]) for r in rows]
     if run_id:
         if len(runs) > 1:
@@ -480,10 +484,6 @@ async def _dead_letters(conn: AsyncConnection[Any], args: argparse.Namespace) ->
     return 0
 
 
-class ReplayFailed(PgflowError):
-    """The connector function raised again while replaying a dead letter."""
-
-
 _SHARD_SUFFIX = re.compile(r"-\d+-of-\d+$")
 
 
@@ -521,7 +521,7 @@ async def _replay_through_connector(
     )
     row = await cur.fetchone()
     if row is None:
-        raise NotFound(f"no dead letter with id {dead_letter_id}")
+        raise NotFound(f"no dead letter with id {dead_letter_id}", dead_letter_id=dead_letter_id)
     consumer, event_id, foreign_id, type_, headers, replayed_at = row
     if replayed_at is not None:
         raise InvalidTransition(f"dead letter {dead_letter_id} was already replayed")
@@ -575,7 +575,8 @@ async def _replay_through_connector(
             except Exception as exc:
                 raise ReplayFailed(
                     f"replay of dead letter {dead_letter_id} failed, nothing changed (it "
-                    f"stays pending): {type(exc).__name__}: {_db.first_line(exc)}"
+                    f"stays pending): {type(exc).__name__}: {_db.first_line(exc)}",
+                    dead_letter_id=dead_letter_id,
                 ) from exc
     finally:
         await wf.close()
@@ -609,7 +610,9 @@ async def replay_dead_letter(conn: AsyncConnection[Any], dead_letter_id: int) ->
         )
         row = await cur.fetchone()
         if row is None:
-            raise NotFound(f"no dead letter with id {dead_letter_id}")
+            raise NotFound(
+                f"no dead letter with id {dead_letter_id}", dead_letter_id=dead_letter_id
+            )
         _, consumer, event_id, foreign_id, type_, headers, payload, replayed_at = row
         if replayed_at is not None:
             raise InvalidTransition(

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from psycopg import AsyncConnection
 
+from pgflow.errors import MalformedEvent, Reject
+
 if TYPE_CHECKING:  # pragma: no cover
     pass
 
@@ -46,50 +48,6 @@ class ConnectorEvent:
 
 
 Ack = Callable[[], Awaitable[None]]
-
-
-class Reject(Exception):
-    """Raised by a connector function: this event can never succeed (invalid data).
-
-    The runner dead-letters it at once in ``pgflow.dead_letters`` with ``reason``,
-    without the retries an ordinary exception gets, and moves on. For transient
-    failures (a network error, a lock timeout) raise anything else: those are retried.
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class MalformedEvent(Exception):
-    """A source message that cannot become a :class:`ConnectorEvent` (bad input).
-
-    Raised by ``recv()`` / ``recv_batch_in()`` instead of returning an event. Nothing is
-    lost: the message stays unacknowledged until the runner records it (e.g. in
-    ``pgflow.dead_letters`` with ``reason`` and ``payload``) and calls ``ack()`` — for a
-    transactional consumer inside the same transaction — which moves the consumer past
-    it. A runner that ignores this error sees the same message again on the next call.
-    """
-
-    def __init__(
-        self,
-        reason: str,
-        *,
-        event_id: str,
-        payload: Any = None,
-        ack: Ack | None = None,
-        foreign_id: str | None = None,
-    ) -> None:
-        super().__init__(f"malformed event {event_id}: {reason}")
-        self.reason = reason
-        self.event_id = event_id
-        self.payload = payload  #: the raw message, JSON-serialisable where possible
-        self.foreign_id = foreign_id
-
-        async def _noop() -> None:
-            return None
-
-        self.ack: Ack = ack if ack is not None else _noop
 
 
 @runtime_checkable

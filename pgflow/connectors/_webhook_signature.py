@@ -21,15 +21,13 @@ import hmac
 import time
 from collections.abc import Sequence
 
+from pgflow.errors import SignatureError
+
 __all__ = ["DEFAULT_TOLERANCE", "SIGNATURE_HEADER", "SignatureError", "sign", "verify"]
 
 SIGNATURE_HEADER = "X-Pgflow-Signature"
 DEFAULT_TOLERANCE = 300.0  #: seconds a signature's timestamp may be off from now
 _FORMAT = "expected t=<unix time>,v1=<hex HMAC-SHA256 of '<t>.' + body>"
-
-
-class SignatureError(ValueError):
-    """A missing, malformed, wrong or stale signature (the reason is the message)."""
 
 
 def _key(secret: str | bytes) -> bytes:

@@ -35,6 +35,7 @@ from psycopg import AsyncConnection
 from pgflow import _db
 from pgflow.connectors._base import ConnectorEvent
 from pgflow.connectors.table import Row, RowTranslator, TableStream, header_value
+from pgflow.errors import ConfigError
 
 __all__ = [
     "Change",
@@ -128,7 +129,7 @@ def changes_stream(
         wanted = [op.upper() for op in ops]
         bad = set(wanted) - {"INSERT", "UPDATE", "DELETE"}
         if bad or not wanted:
-            raise ValueError(f"ops must be INSERT, UPDATE and/or DELETE, not {sorted(bad)}")
+            raise ConfigError(f"ops must be INSERT, UPDATE and/or DELETE, not {sorted(bad)}")
         params["ops"] = wanted
         where.append("s.op = ANY(%(ops)s::text[])")
     label = name or "changes:" + (",".join(params.get("tables", [])) or "*")

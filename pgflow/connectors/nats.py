@@ -29,6 +29,7 @@ from pgflow.connectors._codec import (
     json_translator,
     translate,
 )
+from pgflow.errors import ConfigError
 
 __all__ = ["Connector", "Consumer", "durable_name"]
 
@@ -64,7 +65,7 @@ class Connector:
         fetch_timeout: timedelta = timedelta(seconds=1),
     ) -> None:
         if not subjects:
-            raise ValueError("subjects must not be empty")
+            raise ConfigError("subjects must not be empty")
         self.servers = [servers] if isinstance(servers, str) else list(servers)
         self.stream = stream
         self.subjects = list(subjects)

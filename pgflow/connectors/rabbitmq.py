@@ -25,6 +25,7 @@ from pgflow.connectors._codec import (
     json_translator,
     translate,
 )
+from pgflow.errors import ConfigError
 
 __all__ = ["Connector", "Consumer"]
 
@@ -50,7 +51,7 @@ class Connector:
         prefetch: int = 10,
     ) -> None:
         if not routing_keys or prefetch < 1:
-            raise ValueError("routing_keys must not be empty and prefetch must be positive")
+            raise ConfigError("routing_keys must not be empty and prefetch must be positive")
         self.url = url
         self.exchange = exchange
         self.routing_keys = list(routing_keys)

@@ -34,6 +34,7 @@ from pgflow.connectors._codec import (
     json_translator,
     translate,
 )
+from pgflow.errors import ConfigError
 
 __all__ = ["Connector", "Consumer"]
 
@@ -84,7 +85,7 @@ class Connector:
         start_id: str = "0",
     ) -> None:
         if claim_idle <= timedelta(0) or block <= timedelta(0) or count < 1:
-            raise ValueError("claim_idle, block and count must be positive")
+            raise ConfigError("claim_idle, block and count must be positive")
         self.url = url
         self.stream = stream
         self.translator = translator

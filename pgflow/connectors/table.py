@@ -84,6 +84,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgflow import _db
 from pgflow.connectors._base import Ack, ConnectorEvent, MalformedEvent
+from pgflow.errors import ConfigError
 from pgflow.log.cursors import (
     IDLE_ADVANCE_AFTER,
     CursorKey,
@@ -143,7 +144,7 @@ class Source(Protocol):
 def _qualified(name: str) -> sql.Composable:
     parts = [p.strip().strip('"') for p in name.split(".")]
     if not all(parts) or len(parts) > 2:
-        raise ValueError(f"bad table name {name!r}: use 'table' or 'schema.table'")
+        raise ConfigError(f"bad table name {name!r}: use 'table' or 'schema.table'")
     return sql.SQL(".").join(sql.Identifier(p) for p in parts)
 
 
@@ -170,11 +171,11 @@ class TableStream:
 
     def __post_init__(self) -> None:
         if (self.table is None) == (self.query is None):
-            raise ValueError("TableStream needs exactly one of table= or query=")
+            raise ConfigError("TableStream needs exactly one of table= or query=")
         if self.table is not None:
             _qualified(self.table)
         if self.columns is not None and not self.columns:
-            raise ValueError("columns must be None (all) or non-empty")
+            raise ConfigError("columns must be None (all) or non-empty")
 
     @property
     def label(self) -> str:
@@ -480,7 +481,7 @@ class Connector:
         cursor_stream: str | None = None,
     ) -> None:
         if batch_size < 1 or poll_interval <= 0:
-            raise ValueError("batch_size and poll_interval must be positive")
+            raise ConfigError("batch_size and poll_interval must be positive")
         self.stream = stream
         self.cursor_store = (
             cursor_store if isinstance(cursor_store, CursorStore) else CursorStore(cursor_store)

@@ -155,15 +155,15 @@ class Connector:
         batch_size: int = 100,
     ) -> None:
         if not name:
-            raise ValueError("webhook connector needs a name")
+            raise ConfigError("webhook connector needs a name")
         if max_body < 1:
-            raise ValueError("max_body must be positive")
+            raise ConfigError("max_body must be positive")
         if max_connections < 1:
-            raise ValueError("max_connections must be positive")
+            raise ConfigError("max_connections must be positive")
         if tolerance <= 0:
-            raise ValueError("tolerance must be positive (seconds)")
+            raise ConfigError("tolerance must be positive (seconds)")
         if not path.startswith("/"):
-            raise ValueError(f"path must start with '/': {path!r}")
+            raise ConfigError(f"path must start with '/': {path!r}")
         self.name = name
         self.stream = f"webhook:{name}"
         self.host = host
@@ -177,7 +177,7 @@ class Connector:
         else:
             secrets = [s.encode() if isinstance(s, str) else s for s in secret]
         if secret is not None and not all(secrets):
-            raise ValueError("webhook secret must not be empty")
+            raise ConfigError("webhook secret must not be empty")
         self.store = CursorStore(db, pool_size=4)
         self.reader = TableConnector(
             EventLogStream(self.stream),

@@ -30,6 +30,7 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from pgflow.errors import ConfigError, LostCursor
 from pgflow.log.events import Event
 from pgflow.log.snapshots import CURSOR_ROW, Position, intersect_snapshots
 from pgflow.log.streamer import Batch, Filter, Listener, _batch, _params, _read_sql, leave_diff
@@ -74,10 +75,6 @@ class RetryBatchNow(Exception):
     batch (e.g. a step turned out to write through ``run.tx``). Logged at INFO, retried
     without backoff.
     """
-
-
-class LostCursor(Exception):
-    """The cursor moved under us: another process applied this batch first."""
 
 
 async def ensure_cursor(
@@ -392,9 +389,9 @@ class Consumer:
         on_batch: Callable[[BatchResult], None] | None = None,
     ) -> None:
         if batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
+            raise ConfigError("batch_size must be at least 1")
         if poll_interval <= 0:
-            raise ValueError("poll_interval must be positive")
+            raise ConfigError("poll_interval must be positive")
         self.pool = pool
         self.key = key
         self.filter = filter

@@ -30,7 +30,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from pgflow import _db
-from pgflow.errors import DatabaseUnavailable
+from pgflow.errors import ConfigError, DatabaseUnavailable
 from pgflow.log.events import EVENT_COLUMNS, Event, event_from_row
 from pgflow.log.snapshots import DiffRead, Position, PositionSQL, diff_read_sql
 
@@ -68,9 +68,9 @@ class Filter:
 
     def __post_init__(self) -> None:
         if self.shard_count < 1 or not 0 <= self.shard < self.shard_count:
-            raise ValueError(f"shard {self.shard} of {self.shard_count} is out of range")
+            raise ConfigError(f"shard {self.shard} of {self.shard_count} is out of range")
         if self.types is not None and not self.types:
-            raise ValueError("types must be None (all) or a non-empty tuple")
+            raise ConfigError("types must be None (all) or a non-empty tuple")
 
 
 def _read_sql(
@@ -173,7 +173,7 @@ async def read_batch(
     must never pass an event that was not delivered).
     """
     if limit < 1:
-        raise ValueError("limit must be at least 1")
+        raise ConfigError("limit must be at least 1")
     types, params = _params(filter, after, limit)
     if lag is not None:
         params["lag"] = lag
@@ -559,7 +559,7 @@ async def stream(
     must commit with their effects use :class:`pgflow.log.cursors.Consumer`.
     """
     if batch_size < 1 or poll_interval <= 0:
-        raise ValueError("batch_size and poll_interval must be positive")
+        raise ConfigError("batch_size and poll_interval must be positive")
     sub = listener.subscribe(filter.stream) if listener else None
     position = after or Position.start()
     first = True

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from opentelemetry import trace
 
+from pgflow.errors import ConfigError
 from pgflow.observability._metrics import metrics
 from pgflow.observability._state import DEFAULT_SERVICE_NAME, INSTRUMENTATION_NAME, logger, state
 
@@ -231,7 +232,7 @@ def _exporter(signal: _Signal, name: str) -> Any:
     if name == "console":
         return _new(signal.console)
     if name != "otlp":
-        raise ValueError(
+        raise ConfigError(
             f"unsupported OTEL_{signal.name.upper()}_EXPORTER {name!r} (use otlp, console, none)"
         )
     protocol = _protocol(signal.name)
@@ -240,7 +241,7 @@ def _exporter(signal: _Signal, name: str) -> Any:
     elif protocol in ("http/protobuf", "http"):
         target = signal.otlp_http
     else:
-        raise ValueError(f"unsupported OTLP protocol {protocol!r} (use http/protobuf or grpc)")
+        raise ConfigError(f"unsupported OTLP protocol {protocol!r} (use http/protobuf or grpc)")
     try:
         return _new(target)
     except ImportError as exc:

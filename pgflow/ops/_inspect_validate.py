@@ -19,7 +19,7 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.errors import ParseError, TokenError
 
-from pgflow.errors import PgflowError
+from pgflow.errors import InspectError, InspectRefused
 
 __all__ = [
     "ALLOWED_FUNCTIONS",
@@ -39,18 +39,6 @@ MAX_PAD = 10_000
 MAX_QUERY_CHARS = 100_000
 #: PostgreSQL truncates identifiers to 63 bytes; longer ones could alias each other there.
 MAX_IDENTIFIER_BYTES = 63
-
-
-class InspectError(PgflowError):
-    """Base class of ``pgflow inspect`` errors."""
-
-    __module__ = "pgflow.inspect"  # where users import it from
-
-
-class InspectRefused(InspectError):
-    """The query is not a read-only query over pgflow's relations; nothing was run."""
-
-    __module__ = "pgflow.inspect"
 
 
 # --------------------------------------------------------------------- functions

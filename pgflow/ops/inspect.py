@@ -54,6 +54,7 @@ import psycopg
 from psycopg import AsyncConnection, sql
 
 from pgflow import _db
+from pgflow.errors import ConfigError, InspectFailed
 from pgflow.ops._inspect_validate import (
     ALLOWED_FUNCTIONS,
     ALLOWED_SYNTAX,
@@ -92,10 +93,6 @@ READER_ROLE = "pgflow_reader"
 _WORK_MEM = "16MB"
 #: Temporary files the query may write (only settable when connected as a superuser).
 _TEMP_FILE_LIMIT = "256MB"
-
-
-class InspectFailed(InspectError):
-    """The server rejected or cancelled a validated query (bad column, timeout, ...)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,10 +211,10 @@ async def run_validated(
     the client never receives more than ``max_bytes`` of values.
     """
     if timeout <= 0 or limit < 1 or max_bytes < 1:
-        raise ValueError("timeout, limit and max_bytes must be positive")
+        raise ConfigError("timeout, limit and max_bytes must be positive")
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         # Inside the caller's transaction the fences would be a savepoint's: refuse.
-        raise ValueError("pgflow inspect needs a connection that is not in a transaction")
+        raise ConfigError("pgflow inspect needs a connection that is not in a transaction")
     millis = max(1, int(timeout * 1000))
     rows: list[tuple[Any, ...]] = []
     role = ""

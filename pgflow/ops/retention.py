@@ -66,6 +66,7 @@ from psycopg import AsyncConnection
 from psycopg.pq import TransactionStatus
 
 from pgflow import _db
+from pgflow.errors import ConfigError
 from pgflow.log.snapshots import CONSUMED
 
 __all__ = ["PruneResult", "prune"]
@@ -188,9 +189,9 @@ async def prune(
     (``None`` or a DSN opens a connection of its own). ``dry_run`` only counts.
     """
     if older_than <= timedelta(0):
-        raise ValueError("older_than must be positive")
+        raise ConfigError("older_than must be positive")
     if batch < 1:
-        raise ValueError("batch must be at least 1")
+        raise ConfigError("batch must be at least 1")
     if isinstance(conn_or_dsn, AsyncConnection):
         return await _prune(conn_or_dsn, older_than, dry_run, batch, include_unconsumed)
     conn = await _db.connect(_db.resolve_dsn(conn_or_dsn), autocommit=True)
@@ -208,7 +209,7 @@ async def _prune(
     include_unconsumed: bool,
 ) -> PruneResult:
     if conn.info.transaction_status != TransactionStatus.IDLE:
-        raise ValueError(
+        raise ConfigError(
             "prune commits after every batch: pass a connection that is not inside a "
             "transaction (or a DSN)"
         )

@@ -530,7 +530,7 @@ async def act_on_run(
 
     rec = await run(conn, run_id)
     if rec is None:
-        raise NotFound(f"no run {run_id}")
+        raise NotFound(f"no run {run_id}", run_id=run_id)
     wf, fid = rec["workflow"], rec["foreign_id"]
     if action == "pause":
         new = await actions.pause(conn, wf, fid, run_id, reason=reason)

@@ -89,7 +89,10 @@ class Batch:
                 return known
             raise WorkflowInProgress(
                 f"workflow {self.workflow!r}: foreign id {run.foreign_id!r} already has a "
-                "run in progress (wait for it, or cancel it first)"
+                "run in progress (wait for it, or cancel it first)",
+                workflow=self.workflow,
+                foreign_id=run.foreign_id,
+                run_id=known,
             )
         self.active[run.foreign_id] = run.run_id
         self.pending.append(run)

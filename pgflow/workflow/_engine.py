@@ -240,13 +240,24 @@ class Engine(Generic[T, S]):
         try:
             target = self.statuses.coerce(dest)
         except ValueError as exc:
-            raise InvalidTransition(f"workflow {self.name!r}: {exc}") from None
+            raise InvalidTransition(
+                f"workflow {self.name!r}: {exc}",
+                workflow=self.name,
+                foreign_id=run.foreign_id,
+                run_id=run.run_id,
+                from_status=run.status,
+            ) from None
         allowed_set = set(allowed) if allowed is not None else self.allowed(run.status)
         if target not in allowed_set:
             names = ", ".join(sorted(s.name for s in allowed_set)) or "nothing"
             raise InvalidTransition(
                 f"workflow {self.name!r}: {run.status.name} -> {target.name} is not allowed"
-                f" for {run.foreign_id!r} ({run.status.name} may move to: {names})"
+                f" for {run.foreign_id!r} ({run.status.name} may move to: {names})",
+                workflow=self.name,
+                foreign_id=run.foreign_id,
+                run_id=run.run_id,
+                from_status=run.status,
+                to_status=target,
             )
         terminal = self.graph.is_terminal(target)
         new = await write_change(
@@ -297,7 +308,10 @@ class Engine(Generic[T, S]):
         if locked is None or locked.version != run.version:
             raise InvalidTransition(
                 f"workflow {self.name!r}: run {run.run_id} of {run.foreign_id!r} moved "
-                "while its step ran; nothing was saved"
+                "while its step ran; nothing was saved",
+                workflow=self.name,
+                foreign_id=run.foreign_id,
+                run_id=run.run_id,
             )
         new = await write_change(
             run.tx,

@@ -395,7 +395,11 @@ class StepConsumer(Generic[T, S]):
                 ):
                     raise InvalidTransition(
                         f"step {spec.name} returned {dest!r}: not one of its declared "
-                        f"destinations ({', '.join(s.name for s in spec.to)}) or None"
+                        f"destinations ({', '.join(s.name for s in spec.to)}) or None",
+                        workflow=engine.name,
+                        foreign_id=rec.foreign_id,
+                        run_id=rec.run_id,
+                        from_status=run.status,
                     )
                 if dest is not None and not run.changed:
                     # inside the try: an object jsonb would refuse is this run's error
@@ -547,7 +551,11 @@ class StepConsumer(Generic[T, S]):
                         if not isinstance(dest, engine.statuses.enum):
                             raise InvalidTransition(
                                 f"step {spec.name} returned {dest!r}, not a "
-                                f"{engine.statuses.enum.__name__} (or None)"
+                                f"{engine.statuses.enum.__name__} (or None)",
+                                workflow=engine.name,
+                                foreign_id=rec.foreign_id,
+                                run_id=rec.run_id,
+                                from_status=run.status,
                             )
                         new = await engine.transition(
                             run,

@@ -337,7 +337,13 @@ class Poller(Generic[T, S]):
                     dest = await maybe_await(spec.expire(run, now))
                     if dest is not None and not run.changed:
                         if not isinstance(dest, engine.statuses.enum):
-                            raise InvalidTransition(f"expire returned {dest!r}, not a status")
+                            raise InvalidTransition(
+                                f"expire returned {dest!r}, not a status",
+                                workflow=engine.name,
+                                foreign_id=run.foreign_id,
+                                run_id=run.run_id,
+                                from_status=run.status,
+                            )
                         new = await engine.transition(
                             run, dest, change="timeout", allowed=spec.to, traceparent=tp
                         )

@@ -81,7 +81,12 @@ async def _locked(
     rec = await load_run(conn, workflow, foreign_id, run_id, lock=True)
     if rec is None:
         which = f"run {run_id}" if run_id else "any run"
-        raise NotFound(f"workflow {workflow!r}: no {which} for foreign id {foreign_id!r}")
+        raise NotFound(
+            f"workflow {workflow!r}: no {which} for foreign id {foreign_id!r}",
+            workflow=workflow,
+            foreign_id=foreign_id,
+            run_id=run_id,
+        )
     return rec
 
 
@@ -99,7 +104,11 @@ async def _locked_for(
     if rec.run_state not in allowed:
         raise InvalidTransition(
             f"workflow {workflow!r}: cannot {verb} run {rec.run_id} of {foreign_id!r}: "
-            f"it is {rec.run_state}"
+            f"it is {rec.run_state}",
+            workflow=workflow,
+            foreign_id=foreign_id,
+            run_id=rec.run_id,
+            run_state=rec.run_state,
         )
     return rec
 

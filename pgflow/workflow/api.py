@@ -38,6 +38,7 @@ from pgflow.workflow._batch_api import Batch
 from pgflow.workflow._engine import Engine, maybe_await
 from pgflow.workflow.listing import Order, Page, list_records
 from pgflow.workflow.records import (
+    ACTIVE_STATES,
     PROCESSABLE_STATES,
     RECORD_COLUMNS,
     NewRun,
@@ -169,15 +170,20 @@ class API(Generic[T, S]):
         """
         engine = self._engine
         if not isinstance(foreign_id, str) or not foreign_id:
-            raise ValueError("foreign_id must be a non-empty string")
+            raise ConfigError("foreign_id must be a non-empty string")
         try:
             start = engine.statuses.coerce(start_at) if start_at is not None else None
         except ValueError as exc:
-            raise InvalidTransition(f"workflow {self.name!r}: {exc}") from None
+            raise InvalidTransition(
+                f"workflow {self.name!r}: {exc}", workflow=self.name, foreign_id=foreign_id
+            ) from None
         start = start if start is not None else engine.graph.start
         if start not in engine.startable:
             raise InvalidTransition(
-                f"workflow {self.name!r}: cannot start at {start.name}: it is not in the graph"
+                f"workflow {self.name!r}: cannot start at {start.name}: it is not in the graph",
+                workflow=self.name,
+                foreign_id=foreign_id,
+                to_status=start,
             )
         obj = initial if initial is not None else engine.objects.default()
         rid = uuid.UUID(str(run_id)) if run_id is not None else uuid.uuid4()
@@ -216,7 +222,10 @@ class API(Generic[T, S]):
                 if "one_active_run" in diag:
                     raise WorkflowInProgress(
                         f"workflow {self.name!r}: foreign id {foreign_id!r} already has a "
-                        "run in progress (wait for it, or cancel it first)"
+                        "run in progress (wait for it, or cancel it first)",
+                        workflow=self.name,
+                        foreign_id=foreign_id,
+                        run_id=await self._active_run_id(foreign_id),
                     ) from None
                 if diag == "records_pkey":
                     raise ConfigError(
@@ -226,6 +235,12 @@ class API(Generic[T, S]):
                     ) from None
                 raise
         return str(rid)
+
+    async def _active_run_id(self, foreign_id: str) -> uuid.UUID | None:
+        """The run in progress for ``foreign_id`` (for :class:`WorkflowInProgress`)."""
+        async with self._read() as conn:
+            raw = await load_latest(conn, self.name, foreign_id)
+        return raw.run_id if raw is not None and raw.run_state in ACTIVE_STATES else None
 
     async def _run_exists(self, foreign_id: str, run_id: uuid.UUID) -> bool:
         async with self._read() as conn:
@@ -293,7 +308,11 @@ class API(Generic[T, S]):
         async with self._read() as conn:
             raw = await load_latest(conn, self.name, foreign_id)
         if raw is None:
-            raise NotFound(f"workflow {self.name!r}: no run for foreign id {foreign_id!r}")
+            raise NotFound(
+                f"workflow {self.name!r}: no run for foreign id {foreign_id!r}",
+                workflow=self.name,
+                foreign_id=foreign_id,
+            )
         return self._record(raw)
 
     async def get(self, foreign_id: str, run_id: str | uuid.UUID) -> Record[T, S]:
@@ -301,7 +320,12 @@ class API(Generic[T, S]):
         async with self._read() as conn:
             raw = await load_run(conn, self.name, foreign_id, run_id)
         if raw is None:
-            raise NotFound(f"workflow {self.name!r}: no run {run_id} for {foreign_id!r}")
+            raise NotFound(
+                f"workflow {self.name!r}: no run {run_id} for {foreign_id!r}",
+                workflow=self.name,
+                foreign_id=foreign_id,
+                run_id=run_id,
+            )
         return self._record(raw)
 
     async def exists(self, foreign_id: str) -> bool:
@@ -345,14 +369,24 @@ class API(Generic[T, S]):
                     cur = await conn.execute(sql, (target.name, rid, self.name, foreign_id))
                     row = await cur.fetchone()
                 if row is None:
-                    raise NotFound(f"workflow {self.name!r}: no run {rid} for {foreign_id!r}")
+                    raise NotFound(
+                        f"workflow {self.name!r}: no run {rid} for {foreign_id!r}",
+                        workflow=self.name,
+                        foreign_id=foreign_id,
+                        run_id=rid,
+                    )
                 raw = RawRecord.from_row(row[:-1])
                 if row[-1] or raw.status == target.name:
                     return self._record(raw)
                 if raw.run_state.finished:
                     raise InvalidTransition(
                         f"workflow {self.name!r}: run {rid} of {foreign_id!r} ended "
-                        f"({raw.run_state} at {raw.status}) without reaching {target.name}"
+                        f"({raw.run_state} at {raw.status}) without reaching {target.name}",
+                        workflow=self.name,
+                        foreign_id=foreign_id,
+                        run_id=rid,
+                        to_status=target,
+                        run_state=raw.run_state,
                     )
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -395,7 +429,7 @@ class API(Generic[T, S]):
             try:
                 names = [statuses.coerce(s).name for s in items]
             except ValueError as exc:
-                raise ValueError(f"workflow {self.name!r}: status: {exc}") from None
+                raise ConfigError(f"workflow {self.name!r}: status: {exc}") from None
         async with self._read() as conn:
             page = await list_records(
                 conn,
@@ -441,21 +475,35 @@ class API(Generic[T, S]):
         try:
             target = engine.statuses.coerce(status)
         except ValueError as exc:
-            raise InvalidTransition(f"workflow {self.name!r}: {exc}") from None
+            raise InvalidTransition(
+                f"workflow {self.name!r}: {exc}", workflow=self.name, foreign_id=foreign_id
+            ) from None
         specs = engine.graph.callbacks.get(target)
         if not specs:
             raise InvalidTransition(
-                f"workflow {self.name!r}: no callback is registered on {target.name}"
+                f"workflow {self.name!r}: no callback is registered on {target.name}",
+                workflow=self.name,
+                foreign_id=foreign_id,
+                to_status=target,
             )
         async with self._tx() as conn:
             raw = await load_run(conn, self.name, foreign_id, lock=True)
             if raw is None:
-                raise NotFound(f"workflow {self.name!r}: no run for foreign id {foreign_id!r}")
+                raise NotFound(
+                    f"workflow {self.name!r}: no run for foreign id {foreign_id!r}",
+                    workflow=self.name,
+                    foreign_id=foreign_id,
+                )
             if raw.status == target.name and raw.run_state is RunState.PAUSED:
                 raise RunPaused(
                     f"workflow {self.name!r}: run {raw.run_id} of {foreign_id!r} is paused"
                     f" at {target.name}; the callback was not applied (resume the run, then"
-                    " deliver it again)"
+                    " deliver it again)",
+                    workflow=self.name,
+                    foreign_id=foreign_id,
+                    run_id=raw.run_id,
+                    to_status=target,
+                    run_state=raw.run_state,
                 )
             if raw.status != target.name or raw.run_state not in PROCESSABLE_STATES:
                 return None
@@ -473,11 +521,19 @@ class API(Generic[T, S]):
     async def _active(self, conn: AsyncConnection[Any], foreign_id: str) -> RawRecord:
         raw = await load_run(conn, self.name, foreign_id, lock=True)
         if raw is None:
-            raise NotFound(f"workflow {self.name!r}: no run for foreign id {foreign_id!r}")
+            raise NotFound(
+                f"workflow {self.name!r}: no run for foreign id {foreign_id!r}",
+                workflow=self.name,
+                foreign_id=foreign_id,
+            )
         if raw.run_state not in PROCESSABLE_STATES:
             raise InvalidTransition(
                 f"workflow {self.name!r}: run {raw.run_id} of {foreign_id!r} is "
-                f"{raw.run_state}; it cannot move"
+                f"{raw.run_state}; it cannot move",
+                workflow=self.name,
+                foreign_id=foreign_id,
+                run_id=raw.run_id,
+                run_state=raw.run_state,
             )
         return raw
 

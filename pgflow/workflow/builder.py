@@ -172,9 +172,9 @@ class Builder(Generic[T, S]):
         if not isinstance(self.name, str) or not self.name.strip():
             problems.append("workflow name must be a non-empty string")
         if not (isinstance(self.status_enum, type) and issubclass(self.status_enum, enum.Enum)):
+            problem = f"status_enum must be an IntEnum or StrEnum class, got {self.status_enum!r}"
             raise BuildError(
-                f"workflow {self.name!r}: status_enum must be an IntEnum or StrEnum class, "
-                f"got {self.status_enum!r}"
+                f"workflow {self.name!r}: {problem}", workflow=self.name, problems=[problem]
             )
         if not list(self.status_enum):
             problems.append(f"status enum {self.status_enum.__name__} has no members")
@@ -282,7 +282,11 @@ class Builder(Generic[T, S]):
                 if not callable(hook):
                     problems.append(f"{what}: {hook!r} is not callable")
         if problems:
-            raise BuildError(f"workflow {self.name!r}: " + "; ".join(problems))
+            raise BuildError(
+                f"workflow {self.name!r}: " + "; ".join(problems),
+                workflow=self.name,
+                problems=problems,
+            )
         assert start is not None
         return Graph(
             workflow=self.name,
@@ -329,7 +333,10 @@ class Builder(Generic[T, S]):
 
         graph = self.graph(pause_retry=pause_retry)
         if pool_size < 2:
-            raise BuildError(f"workflow {self.name!r}: pool_size must be at least 2")
+            problem = "pool_size must be at least 2"
+            raise BuildError(
+                f"workflow {self.name!r}: {problem}", workflow=self.name, problems=[problem]
+            )
         return Workflow(
             graph,
             self.type,

@@ -37,6 +37,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgflow.connectors._base import ConnectorEvent
 from pgflow.connectors.table import Connector, CursorStore, Row, TableStream, header_value
+from pgflow.errors import ConfigError
 from pgflow.workflow.records import RunState
 
 __all__ = ["MOVES", "on_run_state", "on_status", "workflow_events", "workflow_translator"]
@@ -53,13 +54,13 @@ def _name(value: Any) -> str:
         return value.name if not isinstance(value, RunState) else str(value)
     if isinstance(value, str) and value:
         return value
-    raise ValueError(f"expected a status (enum member or name), got {value!r}")
+    raise ConfigError(f"expected a status (enum member or name), got {value!r}")
 
 
 def _workflow_name(source: Any) -> str:
     name = source if isinstance(source, str) else getattr(source, "name", None)
     if not isinstance(name, str) or not name:
-        raise ValueError(f"expected a workflow name, Workflow or Builder, got {source!r}")
+        raise ConfigError(f"expected a workflow name, Workflow or Builder, got {source!r}")
     return name
 
 
@@ -144,7 +145,7 @@ def on_run_state(
     """A connector of the source ``workflow``'s runs entering any of ``run_states``
     (e.g. ``RunState.COMPLETED``, ``RunState.CANCELLED``)."""
     if not run_states:
-        raise ValueError("on_run_state needs at least one run state")
+        raise ConfigError("on_run_state needs at least one run state")
     stream = workflow_events(workflow, run_states=run_states, changes=None)
     # leave out the poller's retry re-emissions (same run state, nothing entered)
     stream = TableStream(

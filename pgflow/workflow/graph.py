@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from pgflow.errors import ConfigError
 from pgflow.workflow._options import Options
 
 __all__ = ["CallbackSpec", "ConnectorSpec", "Graph", "StepSpec", "TimeoutSpec"]
@@ -138,7 +139,7 @@ class Graph(Generic[S]):
         lines = ["stateDiagram-v2"]
         if direction is not None:
             if direction.upper() not in DIRECTIONS:
-                raise ValueError(
+                raise ConfigError(
                     f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}"
                 )
             lines.append(f"    direction {direction.upper()}")

@@ -31,6 +31,7 @@ from uuid import UUID
 
 from psycopg import AsyncConnection
 
+from pgflow.errors import ConfigError
 from pgflow.workflow.records import RECORD_COLUMNS, RawRecord, RunState
 
 __all__ = ["MAX_LIMIT", "Order", "Page", "list_records"]
@@ -61,7 +62,7 @@ def _values(name: str, value: Any, kind: type | tuple[type, ...]) -> list[Any] |
         return None
     items = [value] if isinstance(value, (str, kind)) else list(value)
     if not items:
-        raise ValueError(f"{name}: an empty list matches nothing; pass None for no filter")
+        raise ConfigError(f"{name}: an empty list matches nothing; pass None for no filter")
     for item in items:
         if not isinstance(item, kind):
             raise TypeError(f"{name}: expected {kind}, got {item!r}")
@@ -79,9 +80,9 @@ def _decode(token: str, order: Order) -> tuple[datetime, UUID]:
         created, run_id, token_order = json.loads(base64.urlsafe_b64decode(padded))
         key = (datetime.fromisoformat(created), UUID(run_id))
     except (ValueError, TypeError, binascii.Error):
-        raise ValueError(f"after: {token!r} is not a page token from list()") from None
+        raise ConfigError(f"after: {token!r} is not a page token from list()") from None
     if token_order != order:
-        raise ValueError(
+        raise ConfigError(
             f"after: the token is from an order={token_order!r} listing, not {order!r}"
         )
     return key
@@ -107,9 +108,9 @@ async def list_records(
     previous page's ``after`` to get the next page (same filters and order).
     """
     if order not in ("asc", "desc"):
-        raise ValueError(f"order must be 'asc' or 'desc', got {order!r}")
+        raise ConfigError(f"order must be 'asc' or 'desc', got {order!r}")
     if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= MAX_LIMIT:
-        raise ValueError(f"limit must be an int from 1 to {MAX_LIMIT}, got {limit!r}")
+        raise ConfigError(f"limit must be an int from 1 to {MAX_LIMIT}, got {limit!r}")
     where = ["workflow = %s"]
     params: list[Any] = [workflow]
 
@@ -130,7 +131,7 @@ async def list_records(
             states = [str(RunState(str(s).upper())) for s in states]
         except ValueError as exc:
             known = ", ".join(s.name for s in RunState)
-            raise ValueError(f"run_state: {exc} (known: {known})") from None
+            raise ConfigError(f"run_state: {exc} (known: {known})") from None
     match("run_state", states)
     match("foreign_id", _values("foreign_id", foreign_id, str))
     op, direction = (">", "ASC") if order == "asc" else ("<", "DESC")

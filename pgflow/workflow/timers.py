@@ -13,6 +13,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime, time, timedelta, tzinfo
 from typing import Any
 
+from pgflow.errors import ConfigError
+
 __all__ = ["Timer", "after", "at", "daily_at"]
 
 #: ``timer(run, now) -> datetime | None``
@@ -24,7 +26,7 @@ def after(duration: timedelta | float) -> Timer:
     (luno ``DurationTimerFunc``)."""
     delta = duration if isinstance(duration, timedelta) else timedelta(seconds=duration)
     if delta < timedelta(0):
-        raise ValueError(f"after: duration must not be negative, got {duration!r}")
+        raise ConfigError(f"after: duration must not be negative, got {duration!r}")
 
     def timer(run: Any, now: datetime) -> datetime:
         return now + delta
