@@ -8,7 +8,7 @@ is ``None`` where the raise site did not know it.
 
 The classes (``tests/test_public_api.py`` checks this tree against the real ones; a
 name's parent is the line above it indented one step less, ``also`` lists further
-bases)::
+bases; the private ``_AboutARun``, which holds the run attributes, is left out)::
 
     PgflowError
         ConfigError (also ValueError)

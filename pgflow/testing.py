@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection, sql
@@ -43,7 +43,9 @@ from pgflow.workflow.records import RawRecord, Record, RunState
 from pgflow.workflow.run import Run
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pgflow.log.streamer import Listener
     from pgflow.workflow.api import API
+    from pgflow.workflow.workflow import Workflow
 
 __all__ = ["TestDatabases", "pgflow_dsn", "pgflow_server", "run_sync", "server_dsn"]
 
@@ -418,8 +420,24 @@ async def trigger_and_require(
     return await wf.wait_for(foreign_id, run_id, status, timeout=timeout)
 
 
+class Connections(NamedTuple):
+    """How a built workflow connects (``build`` options, ``--pool-size``, ``$PGFLOW_*``)."""
+
+    pool_size: int
+    pooler: str  #: ``none``, ``session`` or ``transaction``
+    listen_dsn: str | None  #: None: no LISTEN session, consumers poll
+    listener: Listener | None  #: while running; one per process, shared by workflows
+
+    @classmethod
+    def of(cls, wf: Workflow[Any, Any]) -> Connections:
+        """``wf``'s (tests of configuration need not reach into its engine)."""
+        e = wf._engine
+        return cls(e.pool_size, e.pooler, e.listen_dsn, e.listener)
+
+
 __all__ += [
     "Clock",
+    "Connections",
     "TestingRun",
     "await_timeout_insert",
     "require",

@@ -14,6 +14,7 @@ import pytest
 
 from pgflow.cli._worker import build_workflow
 from pgflow.errors import BuildError, ConfigError
+from pgflow.testing import Connections
 
 PGFLOW = str(Path(sys.executable).with_name("pgflow"))
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,9 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_pool_size_applies_to_builders_and_workflows() -> None:
     dsn = "postgresql://postgres@127.0.0.1:5432/unused"  # nothing connects here
-    assert build_workflow("tests.workflow_app:builder", dsn, 3).engine.pool_size == 3
-    assert build_workflow("tests.workflow_app:wf", dsn, 4).engine.pool_size == 4
-    assert build_workflow("tests.workflow_app:builder", dsn).engine.pool_size == 10
+    assert Connections.of(build_workflow("tests.workflow_app:builder", dsn, 3)).pool_size == 3
+    assert Connections.of(build_workflow("tests.workflow_app:wf", dsn, 4)).pool_size == 4
+    assert Connections.of(build_workflow("tests.workflow_app:builder", dsn)).pool_size == 10
     with pytest.raises(BuildError, match="pool_size must be at least 2"):
         build_workflow("tests.workflow_app:builder", dsn, 1)
     with pytest.raises(ConfigError, match="at least 2"):

@@ -42,7 +42,7 @@ from pgflow.cli import main
 from pgflow.errors import ConfigError
 from pgflow.log.streamer import Listener
 from pgflow.ops.migrations import known_migrations, migrate
-from pgflow.testing import TestDatabases, require
+from pgflow.testing import Connections, TestDatabases, require
 from tests import (
     test_cli_worker,
     test_connector_table,
@@ -159,25 +159,26 @@ def _two_status_builder() -> pgflow.Builder[dict[str, Any], S]:
 
 def test_pooler_values_are_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     dsn = "postgresql://postgres@127.0.0.1:5432/unused"
-    assert _two_status_builder().build(dsn, pooler="transaction").engine.pooler == "transaction"
+    built = _two_status_builder().build(dsn, pooler="transaction")
+    assert Connections.of(built).pooler == "transaction"
     with pytest.raises(ConfigError, match="needs multi-statement transactions"):
         _two_status_builder().build(dsn, pooler="statement")
     with pytest.raises(ConfigError, match="pooler must be one of none, session, transaction"):
         _two_status_builder().build(dsn, pooler="bouncy")
     monkeypatch.setenv("PGFLOW_POOLER", "Transaction")
     wf = _two_status_builder().build(dsn)
-    assert wf.engine.pooler == "transaction"
-    assert wf.engine.listen_dsn is None  # LISTEN needs a session: none without listen_dsn
+    assert Connections.of(wf).pooler == "transaction"
+    assert Connections.of(wf).listen_dsn is None  # LISTEN needs a session: none without listen_dsn
     assert _db.connect_kwargs(dsn)["prepare_threshold"] is None
     monkeypatch.setenv("PGFLOW_LISTEN_DSN", dsn)
-    assert wf.engine.listen_dsn == dsn
+    assert Connections.of(wf).listen_dsn == dsn
     monkeypatch.setenv("PGFLOW_POOLER", "nope")
     with pytest.raises(ConfigError, match="PGFLOW_POOLER must be one of"):
         _two_status_builder().build(dsn)
     monkeypatch.delenv("PGFLOW_POOLER")
     monkeypatch.delenv("PGFLOW_LISTEN_DSN")
     assert "prepare_threshold" not in _db.connect_kwargs(dsn)  # direct: keep prepared plans
-    assert _two_status_builder().build(dsn).engine.listen_dsn == dsn
+    assert Connections.of(_two_status_builder().build(dsn)).listen_dsn == dsn
 
 
 async def test_a_shared_pool_that_prepares_is_refused(pgflow_dsn: str) -> None:
@@ -239,7 +240,7 @@ async def test_listen_dsn_gives_one_direct_listen_session(
             )
             rows = await cur.fetchall()
     assert len(rows) == 1  # and not one of the bouncer's server connections:
-    assert wf.engine.listen_dsn == direct_dsn != pgflow_dsn
+    assert Connections.of(wf).listen_dsn == direct_dsn != pgflow_dsn
 
 
 # -- pgflow worker: two processes through the bouncer ------------------------------------
@@ -417,7 +418,7 @@ def test_sync_client_through_the_pooler(pgflow_dsn: str, monkeypatch: pytest.Mon
     """A Django/Flask app's blocking client, configured by argument, not environment."""
     monkeypatch.delenv("PGFLOW_POOLER")
     with pgflow.sync.connect(_two_status_builder(), pgflow_dsn, pooler="transaction") as client:
-        assert client.workflow.engine.pooler == "transaction"
+        assert Connections.of(client.workflow).pooler == "transaction"
         for i in range(12):  # well past psycopg's prepare threshold of 5
             client.trigger(f"sync-{i}")
             assert client.latest(f"sync-{i}").status is S.NEW
@@ -471,7 +472,7 @@ async def test_pooler_given_in_the_dsn_alone(
     monkeypatch.delenv("PGFLOW_LISTEN_DSN")
     dsn = f"{pgflow_dsn} pgflow_pooler=transaction"
     async with _two_status_builder().build(dsn) as wf:
-        assert wf.engine.pooler == "transaction" and wf.engine.listen_dsn is None
+        assert Connections.of(wf).pooler == "transaction" and Connections.of(wf).listen_dsn is None
         for i in range(12):  # past psycopg's prepare threshold
             await wf.trigger(f"in-dsn-{i}")
         for i in range(12):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import psycopg
 
-from pgflow.testing import require
+from pgflow.testing import Connections, require
 from tests._util import wait_until
 from tests.two_workflows_app import S, billing, shipping
 
@@ -21,14 +21,15 @@ def _listen_connections(dsn: str) -> int:
 async def test_workflows_in_one_process_share_the_listener(pgflow_dsn: str) -> None:
     async with billing.build(pgflow_dsn) as one:
         async with shipping.build(pgflow_dsn) as two:
-            assert one.engine.listener is two.engine.listener
+            assert Connections.of(one).listener is Connections.of(two).listener
             assert _listen_connections(pgflow_dsn) == 1
             await one.trigger("a")
             await two.trigger("b")
             await require(one, "a", S.DONE)
             await require(two, "b", S.DONE)
         # the second workflow stopped: the first still listens (and still progresses)
-        assert one.engine.listener is not None and one.engine.listener.connected
+        listener = Connections.of(one).listener
+        assert listener is not None and listener.connected
         await one.trigger("c")
         await require(one, "c", S.DONE)
 

@@ -47,11 +47,17 @@ class ConnectorEvent:
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
+#: ``await ack()`` once the event's effects are committed; the source may then forget it.
 Ack = Callable[[], Awaitable[None]]
 
 
 @runtime_checkable
 class ConnectorConsumer(Protocol):
+    """One consumer's view of a source: the next event, and how to acknowledge it.
+
+    An event not acknowledged (the process died, the function raised) comes again.
+    """
+
     async def recv(self) -> tuple[ConnectorEvent, Ack]:
         """Wait for and return the next event with its acknowledgement."""
         ...
@@ -97,8 +103,11 @@ class FlushesAcks(Protocol):
 
 @runtime_checkable
 class Connector(Protocol):
+    """A source of outside events: makes a consumer per consumer name (one per shard
+    with ``parallel_count=N``), so each shard keeps its own position."""
+
     async def make(self, consumer_name: str) -> ConnectorConsumer: ...
 
 
-# The function receives the workflow API (pgflow.workflow.API) and the event.
+#: A connector function: receives the workflow API (:class:`~pgflow.API`) and the event.
 ConnectorFunc = Callable[[Any, ConnectorEvent], Awaitable[None]]
