@@ -29,10 +29,10 @@ from typing import Any, Generic, TypeVar
 import psycopg
 from psycopg import AsyncConnection, errors
 
-from pgflow.errors import ConfigError, InvalidTransition, NotFound, RunPaused, WorkflowInProgress
+from pgflow.errors import ConfigError, InvalidTransition, NotFound, RunPaused
 from pgflow.observability import current_traceparent, trigger_span
 from pgflow.workflow import actions
-from pgflow.workflow._batch_api import Batch
+from pgflow.workflow._batch_api import Batch, in_progress
 from pgflow.workflow._engine import Engine, maybe_await
 from pgflow.workflow.listing import RunId, RunReader
 from pgflow.workflow.records import (
@@ -191,10 +191,7 @@ class API(RunReader[T, S], Generic[T, S]):
                     return str(rid)
                 diag = exc.diag.constraint_name or ""
                 if "one_active_run" in diag:
-                    raise WorkflowInProgress(
-                        f"workflow {self.name!r}: foreign id {foreign_id!r} already has a "
-                        "run in progress (wait for it, or cancel it first)"
-                    ) from None
+                    raise in_progress(self.name, foreign_id) from None
                 if diag == "records_pkey":
                     raise ConfigError(
                         f"workflow {self.name!r}: run id {rid} is already used by another"
