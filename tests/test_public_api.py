@@ -300,7 +300,15 @@ MODULES: dict[str, list[str]] = {
     ],
     "pgflow.workflow.clock": ["Clock", "SystemClock"],
     "pgflow.workflow.graph": ["CallbackSpec", "ConnectorSpec", "Graph", "StepSpec", "TimeoutSpec"],
-    "pgflow.workflow.listing": ["MAX_LIMIT", "Order", "Page", "list_records"],
+    "pgflow.workflow.listing": [
+        "MAX_LIMIT",
+        "Order",
+        "Page",
+        "RunFilter",
+        "RunId",
+        "RunReader",
+        "list_records",
+    ],
     "pgflow.workflow.records": [
         "ACTIVE_STATES",
         "NewRun",
@@ -345,6 +353,7 @@ UNDOCUMENTED = {
     "pgflow.workflow.graph:StepSpec",
     "pgflow.workflow.graph:TimeoutSpec",
     "pgflow.workflow.listing:Order",
+    "pgflow.workflow.listing:RunId",
 }
 
 

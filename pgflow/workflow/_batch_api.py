@@ -47,7 +47,20 @@ from psycopg import AsyncConnection
 from pgflow.errors import WorkflowInProgress
 from pgflow.workflow.records import NewRun, insert_runs
 
-__all__ = ["Batch", "NeedsPerEventPath", "Optimism"]
+__all__ = ["Batch", "NeedsPerEventPath", "Optimism", "in_progress"]
+
+
+def in_progress(workflow: str, foreign_id: str, run_id: UUID | None) -> WorkflowInProgress:
+    """The error of a trigger whose foreign id has a run in progress (``run_id``): one
+    wording for the buffered trigger (:meth:`Batch.add`) and the written one
+    (``API.trigger``)."""
+    return WorkflowInProgress(
+        f"workflow {workflow!r}: foreign id {foreign_id!r} already has a "
+        "run in progress (wait for it, or cancel it first)",
+        workflow=workflow,
+        foreign_id=foreign_id,
+        run_id=run_id,
+    )
 
 
 class NeedsPerEventPath(Exception):
@@ -87,13 +100,7 @@ class Batch:
         if known is not None:
             if known == run.run_id:
                 return known
-            raise WorkflowInProgress(
-                f"workflow {self.workflow!r}: foreign id {run.foreign_id!r} already has a "
-                "run in progress (wait for it, or cancel it first)",
-                workflow=self.workflow,
-                foreign_id=run.foreign_id,
-                run_id=known,
-            )
+            raise in_progress(self.workflow, run.foreign_id, known)
         self.active[run.foreign_id] = run.run_id
         self.pending.append(run)
         self.added.append(run)
