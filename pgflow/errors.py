@@ -46,7 +46,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from enum import Enum
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 __all__ = [
     "BuildError",
@@ -101,6 +101,14 @@ class BuildError(PgflowError):
         self.problems = tuple(problems)
 
 
+class _Run(TypedDict, total=False):
+    """The keywords of :class:`_AboutARun`, for the subclasses that add their own."""
+
+    workflow: str | None
+    foreign_id: str | None
+    run_id: object
+
+
 class _AboutARun(PgflowError):
     """Shared by the errors about one run: which workflow, foreign id and run id."""
 
@@ -124,15 +132,9 @@ class NotFound(_AboutARun):
     say which were asked for); ``dead_letter_id`` for a dead letter that is not there."""
 
     def __init__(
-        self,
-        message: str,
-        *,
-        workflow: str | None = None,
-        foreign_id: str | None = None,
-        run_id: object = None,
-        dead_letter_id: int | None = None,
+        self, message: str, *, dead_letter_id: int | None = None, **run: Unpack[_Run]
     ) -> None:
-        super().__init__(message, workflow=workflow, foreign_id=foreign_id, run_id=run_id)
+        super().__init__(message, **run)
         self.dead_letter_id = dead_letter_id
 
 
@@ -155,14 +157,12 @@ class InvalidTransition(_AboutARun):
         self,
         message: str,
         *,
-        workflow: str | None = None,
-        foreign_id: str | None = None,
-        run_id: object = None,
         from_status: Enum | None = None,
         to_status: Enum | None = None,
         run_state: Enum | None = None,
+        **run: Unpack[_Run],
     ) -> None:
-        super().__init__(message, workflow=workflow, foreign_id=foreign_id, run_id=run_id)
+        super().__init__(message, **run)
         self.from_status = from_status
         self.to_status = to_status
         self.run_state = run_state

@@ -17,6 +17,7 @@ import pytest
 import pgflow
 import pgflow.sync
 from pgflow import RunState
+from pgflow.log.streamer import CHANNEL
 from tests.workflow_app import Status, make_builder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,10 +102,8 @@ def test_sync_calls_the_hand_copy_lacked(pgflow_dsn: str) -> None:
 
         # poke runs in the private loop: the notifier there sends a NOTIFY (poked from
         # the caller's thread, its asyncio event would not wake the sender)
-        notifier = client.workflow.engine.notifier
-        assert notifier is not None
         with psycopg.connect(pgflow_dsn, autocommit=True) as listen:
-            listen.execute(f"LISTEN {notifier.channel}")
+            listen.execute(f"LISTEN {CHANNEL}")
             list(listen.notifies(timeout=0.3))  # what the calls above sent, if late
             client.poke()
             got = [n.payload for n in listen.notifies(timeout=5, stop_after=1)]
