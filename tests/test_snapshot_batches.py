@@ -99,6 +99,7 @@ async def test_rolled_back_events_are_never_read(pgflow_dsn: str) -> None:
     assert got == later
 
 
+@pytest.mark.slow  # starts a throwaway cluster
 async def test_prepared_transaction_delays_only_its_own_events() -> None:
     with throwaway_cluster() as cluster:
         await migrate(cluster.dsn)
