@@ -23,7 +23,9 @@ it (invisible when rendered)::
                                       ends skipped, naming what it could not run
 
 An unmarked block that fails fails the test, naming ``file:line``; so does a marker
-this test does not know. New markdown files are picked up automatically.
+this test does not know, and so does importing a module by a name it moved away from
+(``pgflow._moved``: a DeprecationWarning elsewhere, an error here). New markdown files
+are picked up automatically.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import sys
 import textwrap
 import time
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +47,8 @@ from typing import Any
 
 import psycopg
 import pytest
+
+from pgflow._moved import MOVED
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted([*ROOT.glob("*.md"), *(ROOT / "docs").glob("*.md")])
@@ -250,6 +255,8 @@ def test_every_snippet_runs(
     if not runnable:
         pytest.skip(f"{_rel(doc)} has no runnable snippet")
     monkeypatch.setenv("PGFLOW_DATABASE_URL", pgflow_dsn)
+    for old in MOVED:  # cached old names would import without a warning
+        monkeypatch.delitem(sys.modules, old, raising=False)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     module = types.ModuleType("doc_" + re.sub(r"\W", "_", doc.stem))  # dataclasses look it up
@@ -261,10 +268,12 @@ def test_every_snippet_runs(
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}",
         "HOOK_SECRET": "s3cret",  # docs/connectors.md's webhook_app.py reads its secret here
+        "PYTHONWARNINGS": ",".join(f"error:{old} moved to:DeprecationWarning" for old in MOVED),
     }
     shell_output: list[str] = []
     missing: list[str] = []
-    with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack, warnings.catch_warnings():
+        warnings.filterwarnings("error", r"pgflow\.\S+ moved to ", DeprecationWarning)
         kafka: bool | None = None
         for block in runnable:
             needs = block.directives.get("needs")
