@@ -21,7 +21,9 @@ from __future__ import annotations
 
 from . import _kit
 from ._kit import (
-    LOCAL_DSN,
+    LOCAL_DSN as LOCAL_DSN,  # not in __all__, importable as before
+)
+from ._kit import (
     Clock,
     TestDatabases,
     TestingRun,

@@ -142,7 +142,6 @@ if importlib.util.find_spec("pytest") is not None:
             finally:
                 databases.close()
 
-
     @pytest.fixture
     def pgflow_dsn(pgflow_server: TestDatabases) -> Iterator[str]:
         """The DSN of a fresh, migrated database, dropped after the test."""
