@@ -61,7 +61,9 @@ class Source:
     #: default ``consumer.close()``
     kill: Callable[[Any], Awaitable[None]] | None = None
     ordered: bool = True  #: events of one foreign id arrive in publish order
-    batches: bool = True  #: recv() returns what the consumer holds without waiting
+    #: recv() returns what the consumer holds without waiting, so the runner commits
+    #: many events per transaction (checked: 100 waiting events in at most 5)
+    batches: bool = True
     timeout: float = 30.0  #: seconds any one expected delivery may take
 
 
