@@ -181,8 +181,8 @@ async def check_redelivery_after_close(make: SourceFactory, dsn: str = "") -> No
         got = [await recv(src, first) for _ in range(3)]
         assert_same_events([e for e, _ in got], [e0, e1, e2], ordered=src.ordered)
         acks = {e.id: ack for e, ack in got}
-        await acks[e2.id]()  # acked after an unacked one: must not move past e1
         await acks[e0.id]()
+        await acks[e2.id]()  # acked after an unacked one: must not move past e1
         waiting = asyncio.ensure_future(first.recv())  # the runner cancels this on stop
         await asyncio.sleep(0.05)
         waiting.cancel()
