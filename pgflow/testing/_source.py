@@ -61,9 +61,10 @@ class Source:
     #: default ``consumer.close()``
     kill: Callable[[Any], Awaitable[None]] | None = None
     ordered: bool = True  #: events of one foreign id arrive in publish order
-    #: recv() returns what the consumer holds without waiting, so the runner commits
-    #: many events per transaction (checked: 100 waiting events in at most 5)
-    batches: bool = True
+    #: at most this many transactions for 100 events waiting when a workflow starts
+    #: (None: not checked): a consumer that hands out what it already holds without
+    #: waiting lets the runner commit many events per transaction
+    batches: int | None = 25
     timeout: float = 30.0  #: seconds any one expected delivery may take
 
 

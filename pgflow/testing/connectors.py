@@ -44,9 +44,9 @@ position lives outside the workflow's database (at-least-once: commit, then ack)
   is idempotent.
 * ``workflow_once``: through a workflow, each event gets exactly one run and one call
   of the connector function, acks come only after the effect committed, in order per
-  foreign id, and events are batched (``batches``: 100 events waiting when the
-  workflow starts take at most 5 transactions; a consumer that hands out what it
-  already holds without waiting lets the runner commit many events per transaction).
+  foreign id, and batched (100 events waiting when the workflow starts take at most
+  ``Source.batches`` transactions: a consumer that hands out what it already holds
+  without waiting lets the runner commit many events per transaction).
 * ``workflow_crash``: a worker that committed every event but died before acking:
   the next worker gets them all again, and each still has exactly one run.
 * ``workflow_malformed``: an undecodable message lands in ``pgflow.dead_letters``
