@@ -119,7 +119,7 @@ async def scratch_database(server_dsn: str, *, prefix: str = "pgflow_bench") -> 
     import psycopg
     from psycopg import sql
 
-    from pgflow.migrations import migrate
+    from pgflow.ops.migrations import migrate
 
     name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     async with await psycopg.AsyncConnection.connect(server_dsn, autocommit=True) as admin:

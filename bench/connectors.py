@@ -163,7 +163,7 @@ async def scenario_table(dsn: str, n: int, parallel: int) -> dict[str, Any]:
 async def scenario_capture(dsn: str, n: int) -> dict[str, Any]:
     import psycopg
 
-    from pgflow.capture import changes_stream, make_change_translator
+    from pgflow.connectors.capture import changes_stream, make_change_translator
 
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         await conn.execute(

@@ -1,4 +1,4 @@
-"""Benchmark of ``wf.list`` (:func:`pgflow.listing.list_records`): ms per page.
+"""Benchmark of ``wf.list`` (:func:`pgflow.workflow.listing.list_records`): ms per page.
 
     .venv/bin/python bench/list.py [--dsn DSN] [--quick] [--records N] [--pages N]
 
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import psycopg
 from _common import bench_args, print_table, scratch_database, server, summarize, write_results
 
-from pgflow.listing import _encode, list_records
+from pgflow.workflow.listing import _encode, list_records
 
 GOAL_P95_MS = 20.0
 PAGE = 50

@@ -46,16 +46,16 @@ from _common import (
     write_results,
 )
 
-from pgflow.cursors import (
+from pgflow.log.cursors import (
     BatchOutcome,
     Consumer,
     CursorKey,
     consume_once,
     ensure_cursor,
 )
-from pgflow.events import Event, NewEvent, append
-from pgflow.snapshots import diff_read_sql
-from pgflow.streamer import Filter, Listener, Notifier
+from pgflow.log.events import Event, NewEvent, append
+from pgflow.log.snapshots import diff_read_sql
+from pgflow.log.streamer import Filter, Listener, Notifier
 
 GOALS = {
     "tail_events_per_s": 50_000,

@@ -59,7 +59,7 @@ from _common import (
 )
 
 import pgflow
-from pgflow.snapshots import diff_read_sql
+from pgflow.log.snapshots import diff_read_sql
 
 GOALS = {"one_step_runs_per_s": 2000, "overhead_ratio": 0.7}
 CONCURRENCY = 32
@@ -114,7 +114,7 @@ async def hand_shard(dsn: str, shard: int, shards: int, stop: asyncio.Event) -> 
     """One shard of the 1-step worker, by hand, with the statements pgflow issues."""
     import psycopg
 
-    from pgflow._steps import _BULK_MOVE
+    from pgflow.workflow._steps import _BULK_MOVE
 
     key = f"hand/START:{shard}:{shards}"
     conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)

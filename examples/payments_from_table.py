@@ -8,7 +8,7 @@
 2. The table connector tails that change log gap-free; its cursor commits in the same
    transaction as the runs it starts, so every change triggers exactly once, across
    crashes and restarts.
-3. The order workflow of ``pgflow demo`` (``pgflow.demo.build_orders``) handles them.
+3. The order workflow of ``pgflow demo`` (``pgflow.demos.orders.build_orders``) handles them.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import asyncio
 import psycopg
 
 import pgflow
-from pgflow.capture import Change, changes_stream, make_change_translator
 from pgflow.connectors import table
-from pgflow.demo import Status, build_orders, format_table
+from pgflow.connectors.capture import Change, changes_stream, make_change_translator
+from pgflow.demos.orders import Status, build_orders, format_table
 
 
 def payment_type(change: Change) -> str:

@@ -5,13 +5,11 @@ The public API is re-exported here; modules whose names start with ``_`` are pri
 
 from __future__ import annotations
 
-from . import timers
-from .api import API, run_id_for
-from .builder import Builder
-from .capture import capture, uncapture
-from .connectors import Connector, ConnectorConsumer, ConnectorEvent
-from .cursors import Consumer, CursorKey
-from .errors import (
+from pgflow import _moved
+from pgflow._version import __version__
+from pgflow.connectors import Connector, ConnectorConsumer, ConnectorEvent
+from pgflow.connectors.capture import capture, uncapture
+from pgflow.errors import (
     BuildError,
     ConfigError,
     DatabaseUnavailable,
@@ -23,19 +21,22 @@ from .errors import (
     WorkerFailed,
     WorkflowInProgress,
 )
-from .events import Event, NewEvent, Position
-from .graph import Graph
-from .listing import Page
-from .migrations import migrate
-from .records import Record, RunState
-from .run import Run
-from .streamer import Filter, Listener, Notifier, stream
-from .workflow import ConsumerState, Workflow
-
-__version__ = "0.1.0"
+from pgflow.log.cursors import Consumer, CursorKey
+from pgflow.log.events import Event, NewEvent, Position
+from pgflow.log.streamer import Filter, Listener, Notifier, stream
+from pgflow.ops.migrations import migrate
+from pgflow.workflow import timers
+from pgflow.workflow.api import API, run_id_for
+from pgflow.workflow.builder import Builder
+from pgflow.workflow.graph import Graph
+from pgflow.workflow.listing import Page
+from pgflow.workflow.records import Record, RunState
+from pgflow.workflow.run import Run
+from pgflow.workflow.workflow import ConsumerState, Workflow
 
 __all__ = [
     "API",
+    "__version__",
     "BuildError",
     "Builder",
     "ConfigError",
@@ -72,3 +73,5 @@ __all__ = [
     "timers",
     "uncapture",
 ]
+
+_moved.install()

@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
+from pgflow.errors import ConfigError
 
 __all__ = [
     "LocalCluster",
@@ -46,7 +46,7 @@ __all__ = [
     "throwaway_cluster",
 ]
 
-logger = logging.getLogger("pgflow.postgres")
+logger = logging.getLogger(__name__)
 
 
 def find_pg_bin(name: str) -> str:

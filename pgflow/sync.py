@@ -26,10 +26,10 @@ from typing import Any, Generic, TypeVar
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from .builder import Builder
-from .listing import Order, Page
-from .records import Record, RunState
-from .workflow import Workflow
+from pgflow.workflow.builder import Builder
+from pgflow.workflow.listing import Order, Page
+from pgflow.workflow.records import Record, RunState
+from pgflow.workflow.workflow import Workflow
 
 __all__ = ["SyncWorkflow", "connect"]
 

@@ -79,7 +79,7 @@ def seed(dsn: str) -> dict[str, Any]:
 
 
 def new_run(dsn: str, foreign_id: str, workflow: str = "orders") -> uuid.UUID:
-    from pgflow.records import insert_run
+    from pgflow.workflow.records import insert_run
 
     async def go() -> uuid.UUID:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:

@@ -8,8 +8,13 @@ import psycopg
 import pytest
 
 import pgflow
-from pgflow.capture import Change, change_translator, changes_stream, make_change_translator
 from pgflow.connectors import table
+from pgflow.connectors.capture import (
+    Change,
+    change_translator,
+    changes_stream,
+    make_change_translator,
+)
 from tests._util import take_batch
 
 

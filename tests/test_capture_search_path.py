@@ -102,7 +102,7 @@ def test_capture_functions_pin_search_path(pgflow_dsn: str) -> None:
 def test_0007_replaces_only_0004_bodies_and_pins_any(pgflow_dsn: str) -> None:
     """Migration order across branches must not lose work: 0007 qualifies a capture
     function only while its body is still 0004's; any other body is kept, pinned."""
-    from pgflow.migrations import resource_dir
+    from pgflow.ops.migrations import resource_dir
 
     migrations = resource_dir("migrations")
     m0004 = (migrations / "0004_capture.sql").read_text()

@@ -11,9 +11,9 @@ import psycopg
 
 import pgflow
 from pgflow import RunState
-from pgflow.chain import on_run_state, on_status
 from pgflow.connectors import ConnectorEvent
 from pgflow.testing import require
+from pgflow.workflow.chain import on_run_state, on_status
 
 
 class Order(enum.IntEnum):

@@ -45,8 +45,8 @@ from psycopg.conninfo import make_conninfo
 
 import pgflow
 from pgflow.connectors import table
+from pgflow.log.snapshots import CONSUMED
 from pgflow.postgres import LocalCluster, find_pg_bin, throwaway_cluster
-from pgflow.snapshots import CONSUMED
 from tests import chaos_connector_app as app
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -118,7 +118,7 @@ async def test_failing_step_traceback_is_logged_stored_and_shown(
         raise ValueError("card declined")
 
     b.add_step(S.START, charge_card, S.END, err_backoff=0.05, pause_after_err_count=1)
-    caplog.set_level(logging.WARNING, logger="pgflow.steps")
+    caplog.set_level(logging.WARNING, logger="pgflow.workflow._steps")
     async with b.build(pgflow_dsn) as wf:
         run_id = await wf.trigger("order-7")
         rec = await require_state(wf, "order-7", RunState.PAUSED)

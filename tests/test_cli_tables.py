@@ -14,8 +14,8 @@ import psycopg
 import pytest
 
 import pgflow
-from pgflow._table import format_interval, render_csv, render_json, render_record, render_table
 from pgflow.cli import main
+from pgflow.cli._render import format_interval, render_csv, render_json, render_record, render_table
 from pgflow.testing import run_sync
 from tests.test_views import build_scenario
 

@@ -11,7 +11,7 @@ import pytest
 from pgflow import migrate
 from pgflow.cli import main
 from pgflow.connectors.memory import Connector as MemoryConnector
-from pgflow.demo import WORKFLOW, build_orders, sample_events
+from pgflow.demos.orders import WORKFLOW, build_orders, sample_events
 from tests._util import wait_until
 
 

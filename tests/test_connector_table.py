@@ -16,8 +16,8 @@ import pytest
 
 from pgflow.connectors import MalformedEvent, TransactionalConsumer, table
 from pgflow.connectors.table import CursorStore, TableStream, add_tx_column
-from pgflow.cursors import LostCursor
-from pgflow.snapshots import CONSUMED
+from pgflow.log.cursors import LostCursor
+from pgflow.log.snapshots import CONSUMED
 from tests._util import take_batch, wait_until
 
 PAYMENTS = """

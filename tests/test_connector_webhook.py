@@ -369,7 +369,7 @@ async def test_group_commit_isolates_a_value_the_database_refuses(pgflow_dsn: st
     """The second fence: a value that got past the codec fails alone, not its batch."""
     from pgflow.connectors._group_commit import GroupCommit, Rejected
     from pgflow.connectors.table import CursorStore
-    from pgflow.events import NewEvent
+    from pgflow.log.events import NewEvent
 
     store = CursorStore(pgflow_dsn)
     ingest = GroupCommit(store, "webhook:pay")

@@ -18,11 +18,11 @@ import pytest
 
 import pgflow
 from pgflow import run_id_for
-from pgflow.capture import changes_stream, make_change_translator
 from pgflow.connectors import ConnectorEvent, table, webhook
+from pgflow.connectors.capture import changes_stream, make_change_translator
 from pgflow.connectors.memory import Connector as MemoryConnector
 from pgflow.connectors.memory import event
-from pgflow.demo import (
+from pgflow.demos.orders import (
     CONNECTOR,
     DEAD_LETTER_CONSUMER,
     HIGH_VALUE_THRESHOLD,
@@ -33,7 +33,7 @@ from pgflow.demo import (
     build_orders,
     handle_payment,
 )
-from pgflow.snapshots import CONSUMED
+from pgflow.log.snapshots import CONSUMED
 from tests._util import wait_until
 
 
@@ -317,9 +317,9 @@ WORKER = textwrap.dedent(
     """
     import asyncio, sys
     import pgflow
-    from pgflow.capture import changes_stream
+    from pgflow.connectors.capture import changes_stream
     from pgflow.connectors import table
-    from pgflow.demo import Order, Status
+    from pgflow.demos.orders import Order, Status
 
     async def effect(api, ev):
         await api.conn.execute("INSERT INTO app.effects VALUES (%s)", (ev.id,))

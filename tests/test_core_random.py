@@ -24,10 +24,10 @@ from psycopg import AsyncConnection
 from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
-from pgflow.cursors import Consumer, CursorKey
-from pgflow.events import Event, NewEvent, append, shard_hash
-from pgflow.snapshots import CONSUMED
-from pgflow.streamer import Filter, Listener, Notifier
+from pgflow.log.cursors import Consumer, CursorKey
+from pgflow.log.events import Event, NewEvent, append, shard_hash
+from pgflow.log.snapshots import CONSUMED
+from pgflow.log.streamer import Filter, Listener, Notifier
 from tests._util import wait_until
 
 Conn = AsyncConnection[Any]

@@ -9,7 +9,7 @@ import pytest
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from pgflow.cursors import (
+from pgflow.log.cursors import (
     BatchOutcome,
     CursorKey,
     advance_cursor,
@@ -18,8 +18,8 @@ from pgflow.cursors import (
     load_cursor,
     try_lock_shard,
 )
-from pgflow.events import Event, NewEvent, Position, append
-from pgflow.streamer import Filter, read_batch
+from pgflow.log.events import Event, NewEvent, Position, append
+from pgflow.log.streamer import Filter, read_batch
 from tests._util import events_settled, wait_until
 
 Conn = AsyncConnection[Any]

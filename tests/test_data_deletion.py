@@ -122,7 +122,7 @@ async def test_failing_scrub_changes_nothing_then_the_poller_finishes(pgflow_dsn
 
 
 async def test_cli_request_is_finished_by_a_worker_with_the_scrub(pgflow_dsn: str) -> None:
-    from pgflow import admin
+    from pgflow.workflow import actions
 
     async with customer_workflow(pgflow_dsn, custom_delete=scrub) as wf:
         await wf.trigger("c6", initial=Customer("m@n.o", "M", "BE"))
@@ -130,7 +130,7 @@ async def test_cli_request_is_finished_by_a_worker_with_the_scrub(pgflow_dsn: st
         await wf.callback("c6", S.WAITING)
         async with await psycopg.AsyncConnection.connect(pgflow_dsn, autocommit=True) as conn:
             # what `pgflow delete-data` does: request only; a worker erases
-            await admin.request_data_deletion(conn, "customers", "c6", reason="cli")
+            await actions.request_data_deletion(conn, "customers", "c6", reason="cli")
 
         async def erased() -> bool:
             return (await wf.latest("c6")).run_state is RunState.DATA_DELETED

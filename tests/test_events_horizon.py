@@ -14,9 +14,9 @@ import pytest
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from pgflow.cursors import BatchOutcome, CursorKey, consume_once, ensure_cursor
-from pgflow.events import Event, NewEvent, Position, append
-from pgflow.streamer import Filter, horizon_age, read_batch
+from pgflow.log.cursors import BatchOutcome, CursorKey, consume_once, ensure_cursor
+from pgflow.log.events import Event, NewEvent, Position, append
+from pgflow.log.streamer import Filter, horizon_age, read_batch
 from tests._util import wait_until
 
 Conn = AsyncConnection[Any]

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from pgflow.cli import main
-from pgflow.inspect import InspectFailed, InspectRefused, inspect, validate
+from pgflow.ops.inspect import InspectFailed, InspectRefused, inspect, validate
 from pgflow.testing import run_sync
 from tests.test_views import build_scenario
 
@@ -177,7 +177,7 @@ def test_statement_timeout(scenario_dsn: str) -> None:
 def test_runs_in_a_read_only_transaction_that_is_rolled_back(scenario_dsn: str) -> None:
     import psycopg
 
-    from pgflow.inspect import run_validated
+    from pgflow.ops.inspect import run_validated
 
     async def go() -> None:
         # prepare_threshold=None: tests/test_pooled.py runs this through pgbouncer too

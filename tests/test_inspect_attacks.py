@@ -18,7 +18,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from pgflow.inspect import (
+from pgflow.ops.inspect import (
     READER_ROLE,
     InspectFailed,
     InspectRefused,
@@ -472,7 +472,7 @@ def test_non_superuser_with_and_without_the_reader_grant(pgflow_dsn: str, app_ro
 
 
 def test_identifiers_fold_like_postgresql() -> None:
-    from pgflow._inspect_validate import _fold
+    from pgflow.ops._inspect_validate import _fold
 
     # Python's str.lower() folds U+212A KELVIN SIGN to "k"; PostgreSQL only folds A-Z.
     assert _fold("PG_LOC\u212aS", quoted=False) == "pg_loc\u212as"
@@ -484,10 +484,10 @@ def test_identifiers_fold_like_postgresql() -> None:
 def test_a_superuser_never_runs_without_a_sound_reader_role(
     pgflow_dsn: str, monkeypatch: pytest.MonkeyPatch, attributes: str | None
 ) -> None:
-    import pgflow.inspect
+    import pgflow.ops.inspect
 
     name = f"pgflow_reader_{uuid.uuid4().hex[:12]}"
-    monkeypatch.setattr(pgflow.inspect, "READER_ROLE", name)
+    monkeypatch.setattr(pgflow.ops.inspect, "READER_ROLE", name)
     with psycopg.connect(pgflow_dsn, autocommit=True) as conn:
         if attributes:  # exists, but would be no fence
             conn.execute(sql.SQL("CREATE ROLE {} " + attributes).format(sql.Identifier(name)))
@@ -499,7 +499,7 @@ def test_a_superuser_never_runs_without_a_sound_reader_role(
 
 
 def test_nothing_past_the_byte_cap_leaves_the_server(pgflow_dsn: str) -> None:
-    from pgflow.inspect import _capped
+    from pgflow.ops.inspect import _capped
 
     statement = validate("SELECT g, lpad('x', 10000) FROM generate_series(1, 8) g ORDER BY g")
     with psycopg.connect(pgflow_dsn) as conn:

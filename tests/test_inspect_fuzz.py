@@ -12,7 +12,7 @@ import uuid
 
 import psycopg
 
-from pgflow.inspect import InspectRefused, validate
+from pgflow.ops.inspect import InspectRefused, validate
 
 DANGER = [
     "pg_read_file", "pg_advisory_lock", "pg_terminate_backend", "pg_ls_dir",

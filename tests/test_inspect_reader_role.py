@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pgflow.migrations import resource_dir
+from pgflow.ops.migrations import resource_dir
 from pgflow.testing import TestDatabases
 
 
@@ -100,7 +100,7 @@ def test_a_migrating_role_without_createrole_skips_it(pgflow_dsn: str, role_name
 
 
 def test_after_every_migrate_the_reader_reads_every_view_and_no_table(pgflow_dsn: str) -> None:
-    from pgflow.migrations import migrate
+    from pgflow.ops.migrations import migrate
     from pgflow.testing import run_sync
 
     run_sync(migrate(pgflow_dsn))  # views are re-created; grants must follow

@@ -14,7 +14,7 @@ import pytest
 import pgflow
 import pgflow.sync
 from pgflow import RunState
-from pgflow.listing import _encode, list_records
+from pgflow.workflow.listing import _encode, list_records
 
 
 class S(enum.IntEnum):

@@ -17,11 +17,11 @@ import pytest
 from psycopg import AsyncConnection, sql
 
 from pgflow import migrate
-from pgflow.cursors import CursorKey, advance_cursor, ensure_cursor, load_cursor
 from pgflow.errors import ConfigError, DatabaseUnavailable, SchemaError
-from pgflow.events import NewEvent, Position, append
-from pgflow.migrations import check_schema, latest_version
-from pgflow.streamer import Filter, read_batch
+from pgflow.log.cursors import CursorKey, advance_cursor, ensure_cursor, load_cursor
+from pgflow.log.events import NewEvent, Position, append
+from pgflow.log.streamer import Filter, read_batch
+from pgflow.ops.migrations import check_schema, latest_version
 from pgflow.testing import TestDatabases
 
 PGFLOW = Path(sys.executable).parent / "pgflow"

@@ -16,13 +16,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from pgflow import observability as obs
-from pgflow.cursors import CursorKey, ensure_cursor
-from pgflow.events import NewEvent, append
+from pgflow.log.cursors import CursorKey, ensure_cursor
+from pgflow.log.events import NewEvent, append
+from pgflow.log.streamer import Filter
 from pgflow.observability import _config as obs_config
 from pgflow.observability import _metrics as obs_metrics
 from pgflow.observability import _state as obs_state
 from pgflow.observability import _tracing as obs_tracing
-from pgflow.streamer import Filter
 
 OTEL_VARS = (
     "OTEL_SDK_DISABLED",
@@ -155,7 +155,7 @@ def test_step_errors_are_recorded_and_reraised(spans: InMemorySpanExporter) -> N
 
 def test_control_flow_signals_are_not_error_spans(spans: InMemorySpanExporter) -> None:
     """NeedsPerEventPath (an optimistic batch falls back) is no failure: no ERROR span."""
-    from pgflow._batch_api import NeedsPerEventPath
+    from pgflow.workflow._batch_api import NeedsPerEventPath
 
     with pytest.raises(NeedsPerEventPath), obs.connector_span("payments", "e1"):
         raise NeedsPerEventPath("the connector function uses api.conn")

@@ -12,10 +12,10 @@ import pytest
 
 from pgflow import migrate
 from pgflow._db import connect
-from pgflow.events import NewEvent, Position, append
-from pgflow.migrations import check_schema
+from pgflow.log.events import NewEvent, Position, append
+from pgflow.log.streamer import Filter, read_batch
+from pgflow.ops.migrations import check_schema
 from pgflow.postgres import LocalCluster, _embedded_wheel_bin, throwaway_cluster
-from pgflow.streamer import Filter, read_batch
 from pgflow.testing import run_sync
 
 

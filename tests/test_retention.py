@@ -18,7 +18,7 @@ from psycopg import AsyncConnection
 
 from pgflow.cli import main
 from pgflow.cli._prune import parse_age
-from pgflow.retention import prune
+from pgflow.ops.retention import prune
 
 OLD = "now() - interval '40 days'"
 NEW = "now()"
@@ -197,8 +197,8 @@ async def test_an_idle_consumer_does_not_hold_its_stream_back(pgflow_dsn: str) -
     never pruned the workflow's stream; an idle consumer now moves its snapshot."""
     from psycopg_pool import AsyncConnectionPool
 
-    from pgflow.cursors import CursorKey, consume_once, ensure_cursor
-    from pgflow.streamer import Filter
+    from pgflow.log.cursors import CursorKey, consume_once, ensure_cursor
+    from pgflow.log.streamer import Filter
 
     async with await connect(pgflow_dsn) as conn:
         e1 = await event(conn, "wf")
@@ -423,8 +423,8 @@ async def test_change_log_is_pruned_behind_its_readers_only(pgflow_dsn: str) -> 
 async def test_a_table_connector_records_the_table_it_reads(pgflow_dsn: str) -> None:
     from psycopg_pool import AsyncConnectionPool
 
-    from pgflow.capture import capture, changes_stream
     from pgflow.connectors import table
+    from pgflow.connectors.capture import capture, changes_stream
 
     async with await connect(pgflow_dsn) as conn:
         await conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
@@ -454,8 +454,8 @@ async def test_an_idle_change_log_reader_does_not_hold_the_change_log_back(
     let other tables' old change rows go: idle, it moves its position forwards."""
     from psycopg_pool import AsyncConnectionPool
 
-    from pgflow.capture import capture, changes_stream
     from pgflow.connectors import table
+    from pgflow.connectors.capture import capture, changes_stream
 
     async with await connect(pgflow_dsn) as conn:
         await conn.execute("CREATE TABLE quiet (id int PRIMARY KEY)")

@@ -18,12 +18,12 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
-from pgflow.cursors import BatchOutcome, CursorKey, consume_once, ensure_cursor
-from pgflow.events import Event, NewEvent, append
-from pgflow.migrations import known_migrations, migrate
+from pgflow.log.cursors import BatchOutcome, CursorKey, consume_once, ensure_cursor
+from pgflow.log.events import Event, NewEvent, append
+from pgflow.log.snapshots import Position
+from pgflow.log.streamer import Filter, read_batch
+from pgflow.ops.migrations import known_migrations, migrate
 from pgflow.postgres import throwaway_cluster
-from pgflow.snapshots import Position
-from pgflow.streamer import Filter, read_batch
 
 STREAM = "snap"
 
@@ -340,7 +340,7 @@ async def test_a_new_shard_layout_starts_where_the_old_one_had_read(pgflow_dsn: 
 
 
 def test_inherited_snapshot_is_the_intersection_of_complete_layouts() -> None:
-    from pgflow.cursors import inherited_snapshot
+    from pgflow.log.cursors import inherited_snapshot
 
     assert inherited_snapshot([]) == "1:1:"
     assert inherited_snapshot([(2, 1, ["50:60:"])]) == "1:1:"  # a shard missing

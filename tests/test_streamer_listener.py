@@ -17,9 +17,9 @@ from psycopg import AsyncConnection
 from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
-from pgflow.cursors import Consumer, CursorKey
-from pgflow.events import Event, NewEvent, Position, append, shard_hash
-from pgflow.streamer import Filter, Listener, Notifier, read_batch, stream
+from pgflow.log.cursors import Consumer, CursorKey
+from pgflow.log.events import Event, NewEvent, Position, append, shard_hash
+from pgflow.log.streamer import Filter, Listener, Notifier, read_batch, stream
 from tests._util import events_settled, wait_until
 
 Conn = AsyncConnection[Any]

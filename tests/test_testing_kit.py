@@ -125,7 +125,7 @@ def test_importing_the_kit_needs_no_pytest() -> None:
 
 
 def test_clock_is_a_pgflow_clock() -> None:
-    from pgflow.clock import Clock as Base
+    from pgflow.workflow.clock import Clock as Base
 
     clock = Clock(datetime(2030, 1, 1))
     assert isinstance(clock, Base) and clock.sql_now() == clock.now()

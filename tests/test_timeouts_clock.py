@@ -13,7 +13,7 @@ import pytest
 import pgflow
 from pgflow import RunState
 from pgflow.testing import Clock, await_timeout_insert, require, require_state
-from pgflow.timers import after, at, daily_at
+from pgflow.workflow.timers import after, at, daily_at
 from tests._util import wait_until
 
 

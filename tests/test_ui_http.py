@@ -245,7 +245,7 @@ def test_escapes_what_it_shows(pgflow_dsn: str) -> None:
     evil = "<script>alert(1)</script>"
 
     async def go() -> uuid.UUID:
-        from pgflow.records import insert_run
+        from pgflow.workflow.records import insert_run
 
         async with await psycopg.AsyncConnection.connect(pgflow_dsn, autocommit=True) as conn:
             rid = uuid.uuid4()
@@ -360,7 +360,7 @@ def test_pgflow_ui_serves_with_uvicorn(pgflow_dsn: str, seeded: dict[str, Any]) 
 
 
 async def _lag_vs_view(dsn: str) -> tuple[list[Any], list[Any], list[Any]]:
-    from pgflow.events import NewEvent, append
+    from pgflow.log.events import NewEvent, append
 
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         before = await (await conn.execute("SELECT pg_current_snapshot()::text")).fetchone()

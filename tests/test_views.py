@@ -14,12 +14,12 @@ from typing import Any
 import psycopg
 from psycopg import AsyncConnection
 
-from pgflow import admin
-from pgflow.cursors import CursorKey, advance_cursor, ensure_cursor
-from pgflow.events import NewEvent, Position, append, shard_hash
-from pgflow.migrations import migrate
-from pgflow.records import RunState, insert_run, write_change
-from pgflow.streamer import Filter, head_position
+from pgflow.log.cursors import CursorKey, advance_cursor, ensure_cursor
+from pgflow.log.events import NewEvent, Position, append, shard_hash
+from pgflow.log.streamer import Filter, head_position
+from pgflow.ops.migrations import migrate
+from pgflow.workflow import actions
+from pgflow.workflow.records import RunState, insert_run, write_change
 from tests._util import wait_until
 
 TP = "00-{trace}-{span}-01"
@@ -78,7 +78,7 @@ async def build_scenario(conn: AsyncConnection[Any]) -> dict[str, uuid.UUID]:
     rec = await new("order-3")
     rec = await write_change(conn, rec, change="step", status="PAID", run_state=RunState.RUNNING)
     assert rec is not None
-    await admin.pause(conn, "orders", "order-3")
+    await actions.pause(conn, "orders", "order-3")
     for fid in ("order-4", "order-5", "order-6"):
         rec = await new(fid)
         await conn.execute(
@@ -158,7 +158,7 @@ async def test_run_history_answers_where_is_it_and_how_did_it_get_there(pool) ->
 async def test_run_history_shows_pause_and_resume(pool) -> None:
     async with pool.connection() as conn:
         await build_scenario(conn)
-        await admin.resume(conn, "orders", "order-3")
+        await actions.resume(conn, "orders", "order-3")
         history = await rows(
             conn,
             "SELECT status, change, run_state FROM pgflow.run_history"

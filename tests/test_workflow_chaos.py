@@ -43,8 +43,8 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg.conninfo import make_conninfo
 
-from pgflow.api import run_id_for
-from pgflow.snapshots import CONSUMED
+from pgflow.log.snapshots import CONSUMED
+from pgflow.workflow.api import run_id_for
 from tests import chaos_app
 from tests._util import wait_until
 

@@ -12,7 +12,7 @@ import pytest
 
 import pgflow
 from pgflow import RunState
-from pgflow.snapshots import CONSUMED
+from pgflow.log.snapshots import CONSUMED
 from pgflow.testing import require, require_state
 from tests._util import wait_until
 

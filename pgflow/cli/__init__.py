@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import AsyncConnection
 
-from .. import _db
-from ..errors import PgflowError, SchemaError
+from pgflow import _db
+from pgflow.errors import PgflowError, SchemaError
 
 T = TypeVar("T")
 

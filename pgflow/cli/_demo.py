@@ -8,11 +8,11 @@ import logging
 import os
 from typing import Any
 
-from .._db import DSN_ENV_VARS, redact
+from pgflow._db import DSN_ENV_VARS, redact
 
 
 def register(subparsers: Any) -> None:
-    from . import add_dsn_argument
+    from pgflow.cli import add_dsn_argument
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "demo",
@@ -32,16 +32,22 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import CONNECTOR, HIGH_VALUE_THRESHOLD, WORKFLOW, format_table, run_demo
+    from pgflow.demos.orders import (
+        CONNECTOR,
+        HIGH_VALUE_THRESHOLD,
+        WORKFLOW,
+        format_table,
+        run_demo,
+    )
 
     dsn = args.dsn or next((os.environ[v] for v in DSN_ENV_VARS if os.environ.get(v)), None)
     if dsn is None:
-        from ..postgres import default_data_dir, embedded_dsn
+        from pgflow.postgres import default_data_dir, embedded_dsn
 
         print(f"no --dsn given: using the embedded PostgreSQL in {default_data_dir()}")
         dsn = embedded_dsn()
     # Retries and dead letters are part of the story; the table below tells it.
-    logging.getLogger("pgflow.connectors").setLevel(logging.CRITICAL)
+    logging.getLogger("pgflow.workflow._connectors").setLevel(logging.CRITICAL)
     result = asyncio.run(run_demo(dsn, timeout=args.timeout))
     print(f"\nworkflow {WORKFLOW!r} fed by connector {CONNECTOR!r} ({redact(dsn)})\n")
     print(format_table(["foreign id", "status", "run state", "notes"], result.runs))

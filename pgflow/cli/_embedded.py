@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..postgres import LocalCluster, default_data_dir
+from pgflow.postgres import LocalCluster, default_data_dir
 
 
 def register(subparsers: Any) -> None:

@@ -6,10 +6,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..builder import Builder
-from ..errors import ConfigError
-from ..graph import DIRECTIONS
-from ._worker import load_target, resolve_workflow
+from pgflow.cli._worker import load_target, resolve_workflow
+from pgflow.errors import ConfigError
+from pgflow.workflow.builder import Builder
+from pgflow.workflow.graph import DIRECTIONS
 
 
 def register(subparsers: Any) -> None:

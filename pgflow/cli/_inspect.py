@@ -7,12 +7,12 @@ import asyncio
 import sys
 from typing import Any
 
-from .._table import add_format_arguments, render, selected_format
-from ..inspect import DEFAULT_LIMIT, DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, inspect
+from pgflow.cli._render import add_format_arguments, render, selected_format
+from pgflow.ops.inspect import DEFAULT_LIMIT, DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, inspect
 
 
 def register(subparsers: Any) -> None:
-    from . import add_dsn_argument
+    from pgflow.cli import add_dsn_argument
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "inspect",

@@ -6,11 +6,11 @@ import argparse
 import asyncio
 from typing import Any
 
-from ..migrations import latest_version, migrate
+from pgflow.ops.migrations import latest_version, migrate
 
 
 def register(subparsers: Any) -> None:
-    from . import add_dsn_argument
+    from pgflow.cli import add_dsn_argument
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "migrate",

@@ -1,6 +1,6 @@
 """``pgflow prune``: delete old events, fired timeouts and replayed dead letters.
 
-The rules (what is never deleted) live in :mod:`pgflow.retention`; this module only
+The rules (what is never deleted) live in :mod:`pgflow.ops.retention`; this module only
 parses arguments and prints what was (or would be) deleted.
 """
 
@@ -12,8 +12,8 @@ import re
 from datetime import timedelta
 from typing import Any
 
-from ..retention import PruneResult, prune
-from . import with_connection
+from pgflow.cli import with_connection
+from pgflow.ops.retention import PruneResult, prune
 
 __all__ = ["parse_age", "register"]
 
@@ -43,7 +43,7 @@ def _positive_int(text: str) -> int:
 
 
 def register(subparsers: Any) -> None:
-    from . import add_dsn_argument
+    from pgflow.cli import add_dsn_argument
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "prune",

@@ -4,7 +4,7 @@
 ``pgflow retry|pause|resume|cancel FOREIGN_ID`` · ``pgflow dead-letters [--replay ID]``.
 
 Reads go through the views in ``sql/views.sql`` (so psql users see the same thing);
-run-state changes go through :mod:`pgflow.admin`, the same functions the Python API
+run-state changes go through :mod:`pgflow.workflow.actions`, the same functions the Python API
 uses, so the CLI cannot do anything the engine would not.
 """
 
@@ -22,8 +22,9 @@ from uuid import UUID
 import psycopg
 from psycopg import AsyncConnection
 
-from .. import _db
-from .._table import (
+from pgflow import _db
+from pgflow.cli import with_connection
+from pgflow.cli._render import (
     add_format_arguments,
     format_interval,
     render,
@@ -32,8 +33,7 @@ from .._table import (
     render_table,
     selected_format,
 )
-from ..errors import ConfigError, InvalidTransition, NotFound, PgflowError
-from . import with_connection
+from pgflow.errors import ConfigError, InvalidTransition, NotFound, PgflowError
 
 __all__ = ["ReplayFailed", "register", "replay_dead_letter", "resolve_run"]
 
@@ -49,7 +49,7 @@ _STATES = (
 
 
 def register(subparsers: Any) -> None:
-    from . import add_dsn_argument
+    from pgflow.cli import add_dsn_argument
 
     def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = subparsers.add_parser(
@@ -427,16 +427,16 @@ async def _stuck(conn: AsyncConnection[Any], args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------ actions
 async def _admin_action(conn: AsyncConnection[Any], args: argparse.Namespace) -> int:
-    from .. import admin
+    from pgflow.workflow import actions
 
     (run,) = await resolve_run(conn, args.foreign_id, args.workflow, args.run_id, single=True)
     action = {
-        "retry": admin.retry,
-        "pause": admin.pause,
-        "resume": admin.resume,
-        "cancel": admin.cancel,
+        "retry": actions.retry,
+        "pause": actions.pause,
+        "resume": actions.resume,
+        "cancel": actions.cancel,
         # only requests it: a running worker erases it with the workflow's custom_delete
-        "delete-data": admin.request_data_deletion,
+        "delete-data": actions.request_data_deletion,
     }[args.verb]
     rec = await action(conn, run.workflow, run.foreign_id, run.run_id, reason=args.reason)
     why = f" — {rec.run_state_reason}" if rec.run_state_reason else ""
@@ -491,7 +491,7 @@ def _connector_of(consumer: str, workflow: str) -> str | None:
     """The connector name in a dead letter's ``consumer`` if it belongs to ``workflow``.
 
     The runner stores ``"<workflow>--<connector>"``
-    (:func:`pgflow._connector_runner.dead_letter_consumer`); a consumer name with its
+    (:func:`pgflow.workflow._connectors.dead_letter_consumer`); a consumer name with its
     shard suffix (``"<workflow>--<connector>-1-of-2"``) is accepted too. Matching the
     known workflow name, rather than splitting at a ``--``, stays right when a name
     itself contains ``--``.
@@ -510,9 +510,9 @@ async def _replay_through_connector(
     The function runs through the workflow's API bound to one transaction that also
     marks the dead letter replayed: either both commit or neither does.
     """
-    from ..connectors._base import ConnectorEvent
-    from ..observability import connector_span
-    from ._worker import build_workflow
+    from pgflow.cli._worker import build_workflow
+    from pgflow.connectors._base import ConnectorEvent
+    from pgflow.observability import connector_span
 
     cur = await conn.execute(
         "SELECT consumer, event_id, foreign_id, type, headers, replayed_at"
@@ -589,7 +589,7 @@ async def replay_dead_letter(conn: AsyncConnection[Any], dead_letter_id: int) ->
     """Submit dead letter ``dead_letter_id`` again and mark it replayed (one transaction).
 
     * A dead letter of a workflow run (its foreign id has a run in progress in a
-      workflow the consumer belongs to): :func:`pgflow.admin.retry` — the run's current
+      workflow the consumer belongs to): :func:`pgflow.actions.retry` — the run's current
       step runs again with its error count reset.
     * Any other dead letter (a connector's malformed or failed outside event): a copy
       is appended to ``pgflow.events`` on stream ``pgflow.replay`` with the original
@@ -598,8 +598,8 @@ async def replay_dead_letter(conn: AsyncConnection[Any], dead_letter_id: int) ->
 
     Returns a one-line description of what was done.
     """
-    from .. import admin
-    from ..events import NewEvent, append
+    from pgflow.log.events import NewEvent, append
+    from pgflow.workflow import actions
 
     async with conn.transaction():
         cur = await conn.execute(
@@ -628,7 +628,7 @@ async def replay_dead_letter(conn: AsyncConnection[Any], dead_letter_id: int) ->
             )
             run = await cur.fetchone()
         if run is not None:
-            rec = await admin.retry(conn, run[0], foreign_id, run[1])
+            rec = await actions.retry(conn, run[0], foreign_id, run[1])
             done = (
                 f"replayed dead letter {dead_letter_id}: retried {rec.workflow} / "
                 f"{rec.foreign_id} / run {rec.run_id} at {rec.status}"

@@ -15,8 +15,8 @@ import ipaddress
 import os
 from typing import Any
 
-from ..errors import ConfigError
-from . import with_connection
+from pgflow.cli import with_connection
+from pgflow.errors import ConfigError
 
 DEFAULT_PORT = 8100
 #: Host headers accepted without a token: a page elsewhere whose DNS name rebinds to
@@ -25,7 +25,7 @@ LOOPBACK_NAMES = ["127.0.0.1", "localhost", "[::1]", "::1"]
 
 
 def register(subparsers: Any) -> None:
-    from . import add_dsn_argument
+    from pgflow.cli import add_dsn_argument
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "ui",
@@ -96,12 +96,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from ..ui import app
+        from pgflow.ui import app
     except ImportError:
         raise ConfigError(
             "pgflow ui needs the 'ui' extra: pip install 'pgflow-engine[ui]'"
         ) from None
-    from ._worker import load_target, resolve_workflow
+    from pgflow.cli._worker import load_target, resolve_workflow
 
     asyncio.run(_check_database(args.dsn))
     graphs = [resolve_workflow(load_target(spec), None) for spec in args.workflow]

@@ -23,15 +23,15 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
-from .. import _db
-from .._heartbeat import Heartbeat
-from .._table import add_format_arguments, render, selected_format
-from ..builder import Builder
-from ..errors import ConfigError, WorkerFailed
-from ..migrations import check_schema
-from ..workflow import Workflow
+from pgflow import _db
+from pgflow.cli._render import add_format_arguments, render, selected_format
+from pgflow.errors import ConfigError, WorkerFailed
+from pgflow.ops.migrations import check_schema
+from pgflow.workflow._heartbeat import Heartbeat
+from pgflow.workflow.builder import Builder
+from pgflow.workflow.workflow import Workflow
 
-logger = logging.getLogger("pgflow.worker")
+logger = logging.getLogger(__name__)
 
 
 def load_target(spec: str) -> Any:
@@ -118,7 +118,7 @@ def _pool_size_default() -> int | None:
 
 
 def register(subparsers: Any) -> None:
-    from . import add_dsn_argument
+    from pgflow.cli import add_dsn_argument
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "worker",
@@ -189,7 +189,7 @@ def list_workers(args: argparse.Namespace) -> int:
         print(render(cols, rows, selected_format(args)))
         return 0
 
-    from . import with_connection
+    from pgflow.cli import with_connection
 
     return asyncio.run(with_connection(args.dsn, work))
 
@@ -214,7 +214,7 @@ async def serve(
     The schema is checked first (a one-line :class:`SchemaError` instead of a worker
     that says "running" and then fails every second). While running, a heartbeat row
     in ``pgflow.workers`` shows the process is alive (``pgflow workers``). When a
-    supervised task gives up (:mod:`pgflow._supervise`) the worker stops and raises
+    supervised task gives up (:mod:`pgflow.workflow._supervise`) the worker stops and raises
     :class:`WorkerFailed`: a process that cannot run all its consumers must not look
     healthy — its own supervisor restarts it.
     """

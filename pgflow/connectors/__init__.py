@@ -7,7 +7,7 @@ broker extras ``nats``, ``rabbitmq``, ``redis``, ``kafka``); each exposes a clas
 
 from __future__ import annotations
 
-from ._base import (
+from pgflow.connectors._base import (
     Ack,
     Connector,
     ConnectorConsumer,

@@ -130,7 +130,7 @@ class FlushesAcks(Protocol):
 
     ``flush_in(conn)`` writes, in ``conn``'s open transaction, the position reached by
     the acks given so far (one write per batch instead of one per ack). It raises when
-    the write cannot be made (e.g. :class:`~pgflow.cursors.LostCursor`: someone else
+    the write cannot be made (e.g. :class:`~pgflow.log.cursors.LostCursor`: someone else
     moved the position), and the caller must then roll the transaction back.
     """
 

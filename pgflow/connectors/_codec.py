@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from ._base import Ack, ConnectorEvent, MalformedEvent
+from pgflow.connectors._base import Ack, ConnectorEvent, MalformedEvent
 
 __all__ = [
     "MAX_DEPTH",

@@ -30,8 +30,8 @@ from typing import Any
 
 import psycopg
 
-from ..events import NewEvent, append
-from .table import CursorStore
+from pgflow.connectors.table import CursorStore
+from pgflow.log.events import NewEvent, append
 
 __all__ = ["GroupCommit", "Rejected", "Stored", "Unavailable"]
 

@@ -27,10 +27,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from ..events import NewEvent
-from ._codec import event_from_json
-from ._group_commit import GroupCommit, Rejected, Unavailable
-from ._webhook_signature import SIGNATURE_HEADER, SignatureError, verify
+from pgflow.connectors._codec import event_from_json
+from pgflow.connectors._group_commit import GroupCommit, Rejected, Unavailable
+from pgflow.connectors._webhook_signature import SIGNATURE_HEADER, SignatureError, verify
+from pgflow.log.events import NewEvent
 
 __all__ = ["ID_HEADER", "WebhookApp"]
 

@@ -21,12 +21,18 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from ._base import Ack, ConnectorEvent
-from ._codec import RawMessage, Translator, event_to_json, json_translator, translate
+from pgflow.connectors._base import Ack, ConnectorEvent
+from pgflow.connectors._codec import (
+    RawMessage,
+    Translator,
+    event_to_json,
+    json_translator,
+    translate,
+)
 
 __all__ = ["Connector", "Consumer"]
 
-logger = logging.getLogger("pgflow.connectors.kafka")
+logger = logging.getLogger(__name__)
 
 try:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition

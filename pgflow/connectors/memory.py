@@ -36,7 +36,7 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
-from ._base import Ack, ConnectorEvent
+from pgflow.connectors._base import Ack, ConnectorEvent
 
 __all__ = ["Connector", "event"]
 

@@ -21,8 +21,14 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from ._base import Ack, ConnectorEvent
-from ._codec import RawMessage, Translator, event_to_json, json_translator, translate
+from pgflow.connectors._base import Ack, ConnectorEvent
+from pgflow.connectors._codec import (
+    RawMessage,
+    Translator,
+    event_to_json,
+    json_translator,
+    translate,
+)
 
 __all__ = ["Connector", "Consumer", "durable_name"]
 

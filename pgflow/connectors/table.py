@@ -12,7 +12,7 @@ Usage::
 How rows are read
 -----------------
 Like the core event log, a source is read in snapshot batches (see
-:mod:`pgflow.snapshots`): each batch is the rows whose transaction committed since the
+:mod:`pgflow.log.snapshots`): each batch is the rows whose transaction committed since the
 consumer's last snapshot, in id order, so a row whose transaction commits late is never
 skipped, no "gap settle" timeout is needed, and a transaction left open elsewhere only
 delays its own rows. This needs two columns on the source:
@@ -26,8 +26,8 @@ delays its own rows. This needs two columns on the source:
   then set the default and ``NOT NULL``.
 
 ``tx`` is set on INSERT only, so this tails *new rows*. To see updates and deletes too,
-install change capture (:func:`pgflow.capture`) and tail its change log with
-:func:`pgflow.capture.changes_stream`.
+install change capture (:func:`pgflow.connectors.capture`) and tail its change log with
+:func:`pgflow.connectors.capture.changes_stream`.
 
 An id-only source (``tx_column=None``) is read with ``id > cursor`` and is **not**
 gap-free: with concurrent writers a smaller id can commit after a larger one was read,
@@ -52,7 +52,7 @@ is harmless, skipping one raises). The cursor row is written once, by a single
 compare-and-set to the last acked row, when the batch's last event is acked or when
 the caller calls :meth:`TableConsumer.flush_in` (the runner does, before it commits a
 batch it stopped early). A failed compare-and-set raises
-:class:`~pgflow.cursors.LostCursor` inside the transaction, which must roll back. A
+:class:`~pgflow.log.cursors.LostCursor` inside the transaction, which must roll back. A
 caller that stops acking part-way must call ``flush_in`` before committing, or the
 acked rows are delivered again. Each batch starts from the stored cursor, so a
 rolled-back batch leaves nothing advanced in memory; read one batch per transaction.
@@ -82,8 +82,9 @@ from uuid import UUID
 from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
 
-from .. import _db
-from ..cursors import (
+from pgflow import _db
+from pgflow.connectors._base import Ack, ConnectorEvent, MalformedEvent
+from pgflow.log.cursors import (
     IDLE_ADVANCE_AFTER,
     CursorKey,
     LostCursor,
@@ -92,8 +93,7 @@ from ..cursors import (
     try_lock_shard,
     upsert_cursor,
 )
-from ..snapshots import START_SNAPSHOT, DiffRead, Position, diff_read_sql
-from ._base import Ack, ConnectorEvent, MalformedEvent
+from pgflow.log.snapshots import START_SNAPSHOT, DiffRead, Position, diff_read_sql
 
 __all__ = [
     "Connector",
@@ -113,7 +113,7 @@ Row = Mapping[str, Any]
 RowTranslator = Callable[[Row], ConnectorEvent]
 
 #: A workflow connector shard's cursor name: ``<prefix><workflow>--<connector>`` (1),
-#: shard (2) of count (3) — see ``pgflow._connector_runner.consumer_name``.
+#: shard (2) of count (3) — see ``pgflow.workflow._connectors.consumer_name``.
 _LAYOUT = re.compile(r"(.+)-([0-9]+)-of-([0-9]+)")
 
 
@@ -187,7 +187,7 @@ class TableStream:
 
     def read_sql(self) -> sql.Composed:
         """The next chunk after a position (``__``-prefixed parameters, see
-        :func:`pgflow.snapshots.diff_read_sql`); id order."""
+        :func:`pgflow.log.snapshots.diff_read_sql`); id order."""
         source: sql.Composable
         if self.table is not None:
             source = sql.SQL("SELECT * FROM {}").format(_qualified(self.table))
@@ -638,7 +638,7 @@ class TableConsumer:
     async def flush_in(self, conn: AsyncConnection[Any]) -> None:
         """Write the cursor for the acks given so far in ``conn``'s transaction (one
         compare-and-set). The runner calls this before it commits; it raises
-        :class:`~pgflow.cursors.LostCursor` (roll back!) when someone else moved the
+        :class:`~pgflow.log.cursors.LostCursor` (roll back!) when someone else moved the
         cursor since the batch was read."""
         batch = self._batch
         if batch is not None and batch.conn is conn:

@@ -59,16 +59,22 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "the webhook connector needs Starlette and uvicorn: pip install 'pgflow-engine[webhook]'"
     ) from exc
 
-from ..errors import ConfigError
-from ..snapshots import Position
-from ..streamer import Filter, read_batch
-from ._base import ConnectorEvent
-from ._group_commit import GroupCommit
-from ._webhook_app import ID_HEADER, WebhookApp
-from ._webhook_server import StandaloneServer
-from ._webhook_signature import DEFAULT_TOLERANCE, SIGNATURE_HEADER, SignatureError, sign, verify
-from .table import Connector as TableConnector
-from .table import CursorStore, Row, TableConsumer
+from pgflow.connectors._base import ConnectorEvent
+from pgflow.connectors._group_commit import GroupCommit
+from pgflow.connectors._webhook_app import ID_HEADER, WebhookApp
+from pgflow.connectors._webhook_server import StandaloneServer
+from pgflow.connectors._webhook_signature import (
+    DEFAULT_TOLERANCE,
+    SIGNATURE_HEADER,
+    SignatureError,
+    sign,
+    verify,
+)
+from pgflow.connectors.table import Connector as TableConnector
+from pgflow.connectors.table import CursorStore, Row, TableConsumer
+from pgflow.errors import ConfigError
+from pgflow.log.snapshots import Position
+from pgflow.log.streamer import Filter, read_batch
 
 __all__ = [
     "DEFAULT_TOLERANCE",

@@ -31,11 +31,11 @@ Layout: ``_state`` (the one mutable state object), ``_config`` (configure/reset 
 
 from __future__ import annotations
 
-from ._config import configure, disable, flush, reset, tracing_enabled
-from ._metrics import LAG_ALERT_REARM as LAG_ALERT_REARM
-from ._metrics import Metrics, metrics
-from ._sampling import ConsumerLag, sample_database, sample_forever
-from ._tracing import (
+from pgflow.observability._config import configure, disable, flush, reset, tracing_enabled
+from pgflow.observability._metrics import LAG_ALERT_REARM as LAG_ALERT_REARM
+from pgflow.observability._metrics import Metrics, metrics
+from pgflow.observability._sampling import ConsumerLag, sample_database, sample_forever
+from pgflow.observability._tracing import (
     annotate,
     connector_span,
     current_traceparent,

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from opentelemetry import trace
 
-from ._metrics import metrics
-from ._state import DEFAULT_SERVICE_NAME, INSTRUMENTATION_NAME, logger, state
+from pgflow.observability._metrics import metrics
+from pgflow.observability._state import DEFAULT_SERVICE_NAME, INSTRUMENTATION_NAME, logger, state
 
 if TYPE_CHECKING:  # pragma: no cover
     from opentelemetry.metrics import MeterProvider
@@ -98,13 +98,16 @@ def resolve_once() -> None:
         state.resolved = True
 
 
+state.resolver = resolve_once
+
+
 def _install(tp: TracerProvider | None, mp: MeterProvider | None) -> None:
     state.tracer = tp.get_tracer(INSTRUMENTATION_NAME, _version()) if tp is not None else None
     metrics._install(mp.get_meter(INSTRUMENTATION_NAME, _version()) if mp is not None else None)
 
 
 def _version() -> str:
-    from .. import __version__
+    from pgflow._version import __version__
 
     return __version__
 

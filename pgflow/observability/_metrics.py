@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._state import ensure_resolved, logger, state
+from pgflow.observability._state import ensure_resolved, logger, state
 
 if TYPE_CHECKING:  # pragma: no cover
     from opentelemetry.metrics import (

@@ -11,8 +11,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._metrics import metrics
-from ._state import logger
+from pgflow.observability._metrics import metrics
+from pgflow.observability._state import logger
 
 if TYPE_CHECKING:  # pragma: no cover
     from psycopg import AsyncConnection
@@ -50,7 +50,7 @@ async def sample_database(
         return []
     from psycopg import AsyncConnection as _AsyncConnection
 
-    from ..streamer import horizon_age
+    from pgflow.log.streamer import horizon_age
 
     async def _read(conn: AsyncConnection[Any]) -> tuple[list[ConsumerLag], float]:
         cur = await conn.execute(_LAG_SQL)

@@ -29,7 +29,7 @@ from opentelemetry.trace import (
     TraceFlags,
 )
 
-from ._state import MESSAGING_SYSTEM, ensure_resolved, state
+from pgflow.observability._state import MESSAGING_SYSTEM, ensure_resolved, state
 
 if TYPE_CHECKING:  # pragma: no cover
     from opentelemetry.trace import Tracer

@@ -19,11 +19,11 @@ every shipped broker connector passes, to run against your own.
 
 from __future__ import annotations
 
-from . import _kit
-from ._kit import (
+from pgflow.testing import _kit
+from pgflow.testing._kit import (
     LOCAL_DSN as LOCAL_DSN,  # not in __all__, importable as before
 )
-from ._kit import (
+from pgflow.testing._kit import (
     Clock,
     TestDatabases,
     TestingRun,

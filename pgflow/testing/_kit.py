@@ -22,20 +22,20 @@ import psycopg
 from psycopg import AsyncConnection, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from .. import clock as _clock
-from .._engine import maybe_await
-from ..errors import NotFound
-from ..migrations import migrate
-from ..postgres import throwaway_cluster
-from ..records import RawRecord, Record, RunState
-from ..run import Run
+from pgflow.errors import NotFound
+from pgflow.ops.migrations import migrate
+from pgflow.postgres import throwaway_cluster
+from pgflow.workflow import clock as _clock
+from pgflow.workflow._engine import maybe_await
+from pgflow.workflow.records import RawRecord, Record, RunState
+from pgflow.workflow.run import Run
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..api import API
+    from pgflow.workflow.api import API
 
 __all__ = ["TestDatabases", "pgflow_dsn", "pgflow_server", "run_sync", "server_dsn"]
 
-logger = logging.getLogger("pgflow.testing")
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 S = TypeVar("S", bound=enum.Enum)
@@ -378,7 +378,7 @@ async def require_state(wf: Any, foreign_id: str, run_state: Any, timeout: float
     """Wait until the newest run of ``foreign_id`` is in ``run_state`` (a RunState)."""
     import time
 
-    from ..errors import NotFound
+    from pgflow.errors import NotFound
 
     deadline = time.monotonic() + timeout
     last = None

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from ..connectors._base import Ack, Connector, ConnectorConsumer, ConnectorEvent, MalformedEvent
+from pgflow.connectors._base import (
+    Ack,
+    Connector,
+    ConnectorConsumer,
+    ConnectorEvent,
+    MalformedEvent,
+)
 
 __all__ = [
     "Check",

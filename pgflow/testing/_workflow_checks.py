@@ -18,12 +18,8 @@ from typing import Any
 
 import psycopg
 
-from .._connector_runner import consumer_name, dead_letter_consumer
-from ..api import API, run_id_for
-from ..builder import Builder
-from ..connectors._base import Ack, ConnectorEvent, MalformedEvent, TransactionalConsumer
-from ..workflow import Workflow
-from ._source import (
+from pgflow.connectors._base import Ack, ConnectorEvent, MalformedEvent, TransactionalConsumer
+from pgflow.testing._source import (
     NotApplicable,
     Source,
     SourceFactory,
@@ -33,6 +29,10 @@ from ._source import (
     new_tag,
     prepare,
 )
+from pgflow.workflow._connectors import consumer_name, dead_letter_consumer
+from pgflow.workflow.api import API, run_id_for
+from pgflow.workflow.builder import Builder
+from pgflow.workflow.workflow import Workflow
 
 __all__ = ["check_workflow_crash", "check_workflow_malformed", "check_workflow_once"]
 

@@ -60,8 +60,8 @@ import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from ..connectors._base import Ack, ConnectorConsumer, ConnectorEvent, MalformedEvent
-from ._source import (
+from pgflow.connectors._base import Ack, ConnectorConsumer, ConnectorEvent, MalformedEvent
+from pgflow.testing._source import (
     Check,
     MalformedProbe,
     NotApplicable,
@@ -75,7 +75,7 @@ from ._source import (
     prepare,
     recv,
 )
-from ._workflow_checks import (
+from pgflow.testing._workflow_checks import (
     check_workflow_crash,
     check_workflow_malformed,
     check_workflow_once,

@@ -2,7 +2,7 @@
 
 An ASGI application (Starlette, server-rendered Jinja2 templates, a vendored htmx for
 auto-refresh; nothing from a CDN, so it works offline) that reads pgflow's tables and
-views and acts on runs through :mod:`pgflow.admin`::
+views and acts on runs through :mod:`pgflow.workflow.actions`::
 
     from pgflow.ui import app
     console = app("postgresql://...", token="s3cret")       # standalone: uvicorn
@@ -25,7 +25,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("pgflow.ui needs the 'ui' extra: pip install 'pgflow-engine[ui]'") from exc
 
-from ._app import app
-from ._security import AuthHook
+from pgflow.ui._app import app
+from pgflow.ui._security import AuthHook
 
 __all__ = ["AuthHook", "app"]

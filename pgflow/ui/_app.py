@@ -2,7 +2,7 @@
 
 Server-rendered Jinja2 templates; htmx (vendored, ``static/``) only re-fetches a page
 and swaps its live part for auto-refresh. Actions are HTML forms that POST, check the
-CSRF token, call :mod:`pgflow.admin` / the dead-letter replay through ``_queries`` and
+CSRF token, call :mod:`pgflow.workflow.actions` / the dead-letter replay through ``_queries`` and
 redirect back (303) to the page, which then shows the new state.
 """
 
@@ -35,15 +35,15 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from .. import _db
-from .._table import format_interval
-from ..builder import Builder
-from ..errors import InvalidTransition, NotFound, PgflowError
-from ..graph import Graph
-from ..inspect import InspectError
-from . import _queries as q
-from ._security import CSRF_FIELD, AuthHook, Guard, csrf_ok
-from ._svg import graph_svg, sparkline
+from pgflow import _db
+from pgflow.errors import InvalidTransition, NotFound, PgflowError
+from pgflow.ops._format import format_interval
+from pgflow.ops.inspect import InspectError
+from pgflow.ui import _queries as q
+from pgflow.ui._security import CSRF_FIELD, AuthHook, Guard, csrf_ok
+from pgflow.ui._svg import graph_svg, sparkline
+from pgflow.workflow.builder import Builder
+from pgflow.workflow.graph import Graph
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ query here is shaped for an index (``migrations/0010_ui_indexes.sql``):
 Reads go through pgflow's human views (``pgflow.runs``, ``pgflow.run_history``,
 ``pgflow.stuck_runs``, ``pgflow.horizon``) where they push down to the indexes, so psql
 users see the same thing. Writes (pause, resume, cancel, retry, replay) go through
-:mod:`pgflow.admin` and the CLI's ``replay_dead_letter``: the console can do nothing the
-engine and ``pgflow`` CLI would not. The Query page runs :func:`pgflow.inspect.inspect`
+:mod:`pgflow.workflow.actions` and the CLI's ``replay_dead_letter``: the console can do nothing the
+engine and ``pgflow`` CLI would not. The Query page runs :func:`pgflow.ops.inspect.inspect`
 (its validation and read-only fences), never SQL of its own.
 """
 
@@ -32,10 +32,10 @@ from uuid import UUID
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
-from .. import admin
-from ..cli._runs import replay_dead_letter
-from ..inspect import InspectResult, inspect
-from ..records import RunState
+from pgflow.cli._runs import replay_dead_letter
+from pgflow.ops.inspect import InspectResult, inspect
+from pgflow.workflow import actions
+from pgflow.workflow.records import RunState
 
 __all__ = [
     "ACTIVE_STATES",
@@ -524,22 +524,22 @@ ACTIONS = ("retry", "pause", "resume", "cancel")
 async def act_on_run(
     conn: AsyncConnection[Any], run_id: UUID, action: str, reason: str | None
 ) -> ActionResult:
-    """Apply ``action`` to a run through :mod:`pgflow.admin` (NotFound /
+    """Apply ``action`` to a run through :mod:`pgflow.workflow.actions` (NotFound /
     InvalidTransition propagate with their one-line messages)."""
-    from ..errors import NotFound
+    from pgflow.errors import NotFound
 
     rec = await run(conn, run_id)
     if rec is None:
         raise NotFound(f"no run {run_id}")
     wf, fid = rec["workflow"], rec["foreign_id"]
     if action == "pause":
-        new = await admin.pause(conn, wf, fid, run_id, reason=reason)
+        new = await actions.pause(conn, wf, fid, run_id, reason=reason)
     elif action == "cancel":
-        new = await admin.cancel(conn, wf, fid, run_id, reason=reason)
+        new = await actions.cancel(conn, wf, fid, run_id, reason=reason)
     elif action == "resume":
-        new = await admin.resume(conn, wf, fid, run_id)
+        new = await actions.resume(conn, wf, fid, run_id)
     elif action == "retry":
-        new = await admin.retry(conn, wf, fid, run_id)
+        new = await actions.retry(conn, wf, fid, run_id)
     else:
         raise ValueError(f"unknown action {action!r}")
     return ActionResult(

@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 from markupsafe import Markup, escape
 
-from ..graph import Graph
+from pgflow.workflow.graph import Graph
 
 __all__ = ["graph_svg", "sparkline"]
 

@@ -1,0 +1,2 @@
+"""Runnable demonstrations (``pgflow demo``); examples for users, never imported by
+the library itself."""

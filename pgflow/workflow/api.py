@@ -1,0 +1,570 @@
+"""The workflow API: trigger runs, look at them, move them from outside.
+
+:class:`API` is what connector functions receive and what :class:`pgflow.Workflow`
+extends. It runs in one of two modes:
+
+* pool-backed (``wf.trigger(...)``): each call is its own short transaction on the
+  process's pool, committed before it returns, then consumers are poked;
+* bound (``wf.bind(conn)``): each call runs inside the caller's open transaction, in a
+  savepoint, and commits with it (or not at all). The connector runner and the table
+  connector use this for exactly-once triggering: the source cursor and the new run
+  commit together. Nothing is poked (the transaction is not committed yet): whoever
+  commits calls ``wf.poke()`` — or lets the consumers' polling timer find the events.
+
+The connector runner may also bind an API to an optimistic :class:`~pgflow._batch_api.
+Batch`: ``trigger`` then buffers the new run (written with the batch's other runs in
+one statement), reads write the buffer first, and anything else sends the batch to the
+per-event path (see :mod:`pgflow.workflow._batch_api`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import psycopg
+from psycopg import AsyncConnection, errors
+
+from pgflow.errors import ConfigError, InvalidTransition, NotFound, RunPaused, WorkflowInProgress
+from pgflow.observability import current_traceparent, trigger_span
+from pgflow.workflow import actions
+from pgflow.workflow._batch_api import Batch
+from pgflow.workflow._engine import Engine, maybe_await
+from pgflow.workflow.listing import Order, Page, list_records
+from pgflow.workflow.records import (
+    PROCESSABLE_STATES,
+    RECORD_COLUMNS,
+    NewRun,
+    RawRecord,
+    Record,
+    RunState,
+    insert_run,
+    load_latest,
+    load_run,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    pass
+
+__all__ = ["API"]
+
+T = TypeVar("T")
+S = TypeVar("S", bound=enum.Enum)
+
+_RUN_NAMESPACE = uuid.UUID("6f1f6c2e-4a4b-4c1e-9a43-7067666c6f77")
+
+
+def run_id_for(*parts: str) -> str:
+    """A deterministic run id (uuid5) for idempotent triggers from outside event ids.
+
+    Run ids are global (one ``records`` primary key for every workflow): two workflows
+    fed by one source must not derive the same id from the same event. Use
+    :meth:`API.run_id_for` (``api.run_id_for(ev.id)``), which puts the workflow's
+    name first, or include the workflow in ``parts`` yourself.
+    """
+    return str(uuid.uuid5(_RUN_NAMESPACE, "\x1f".join(parts)))
+
+
+class API(Generic[T, S]):
+    """Client operations on one workflow's runs (see the module doc for the two modes)."""
+
+    def __init__(
+        self,
+        engine: Engine[T, S],
+        conn: AsyncConnection[Any] | None = None,
+        batch: Batch | None = None,
+    ) -> None:
+        self._engine = engine
+        self._conn = conn
+        self._batch = batch  # optimistic connector batch (conn is its connection)
+
+    @property
+    def name(self) -> str:
+        return self._engine.name
+
+    def run_id_for(self, *parts: str) -> str:
+        """A deterministic run id of THIS workflow for an outside event: ``run_id_for(
+        workflow, *parts)``. The idempotent-trigger pattern (``api.trigger(fid,
+        run_id=api.run_id_for("shop", ev.id))``) stays correct when several workflows
+        consume one source; ``wf.run_id_for(...)`` finds the run again."""
+        return run_id_for(self.name, *parts)
+
+    @property
+    def conn(self) -> AsyncConnection[Any] | None:
+        """The bound connection (None for the pool-backed API).
+
+        In an optimistic connector batch, touching it sends the batch to the per-event
+        path, where the function runs again and gets the connection as usual."""
+        if self._batch is not None:  # raw SQL would run before the buffered triggers
+            raise self._batch.abandon("the connector function uses api.conn")
+        return self._conn
+
+    def bind(self, conn: AsyncConnection[Any]) -> API[T, S]:
+        """This API running inside ``conn``'s open transaction (never commits)."""
+        return API(self._engine, conn)
+
+    def poke(self) -> None:
+        """Wake the workflow's consumers; call after committing a bound transaction."""
+        self._engine.poke()
+
+    # -- plumbing --------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _tx(self, *, single: bool = False) -> AsyncIterator[AsyncConnection[Any]]:
+        """A transaction (or savepoint when bound); ``single``: the body is one statement,
+        so an autocommit connection needs no BEGIN/COMMIT round trips."""
+        if self._batch is not None:
+            raise self._batch.abandon("the connector function writes more than new runs")
+        if self._conn is not None:
+            async with self._conn.transaction():
+                yield self._conn
+            return
+        pool = await self._engine.pool()
+        async with pool.connection() as conn:
+            if single and conn.autocommit:
+                yield conn
+            else:
+                async with conn.transaction():
+                    yield conn
+        self._engine.poke()
+
+    @contextlib.asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection[Any]]:
+        if self._batch is not None:
+            await self._batch.flush()  # read your own (buffered) triggers
+        if self._conn is not None:
+            yield self._conn
+            return
+        pool = await self._engine.pool()
+        async with pool.connection() as conn:
+            yield conn
+
+    def _record(self, raw: RawRecord) -> Record[T, S]:
+        return self._engine.to_record(raw)
+
+    # -- starting runs ---------------------------------------------------------------
+
+    async def trigger(
+        self,
+        foreign_id: str,
+        initial: T | None = None,
+        start_at: S | None = None,
+        *,
+        run_id: str | uuid.UUID | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> str:
+        """Start a run for ``foreign_id`` at ``start_at`` (default: the graph's start)
+        with object ``initial``; returns its run id.
+
+        Raises :class:`pgflow.WorkflowInProgress` when the foreign id has a run in
+        progress (concurrent triggers: exactly one wins). With an explicit ``run_id``
+        (e.g. :func:`run_id_for` of an outside event id) a repeated trigger of the same
+        run returns that id instead of raising: idempotent on the event.
+        """
+        engine = self._engine
+        if not isinstance(foreign_id, str) or not foreign_id:
+            raise ValueError("foreign_id must be a non-empty string")
+        try:
+            start = engine.statuses.coerce(start_at) if start_at is not None else None
+        except ValueError as exc:
+            raise InvalidTransition(f"workflow {self.name!r}: {exc}") from None
+        start = start if start is not None else engine.graph.start
+        if start not in engine.startable:
+            raise InvalidTransition(
+                f"workflow {self.name!r}: cannot start at {start.name}: it is not in the graph"
+            )
+        obj = initial if initial is not None else engine.objects.default()
+        rid = uuid.UUID(str(run_id)) if run_id is not None else uuid.uuid4()
+        terminal = engine.graph.is_terminal(start)
+        attrs = {"workflow": self.name, "foreign_id": foreign_id, "run_id": str(rid)}
+        with trigger_span(self.name, foreign_id, attrs) as tp:
+            if self._batch is not None and not terminal:
+                new = NewRun(
+                    foreign_id=foreign_id,
+                    run_id=rid,
+                    status=start.name,
+                    object_json=engine.objects.dump(obj),
+                    traceparent=tp or current_traceparent(),
+                    headers=headers,
+                )
+                return str(self._batch.add(new))
+            try:
+                async with self._tx(single=not terminal) as conn:
+                    raw = await insert_run(
+                        conn,
+                        workflow=self.name,
+                        foreign_id=foreign_id,
+                        run_id=rid,
+                        status=start.name,
+                        object_json=engine.objects.dump(obj),
+                        traceparent=tp or current_traceparent(),
+                        run_state=RunState.COMPLETED if terminal else RunState.INITIATED,
+                        headers=headers,
+                    )
+                    if terminal:
+                        await engine.fire("complete", engine.make_run(raw, conn))
+            except errors.UniqueViolation as exc:
+                if run_id is not None and await self._run_exists(foreign_id, rid):
+                    return str(rid)
+                diag = exc.diag.constraint_name or ""
+                if "one_active_run" in diag:
+                    raise WorkflowInProgress(
+                        f"workflow {self.name!r}: foreign id {foreign_id!r} already has a "
+                        "run in progress (wait for it, or cancel it first)"
+                    ) from None
+                if diag == "records_pkey":
+                    raise ConfigError(
+                        f"workflow {self.name!r}: run id {rid} is already used by another"
+                        " run (run ids are global across workflows): derive it with"
+                        " api.run_id_for(...), which includes the workflow"
+                    ) from None
+                raise
+        return str(rid)
+
+    async def _run_exists(self, foreign_id: str, run_id: uuid.UUID) -> bool:
+        async with self._read() as conn:
+            return await load_run(conn, self.name, foreign_id, run_id) is not None
+
+    async def schedule(
+        self,
+        foreign_id: str,
+        spec: str,
+        *,
+        initial: T | None = None,
+        filter: Callable[[datetime], bool | Awaitable[bool]] | None = None,
+    ) -> datetime:
+        """Trigger ``foreign_id`` on the cron ``spec`` (e.g. ``"*/5 * * * *"``, UTC).
+
+        The timer poller triggers once per tick (exactly once across processes); a tick
+        that finds a run still in progress is skipped. Returns the next tick.
+        Re-scheduling replaces the spec, the value and the filter.
+
+        ``initial``: the object each tick's run starts with (luno
+        ``WithScheduleInitialValue``); stored with the schedule, so any worker uses it.
+        ``filter(tick) -> bool`` (may be async): called at each tick; False (or an
+        error, logged) skips that tick (luno ``WithScheduleFilter``). A filter is Python
+        code, not data: only processes that called ``schedule(..., filter=...)`` fire
+        such a schedule — call it at start-up in every worker, as with luno.
+        """
+        from croniter import croniter
+
+        if not isinstance(spec, str) or not croniter.is_valid(spec):
+            raise ConfigError(f"invalid cron spec {spec!r} (e.g. '*/5 * * * *')")
+        if filter is not None and not callable(filter):
+            raise ConfigError(f"schedule filter must be callable, got {filter!r}")
+        engine = self._engine
+        initial_json = None if initial is None else engine.objects.dump(initial)
+        next_at: datetime = croniter(spec, engine.clock.now()).get_next(datetime)
+        async with self._tx(single=True) as conn:
+            await conn.execute(
+                "INSERT INTO pgflow.schedules (workflow, foreign_id, spec, next_at, initial,"
+                " filtered) VALUES (%s, %s, %s, %s, %s::jsonb, %s)"
+                " ON CONFLICT (workflow, foreign_id) DO UPDATE SET spec = excluded.spec,"
+                " next_at = excluded.next_at, initial = excluded.initial,"
+                " filtered = excluded.filtered",
+                (self.name, foreign_id, spec, next_at, initial_json, filter is not None),
+            )
+        if filter is None:
+            engine.schedule_filters.pop(foreign_id, None)
+        else:
+            engine.schedule_filters[foreign_id] = filter
+        return next_at
+
+    async def unschedule(self, foreign_id: str) -> bool:
+        """Remove ``foreign_id``'s schedule; True when there was one."""
+        self._engine.schedule_filters.pop(foreign_id, None)
+        async with self._tx(single=True) as conn:
+            cur = await conn.execute(
+                "DELETE FROM pgflow.schedules WHERE workflow = %s AND foreign_id = %s",
+                (self.name, foreign_id),
+            )
+            return cur.rowcount > 0
+
+    # -- looking ---------------------------------------------------------------------
+
+    async def latest(self, foreign_id: str) -> Record[T, S]:
+        """The newest run of ``foreign_id``; raises :class:`pgflow.NotFound`."""
+        async with self._read() as conn:
+            raw = await load_latest(conn, self.name, foreign_id)
+        if raw is None:
+            raise NotFound(f"workflow {self.name!r}: no run for foreign id {foreign_id!r}")
+        return self._record(raw)
+
+    async def get(self, foreign_id: str, run_id: str | uuid.UUID) -> Record[T, S]:
+        """One run by id; raises :class:`pgflow.NotFound`."""
+        async with self._read() as conn:
+            raw = await load_run(conn, self.name, foreign_id, run_id)
+        if raw is None:
+            raise NotFound(f"workflow {self.name!r}: no run {run_id} for {foreign_id!r}")
+        return self._record(raw)
+
+    async def exists(self, foreign_id: str) -> bool:
+        """Whether ``foreign_id`` ever had a run of this workflow."""
+        async with self._read() as conn:
+            cur = await conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM pgflow.records WHERE workflow = %s"
+                " AND foreign_id = %s)",
+                (self.name, foreign_id),
+            )
+            row = await cur.fetchone()
+        return bool(row and row[0])
+
+    async def wait_for(
+        self,
+        foreign_id: str,
+        run_id: str | uuid.UUID,
+        status: S,
+        timeout: float | None = 10.0,
+    ) -> Record[T, S]:
+        """Wait until the run has reached ``status`` (now or earlier) and return its
+        record as it is now. Raises ``TimeoutError`` after ``timeout`` seconds,
+        :class:`pgflow.NotFound` for an unknown run, and
+        :class:`pgflow.InvalidTransition` when the run ended without reaching it."""
+        target = self._engine.statuses.coerce(status)
+        rid = uuid.UUID(str(run_id))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        listener = self._engine.listener
+        sub = listener.subscribe(self.name) if listener is not None and self._conn is None else None
+        delay = 0.01
+        sql = (
+            f"SELECT {RECORD_COLUMNS}, EXISTS (SELECT 1 FROM pgflow.events e"
+            " WHERE e.stream = r.workflow AND e.foreign_id = r.foreign_id"
+            " AND e.run_id = r.run_id AND e.type = %s)"
+            " FROM pgflow.records r WHERE r.run_id = %s AND r.workflow = %s"
+            " AND r.foreign_id = %s"
+        )
+        try:
+            while True:
+                async with self._read() as conn:
+                    cur = await conn.execute(sql, (target.name, rid, self.name, foreign_id))
+                    row = await cur.fetchone()
+                if row is None:
+                    raise NotFound(f"workflow {self.name!r}: no run {rid} for {foreign_id!r}")
+                raw = RawRecord.from_row(row[:-1])
+                if row[-1] or raw.status == target.name:
+                    return self._record(raw)
+                if raw.run_state.finished:
+                    raise InvalidTransition(
+                        f"workflow {self.name!r}: run {rid} of {foreign_id!r} ended "
+                        f"({raw.run_state} at {raw.status}) without reaching {target.name}"
+                    )
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(
+                        f"workflow {self.name!r}: run {rid} of {foreign_id!r} did not reach "
+                        f"{target.name} within {timeout}s (it is at {raw.status}, "
+                        f"{raw.run_state})"
+                    )
+                pause = delay if remaining is None else min(delay, remaining)
+                if sub is not None:
+                    await sub.wait(pause)
+                else:
+                    await asyncio.sleep(pause)
+                delay = min(delay * 2, 0.5)
+        finally:
+            if sub is not None:
+                sub.close()
+
+    async def list(
+        self,
+        *,
+        status: S | Iterable[S] | None = None,
+        run_state: RunState | str | Iterable[RunState | str] | None = None,
+        foreign_id: str | Iterable[str] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        order: Order = "desc",
+        limit: int = 50,
+        after: str | None = None,
+    ) -> Page[Record[T, S]]:
+        """One page of this workflow's runs (luno ``List`` with ``FilterBy...``).
+
+        Keyset-paginated: pass ``page.after`` back as ``after=`` for the next page;
+        ``page.after`` is None on the last one. See :mod:`pgflow.workflow.listing`.
+        """
+        statuses = self._engine.statuses
+        names: list[str] | None = None
+        if status is not None:
+            items = [status] if isinstance(status, enum.Enum | str) else list(status)
+            try:
+                names = [statuses.coerce(s).name for s in items]
+            except ValueError as exc:
+                raise ValueError(f"workflow {self.name!r}: status: {exc}") from None
+        async with self._read() as conn:
+            page = await list_records(
+                conn,
+                self.name,
+                status=names,
+                run_state=run_state,
+                foreign_id=foreign_id,
+                created_after=created_after,
+                created_before=created_before,
+                order=order,
+                limit=limit,
+                after=after,
+            )
+        return Page([self._record(raw) for raw in page.records], page.after)
+
+    # -- moving runs from outside ----------------------------------------------------
+
+    async def update_status(self, foreign_id: str, status: S) -> Record[T, S]:
+        """Move the run in progress to ``status`` if the graph allows that move from
+        where it is; else :class:`pgflow.InvalidTransition` and nothing changes."""
+        engine = self._engine
+        async with self._tx() as conn:
+            raw = await self._active(conn, foreign_id)
+            run = engine.make_run(raw, conn)
+            new = await engine.transition(run, status, change="update_status")
+            assert new is not None  # row locked
+            return self._record(new)
+
+    async def callback(
+        self, foreign_id: str, status: S, payload: Any = None
+    ) -> Record[T, S] | None:
+        """Deliver ``payload`` to the callbacks registered on ``status``.
+
+        Each ``fn(run, payload)`` runs in this call's transaction until one returns a
+        status, which must be one of its declared destinations. A run that is not at
+        ``status`` (late or duplicate callback) is left alone: returns None. A *paused*
+        run at ``status`` refuses the callback with :class:`RunPaused` — dropping it
+        would leave the run waiting forever after ``resume`` — so the caller keeps the
+        payload and delivers it again after the run is resumed (a connector retries it,
+        then dead-letters it for ``pgflow dead-letters --replay``).
+        """
+        engine = self._engine
+        try:
+            target = engine.statuses.coerce(status)
+        except ValueError as exc:
+            raise InvalidTransition(f"workflow {self.name!r}: {exc}") from None
+        specs = engine.graph.callbacks.get(target)
+        if not specs:
+            raise InvalidTransition(
+                f"workflow {self.name!r}: no callback is registered on {target.name}"
+            )
+        async with self._tx() as conn:
+            raw = await load_run(conn, self.name, foreign_id, lock=True)
+            if raw is None:
+                raise NotFound(f"workflow {self.name!r}: no run for foreign id {foreign_id!r}")
+            if raw.status == target.name and raw.run_state is RunState.PAUSED:
+                raise RunPaused(
+                    f"workflow {self.name!r}: run {raw.run_id} of {foreign_id!r} is paused"
+                    f" at {target.name}; the callback was not applied (resume the run, then"
+                    " deliver it again)"
+                )
+            if raw.status != target.name or raw.run_state not in PROCESSABLE_STATES:
+                return None
+            run = engine.make_run(raw, conn)
+            for spec in specs:
+                dest = await maybe_await(spec.fn(run, payload))
+                if run.changed:
+                    return self._record(run._raw)
+                if dest is not None:
+                    new = await engine.transition(run, dest, change="callback", allowed=spec.to)
+                    assert new is not None
+                    return self._record(new)
+            return None
+
+    async def _active(self, conn: AsyncConnection[Any], foreign_id: str) -> RawRecord:
+        raw = await load_run(conn, self.name, foreign_id, lock=True)
+        if raw is None:
+            raise NotFound(f"workflow {self.name!r}: no run for foreign id {foreign_id!r}")
+        if raw.run_state not in PROCESSABLE_STATES:
+            raise InvalidTransition(
+                f"workflow {self.name!r}: run {raw.run_id} of {foreign_id!r} is "
+                f"{raw.run_state}; it cannot move"
+            )
+        return raw
+
+    async def pause(
+        self,
+        foreign_id: str,
+        run_id: str | uuid.UUID | None = None,
+        *,
+        reason: str | None = None,
+    ) -> Record[T, S]:
+        """Pause the run in progress (``reason`` is kept as ``run_state_reason``)."""
+        hook = self._engine.state_hook(RunState.PAUSED)
+        async with self._tx() as conn:
+            raw = await actions.pause(conn, self.name, foreign_id, run_id, hook=hook, reason=reason)
+        return self._record(raw)
+
+    async def resume(
+        self,
+        foreign_id: str,
+        run_id: str | uuid.UUID | None = None,
+        *,
+        reason: str | None = None,
+    ) -> Record[T, S]:
+        """Continue a paused run: errors reset, its current step runs again."""
+        async with self._tx() as conn:
+            raw = await actions.resume(conn, self.name, foreign_id, run_id, reason=reason)
+        return self._record(raw)
+
+    async def cancel(
+        self,
+        foreign_id: str,
+        run_id: str | uuid.UUID | None = None,
+        *,
+        reason: str | None = None,
+    ) -> Record[T, S]:
+        """End the run for good (``reason`` is kept as ``run_state_reason``)."""
+        hook = self._engine.state_hook(RunState.CANCELLED)
+        async with self._tx() as conn:
+            raw = await actions.cancel(
+                conn, self.name, foreign_id, run_id, hook=hook, reason=reason
+            )
+        return self._record(raw)
+
+    async def retry(
+        self,
+        foreign_id: str,
+        run_id: str | uuid.UUID | None = None,
+        *,
+        reason: str | None = None,
+    ) -> Record[T, S]:
+        """Run the current step again now (reset errors; unpause)."""
+        async with self._tx() as conn:
+            raw = await actions.retry(conn, self.name, foreign_id, run_id, reason=reason)
+        return self._record(raw)
+
+    async def delete_data(
+        self,
+        foreign_id: str,
+        run_id: str | uuid.UUID | None = None,
+        *,
+        reason: str | None = None,
+    ) -> Record[T, S]:
+        """Erase a finished run's personal data, keeping its events as the audit trail.
+
+        Only a COMPLETED or CANCELLED run (or one whose data was already deleted:
+        deletion is repeatable) qualifies; else :class:`pgflow.InvalidTransition`.
+        The object is replaced by what the builder's ``custom_delete`` keeps of it
+        (default: nothing), and the change-log rows the workflow's capture connectors
+        delivered for this foreign id lose their row images. Two transactions:
+        REQUESTED_DATA_DELETED, then DATA_DELETED; if the process dies in between, a
+        worker's timer poller finishes the erasure.
+        Bound to a connection both happen in the caller's transaction.
+        """
+        async with self._tx() as conn:
+            raw = await actions.request_data_deletion(
+                conn, self.name, foreign_id, run_id, reason=reason
+            )
+        try:
+            async with self._tx() as conn:
+                done = await actions.erase_data(
+                    conn,
+                    self.name,
+                    foreign_id,
+                    raw.run_id,
+                    scrub=self._engine.scrub,
+                    erase_copies=self._engine.erase_copies,
+                )
+        except psycopg.OperationalError:
+            return self._record(raw)  # the poller finishes it
+        return self._record(done or raw)
