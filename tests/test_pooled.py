@@ -312,7 +312,7 @@ def test_worker_without_a_listen_dsn_logs_the_polling_fallback(pgflow_dsn: str) 
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     [line] = [x for x in err.splitlines() if "no LISTEN session" in x]
-    assert "WARNING pgflow.streamer" in line and "polling" in line
+    assert "WARNING pgflow.log.streamer" in line and "polling" in line
 
 
 # -- everything else that needed a session ------------------------------------------------
