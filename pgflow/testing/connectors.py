@@ -86,6 +86,7 @@ __all__ = [
     "Check",
     "MalformedProbe",
     "NotApplicable",
+    "Report",
     "Source",
     "SourceFactory",
     "check_close",
@@ -297,6 +298,9 @@ CHECKS: Mapping[str, Check] = {
 
 @dataclass
 class Report:
+    """What :func:`run_connector_conformance` ran: the checks that passed, and those
+    the source could not take part in, with the reason."""
+
     passed: list[str] = field(default_factory=list)
     not_applicable: dict[str, str] = field(default_factory=dict)
 
