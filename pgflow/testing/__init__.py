@@ -25,6 +25,7 @@ from pgflow.testing._kit import (
 )
 from pgflow.testing._kit import (
     Clock,
+    Connections,
     TestDatabases,
     TestingRun,
     await_timeout_insert,
@@ -40,6 +41,7 @@ from pgflow.testing._kit import (
 
 __all__ = [
     "Clock",
+    "Connections",
     "TestDatabases",
     "TestingRun",
     "await_timeout_insert",
