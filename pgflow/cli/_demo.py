@@ -9,24 +9,20 @@ import os
 from typing import Any
 
 from pgflow._db import DSN_ENV_VARS, redact
+from pgflow.cli._common import add_command
 
 
 def register(subparsers: Any) -> None:
-    from pgflow.cli import add_dsn_argument
-
-    parser: argparse.ArgumentParser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "demo",
-        help="run the example order workflow fed by a payment connector",
-        description=(
-            "Feed payment events (completed, failed, refunded, a high-value one, two "
-            "invalid ones and a duplicate) through a connector into an order workflow, "
-            "then print the runs, the dead letters and SQL to inspect them. Without "
-            "--dsn or PGFLOW_DATABASE_URL it starts an embedded PostgreSQL. Safe on a "
-            "database with your own data: the demo's workflow is named 'pgflow-demo' "
-            "and it deletes nothing."
-        ),
+        "run the example order workflow fed by a payment connector",
+        "Feed payment events (completed, failed, refunded, a high-value one, two invalid "
+        "ones and a duplicate) through a connector into an order workflow, then print the "
+        "runs, the dead letters and SQL to inspect them. Without --dsn or "
+        "PGFLOW_DATABASE_URL it starts an embedded PostgreSQL. Safe on a database with "
+        "your own data: the demo's workflow is named 'pgflow-demo' and it deletes nothing.",
     )
-    add_dsn_argument(parser)
     parser.add_argument("--timeout", type=float, default=30.0, help="give up after N seconds")
     parser.set_defaults(func=run)
 

@@ -6,18 +6,19 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from pgflow.cli._common import add_command
 from pgflow.postgres import LocalCluster, default_data_dir
 
 
 def register(subparsers: Any) -> None:
-    parser: argparse.ArgumentParser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "embedded",
-        help="start, stop or locate the embedded PostgreSQL (used when no DSN is given)",
-        description=(
-            "The embedded PostgreSQL keeps its data under $PGFLOW_HOME/postgres "
-            "(default ~/.local/share/pgflow/postgres, or /var/lib/pgflow/postgres as "
-            "root). `pgflow demo` starts it and leaves it running; stop it here."
-        ),
+        "start, stop or locate the embedded PostgreSQL (used when no DSN is given)",
+        "The embedded PostgreSQL keeps its data under $PGFLOW_HOME/postgres (default "
+        "~/.local/share/pgflow/postgres, or /var/lib/pgflow/postgres as root). `pgflow "
+        "demo` starts it and leaves it running; stop it here.",
+        dsn=False,
     )
     parser.add_argument("action", choices=["start", "stop", "status", "dsn"])
     parser.add_argument(

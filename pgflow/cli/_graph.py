@@ -6,20 +6,20 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from pgflow.cli._worker import load_target, resolve_workflow
+from pgflow.cli._common import add_command, load_target, resolve_workflow
 from pgflow.errors import ConfigError
 from pgflow.workflow.builder import Builder
 from pgflow.workflow.graph import DIRECTIONS
 
 
 def register(subparsers: Any) -> None:
-    parser: argparse.ArgumentParser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "graph",
-        help="print a workflow's graph (mermaid)",
-        description=(
-            "Print the graph of MODULE:ATTR (a pgflow.Builder, a pgflow.Workflow, or a "
-            "zero-argument factory of one) as a mermaid stateDiagram-v2. Needs no database."
-        ),
+        "print a workflow's graph (mermaid)",
+        "Print the graph of MODULE:ATTR (a pgflow.Builder, a pgflow.Workflow, or a "
+        "zero-argument factory of one) as a mermaid stateDiagram-v2. Needs no database.",
+        dsn=False,
     )
     parser.add_argument("target", metavar="MODULE:ATTR")
     parser.add_argument(

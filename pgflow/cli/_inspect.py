@@ -7,32 +7,26 @@ import asyncio
 import sys
 from typing import Any
 
+from pgflow.cli._common import add_command
 from pgflow.cli._render import add_format_arguments, render, selected_format
 from pgflow.ops.inspect import DEFAULT_LIMIT, DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, inspect
 
 
 def register(subparsers: Any) -> None:
-    from pgflow.cli import add_dsn_argument
-
-    parser: argparse.ArgumentParser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "inspect",
-        help="run a read-only SELECT over pgflow's views and tables",
-        description=(
-            "Run one read-only SELECT over pgflow's views (runs, run_history, "
-            "consumer_lag, stuck_runs, dead_letter_queue, run_counts, horizon). The "
-            "query is validated first (an allow-list of syntax, functions and types; "
-            "relations of schema pgflow only), then runs as the role pgflow_reader when "
-            "the connecting role may assume it, in a READ ONLY transaction with a "
-            "statement timeout and row and byte caps. Unqualified names mean "
-            "pgflow.<name>."
-        ),
-        epilog=(
-            'example: pgflow inspect "SELECT step, at, from_status, status, change '
-            "FROM run_history WHERE foreign_id = 'order-123' ORDER BY at, step\""
-        ),
+        "run a read-only SELECT over pgflow's views and tables",
+        "Run one read-only SELECT over pgflow's views (runs, run_history, consumer_lag, "
+        "stuck_runs, dead_letter_queue, run_counts, horizon). The query is validated "
+        "first (an allow-list of syntax, functions and types; relations of schema "
+        "pgflow only), then runs as the role pgflow_reader when the connecting role may "
+        "assume it, in a READ ONLY transaction with a statement timeout and row and "
+        "byte caps. Unqualified names mean pgflow.<name>.",
+        epilog='example: pgflow inspect "SELECT step, at, from_status, status, change '
+        "FROM run_history WHERE foreign_id = 'order-123' ORDER BY at, step\"",
     )
     parser.add_argument("sql", metavar="SQL", help="the query ('-' reads it from stdin)")
-    add_dsn_argument(parser)
     parser.add_argument(
         "--timeout",
         type=float,

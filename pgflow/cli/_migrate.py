@@ -6,21 +6,18 @@ import argparse
 import asyncio
 from typing import Any
 
+from pgflow.cli._common import add_command
 from pgflow.ops.migrations import latest_version, migrate
 
 
 def register(subparsers: Any) -> None:
-    from pgflow.cli import add_dsn_argument
-
-    parser: argparse.ArgumentParser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "migrate",
-        help="install or upgrade the pgflow schema",
-        description=(
-            "Apply pending migrations (numbered SQL files) under an advisory lock and "
-            "refresh pgflow's views. Safe to run repeatedly and concurrently."
-        ),
+        "install or upgrade the pgflow schema",
+        "Apply pending migrations (numbered SQL files) under an advisory lock and "
+        "refresh pgflow's views. Safe to run repeatedly and concurrently.",
     )
-    add_dsn_argument(parser)
     parser.add_argument(
         "--repair-xid-reset",
         action="store_true",

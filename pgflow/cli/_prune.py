@@ -7,12 +7,13 @@ parses arguments and prints what was (or would be) deleted.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import re
 from datetime import timedelta
 from typing import Any
 
-from pgflow.cli import with_connection
+from psycopg import AsyncConnection
+
+from pgflow.cli._common import add_command, connected
 from pgflow.ops.retention import PruneResult, prune
 
 __all__ = ["parse_age", "register"]
@@ -43,21 +44,16 @@ def _positive_int(text: str) -> int:
 
 
 def register(subparsers: Any) -> None:
-    from pgflow.cli import add_dsn_argument
-
-    parser: argparse.ArgumentParser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "prune",
-        help="delete old events nobody needs any more",
-        description=(
-            "Delete events older than --older-than that every cursor of their stream has "
-            "read and whose run (if any) is finished; "
-            "also completed timeouts, replayed dead letters and change-log rows every reader has "
-            "read, older than it. Streams "
-            "without any cursor are kept unless --include-unconsumed. Pruned runs lose "
-            "their history in pgflow.run_history."
-        ),
+        "delete old events nobody needs any more",
+        "Delete events older than --older-than that every cursor of their stream has "
+        "read and whose run (if any) is finished; also completed timeouts, replayed dead "
+        "letters and change-log rows every reader has read, older than it. Streams "
+        "without any cursor are kept unless --include-unconsumed. Pruned runs lose "
+        "their history in pgflow.run_history.",
     )
-    add_dsn_argument(parser)
     parser.add_argument(
         "--older-than",
         required=True,
@@ -82,23 +78,19 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    result = asyncio.run(_run(args))
+async def _prune(conn: AsyncConnection[Any], args: argparse.Namespace) -> int:
+    result = await prune(
+        conn,
+        older_than=args.older_than,
+        dry_run=args.dry_run,
+        batch=args.batch,
+        include_unconsumed=args.include_unconsumed,
+    )
     print(_report(result))
     return 0
 
 
-async def _run(args: argparse.Namespace) -> PruneResult:
-    return await with_connection(
-        args.dsn,
-        lambda conn: prune(
-            conn,
-            older_than=args.older_than,
-            dry_run=args.dry_run,
-            batch=args.batch,
-            include_unconsumed=args.include_unconsumed,
-        ),
-    )
+run = connected(_prune)
 
 
 def _report(result: PruneResult) -> str:

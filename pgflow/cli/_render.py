@@ -28,6 +28,7 @@ __all__ = [
     "render",
     "render_csv",
     "render_json",
+    "render_limited",
     "render_record",
     "render_table",
     "selected_format",
@@ -193,3 +194,22 @@ def render(
     if fmt != "table":
         raise ConfigError(f"unknown format {fmt!r} (use one of {', '.join(FORMATS)})")
     return render_table(columns, rows, max_width=max_width, truncated=truncated)
+
+
+def _with_short_ids(
+    columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str
+) -> Sequence[Sequence[Any]]:
+    """Tables show run ids as 8-character prefixes (enough for --run-id); JSON/CSV full."""
+    if fmt != "table" or "run_id" not in columns:
+        return rows
+    i = list(columns).index("run_id")
+    return [(*r[:i], "" if r[i] is None else str(r[i])[:8], *r[i + 1 :]) for r in rows]
+
+
+def render_limited(
+    columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str, limit: int
+) -> str:
+    """Rows a query fetched with ``LIMIT limit + 1``: the first ``limit`` rendered, and
+    the table's footer says more exist when the extra row came back."""
+    shown = _with_short_ids(columns, rows[:limit], fmt)
+    return render(columns, shown, fmt, truncated=len(rows) > limit)

@@ -15,7 +15,7 @@ import ipaddress
 import os
 from typing import Any
 
-from pgflow.cli import with_connection
+from pgflow.cli._common import add_command, load_target, resolve_workflow, with_connection
 from pgflow.errors import ConfigError
 
 DEFAULT_PORT = 8100
@@ -25,18 +25,14 @@ LOOPBACK_NAMES = ["127.0.0.1", "localhost", "[::1]", "::1"]
 
 
 def register(subparsers: Any) -> None:
-    from pgflow.cli import add_dsn_argument
-
-    parser: argparse.ArgumentParser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "ui",
-        help="web console for runs, consumers and dead letters",
-        description=(
-            "Serve the pgflow web console with uvicorn. Binds 127.0.0.1 unless --host says "
-            "otherwise; a non-loopback host needs --token (or $PGFLOW_UI_TOKEN). Open "
-            "http://HOST:PORT/?token=TOKEN once to log the browser in."
-        ),
+        "web console for runs, consumers and dead letters",
+        "Serve the pgflow web console with uvicorn. Binds 127.0.0.1 unless --host says "
+        "otherwise; a non-loopback host needs --token (or $PGFLOW_UI_TOKEN). Open "
+        "http://HOST:PORT/?token=TOKEN once to log the browser in.",
     )
-    add_dsn_argument(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument(
         "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})"
@@ -101,8 +97,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             "pgflow ui needs the 'ui' extra: pip install 'pgflow-engine[ui]'"
         ) from None
-    from pgflow.cli._worker import load_target, resolve_workflow
-
     asyncio.run(_check_database(args.dsn))
     graphs = [resolve_workflow(load_target(spec), None) for spec in args.workflow]
     console = app(

@@ -12,99 +12,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import enum
-import importlib
-import inspect
 import logging
 import os
 import signal
-import sys
 from typing import Any
 
 from psycopg import AsyncConnection
 
 from pgflow import _db
+from pgflow.cli._common import (
+    add_command,
+    build_workflow,
+    connected,
+    fetch,
+    load_target,
+    resolve_workflow,
+)
 from pgflow.cli._render import add_format_arguments, render, selected_format
 from pgflow.errors import ConfigError, WorkerFailed
 from pgflow.ops.migrations import check_schema
 from pgflow.workflow._heartbeat import Heartbeat
-from pgflow.workflow.builder import Builder
 from pgflow.workflow.workflow import Workflow
 
+# build_workflow, load_target and resolve_workflow live in _common (graph, ui and
+# dead-letters --target load workflows too); named here for code that imported them
+__all__ = ["build_workflow", "load_target", "register", "resolve_workflow", "serve"]
+
 logger = logging.getLogger(__name__)
-
-
-def load_target(spec: str) -> Any:
-    """Import ``module:attr`` (the current directory is importable, like ``python -m``)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"expected MODULE:ATTR (e.g. myapp.flows:orders), got {spec!r}")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"cannot import {module_name!r}: {exc}") from None
-    target: Any = module
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            raise ConfigError(f"{module_name!r} has no attribute {attr!r}")
-        target = getattr(target, part)
-    return target
-
-
-def resolve_workflow(target: Any, dsn: str | None) -> Workflow[Any, Any] | Builder[Any, Any]:
-    """A Workflow or Builder from ``target`` (calling a zero-argument factory once).
-
-    Only a plain function is called as a factory: a class (an enum, a dataclass...) or
-    any other callable is refused without calling it, as is a function that needs
-    arguments — calling what the user did not mean as a factory could have effects.
-    """
-    if isinstance(target, Builder | Workflow):
-        return target
-    what = _describe(target)
-    if not (inspect.isfunction(target) or inspect.ismethod(target)):
-        raise ConfigError(f"{what} is not a pgflow.Builder, a pgflow.Workflow, or a factory of one")
-    try:
-        inspect.signature(target).bind()
-    except TypeError:
-        raise ConfigError(
-            f"{what} needs arguments: a factory must take none"
-            " (or name the pgflow.Builder/Workflow itself)"
-        ) from None
-    built = target()
-    if isinstance(built, Builder | Workflow):
-        return built
-    raise ConfigError(
-        f"{what} returned {_describe(built)}, not a pgflow.Builder or pgflow.Workflow"
-    )
-
-
-def _describe(value: Any) -> str:
-    if inspect.isclass(value):
-        kind = "enum" if issubclass(value, enum.Enum) else "class"
-        return f"{kind} {value.__qualname__}"
-    if inspect.isfunction(value) or inspect.ismethod(value):
-        return f"function {value.__qualname__}()"
-    return f"a {type(value).__name__} ({value!r:.60})"
-
-
-def build_workflow(
-    spec: str, dsn: str | None, pool_size: int | None = None, listen_dsn: str | None = None
-) -> Workflow[Any, Any]:
-    target = resolve_workflow(load_target(spec), dsn)
-    if isinstance(target, Builder):
-        if pool_size is None:
-            return target.build(dsn, listen_dsn=listen_dsn)
-        return target.build(dsn, pool_size=pool_size, listen_dsn=listen_dsn)
-    if dsn is not None:
-        target.engine.set_dsn(dsn)
-    target.engine.configure(listen_dsn=listen_dsn)
-    if pool_size is not None:
-        if pool_size < 2:
-            raise ConfigError("--pool-size must be at least 2")
-        target.engine.pool_size = pool_size  # used when the worker opens its pool
-    return target
 
 
 def _pool_size_default() -> int | None:
@@ -118,16 +52,13 @@ def _pool_size_default() -> int | None:
 
 
 def register(subparsers: Any) -> None:
-    from pgflow.cli import add_dsn_argument
-
-    parser: argparse.ArgumentParser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "worker",
-        help="run a workflow's steps, timeouts and connectors",
-        description=(
-            "Run the consumers of MODULE:ATTR (a pgflow.Builder, a pgflow.Workflow, or a "
-            "zero-argument factory of one) until Ctrl-C or SIGTERM; the batches in "
-            "flight finish before it exits."
-        ),
+        "run a workflow's steps, timeouts and connectors",
+        "Run the consumers of MODULE:ATTR (a pgflow.Builder, a pgflow.Workflow, or a "
+        "zero-argument factory of one) until Ctrl-C or SIGTERM; the batches in flight "
+        "finish before it exits.",
     )
     parser.add_argument(
         "targets",
@@ -135,7 +66,6 @@ def register(subparsers: Any) -> None:
         nargs="+",
         help="one or more workflows; one process runs them all on one LISTEN connection",
     )
-    add_dsn_argument(parser)
     parser.add_argument(
         "--pool-size",
         type=int,
@@ -152,17 +82,14 @@ def register(subparsers: Any) -> None:
     )
     parser.set_defaults(func=run)
 
-    workers: argparse.ArgumentParser = subparsers.add_parser(
+    workers = add_command(
+        subparsers,
         "workers",
-        help="list worker processes and whether they are alive",
-        description=(
-            "List pgflow.workers: one row per running `pgflow worker` with its last "
-            "heartbeat. ALIVE is 'no' when the heartbeat is older than three periods "
-            "(the process died or its event loop is stuck); FAILURE says why a worker "
-            "gave up."
-        ),
+        "list worker processes and whether they are alive",
+        "List pgflow.workers: one row per running `pgflow worker` with its last "
+        "heartbeat. ALIVE is 'no' when the heartbeat is older than three periods (the "
+        "process died or its event loop is stuck); FAILURE says why a worker gave up.",
     )
-    add_dsn_argument(workers)
     add_format_arguments(workers)
     workers.set_defaults(func=list_workers)
 
@@ -176,22 +103,15 @@ FROM pgflow.workers ORDER BY host, pid
 """
 
 
-def list_workers(args: argparse.Namespace) -> int:
-    async def work(conn: AsyncConnection[Any]) -> int:
-        cur = await conn.execute(_WORKERS_SQL)
-        cols = [d.name for d in cur.description or ()]
-        rows = [
-            tuple(
-                ("yes" if v else "no") if c == "alive" else v for c, v in zip(cols, r, strict=True)
-            )
-            for r in await cur.fetchall()
-        ]
-        print(render(cols, rows, selected_format(args)))
-        return 0
+async def _list_workers(conn: AsyncConnection[Any], args: argparse.Namespace) -> int:
+    cols, rows = await fetch(conn, _WORKERS_SQL)
+    alive = cols.index("alive")
+    rows = [(*r[:alive], "yes" if r[alive] else "no", *r[alive + 1 :]) for r in rows]
+    print(render(cols, rows, selected_format(args)))
+    return 0
 
-    from pgflow.cli import with_connection
 
-    return asyncio.run(with_connection(args.dsn, work))
+list_workers = connected(_list_workers)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,9 +13,11 @@ object, history timeline, errors, reasons, trace link), Workflows (graph drawn a
 with per-status counts), Consumers (lag per shard, horizon, lag chart, stuck runs), Dead
 letters (list, payload, replay) and Query (``pgflow inspect`` with CSV download).
 
-Modules: ``_queries`` (every SQL statement), ``_security`` (token / auth hook, CSRF,
-headers), ``_svg`` (graph and chart drawings), ``_app`` (routes). Needs the ``ui`` extra:
-``pip install 'pgflow-engine[ui]'``.
+Modules: ``_queries`` (every SQL statement, under one name: ``_paging``, ``_run_queries``,
+``_lag_queries``; dead letters through :mod:`pgflow.ops.dead_letters`), ``_security``
+(token / auth hook, CSRF, headers), ``_svg`` (graph and chart drawings), ``_console``
+(connections, templates, form check), ``_run_pages`` / ``_ops_pages`` (the pages) and
+``_app`` (routes). Needs the ``ui`` extra: ``pip install 'pgflow-engine[ui]'``.
 """
 
 from __future__ import annotations
