@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +33,7 @@ from pgflow.cli._render import (
     selected_format,
 )
 from pgflow.errors import ConfigError, InvalidTransition, NotFound, PgflowError
+from pgflow.log.names import split_shard
 
 __all__ = ["ReplayFailed", "register", "replay_dead_letter", "resolve_run"]
 
@@ -484,9 +484,6 @@ class ReplayFailed(PgflowError):
     """The connector function raised again while replaying a dead letter."""
 
 
-_SHARD_SUFFIX = re.compile(r"-\d+-of-\d+$")
-
-
 def _connector_of(consumer: str, workflow: str) -> str | None:
     """The connector name in a dead letter's ``consumer`` if it belongs to ``workflow``.
 
@@ -544,7 +541,7 @@ async def _replay_through_connector(
                 f"{consumer.split('--', 1)[0]!r} (consumer {consumer!r})"
             )
         spec = wf.graph.connectors.get(connector) or wf.graph.connectors.get(
-            _SHARD_SUFFIX.sub("", connector)
+            (split_shard(connector) or (connector,))[0]
         )
         if spec is None:
             raise ConfigError(f"workflow {wf.name!r} has no connector {connector!r}")
