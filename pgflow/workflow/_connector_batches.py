@@ -49,8 +49,7 @@ from pgflow.workflow.records import insert_runs
 
 __all__ = ["ConnectorBatches", "Items"]
 
-# The runner's logger: one name for everything a connector logs.
-logger = logging.getLogger("pgflow.workflow._connectors")
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 S = TypeVar("S", bound=enum.Enum)
