@@ -312,7 +312,7 @@ def test_worker_without_a_listen_dsn_logs_the_polling_fallback(pgflow_dsn: str) 
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     [line] = [x for x in err.splitlines() if "no LISTEN session" in x]
-    assert "WARNING pgflow.streamer" in line and "polling" in line
+    assert "WARNING pgflow.log.streamer" in line and "polling" in line
 
 
 # -- everything else that needed a session ------------------------------------------------
@@ -367,6 +367,7 @@ async def test_stuck_after_applies_through_the_pooler(
 # -- chaos through the bouncer -------------------------------------------------------------
 
 
+@pytest.mark.slow  # a chaos run: kills workers for seconds
 async def test_chaos_through_the_pooler(
     pgflow_dsn: str, direct_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
