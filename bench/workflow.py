@@ -114,7 +114,7 @@ async def hand_shard(dsn: str, shard: int, shards: int, stop: asyncio.Event) -> 
     """One shard of the 1-step worker, by hand, with the statements pgflow issues."""
     import psycopg
 
-    from pgflow.workflow._steps import _BULK_MOVE
+    from pgflow.workflow.records import _BULK_MOVE
 
     key = f"hand/START:{shard}:{shards}"
     conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)

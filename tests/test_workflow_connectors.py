@@ -190,7 +190,7 @@ async def test_consume_lag_and_lag_alert(pgflow_dsn: str, caplog: pytest.LogCapt
     b.add_connector(
         "lagged", connector, fn, consume_lag=timedelta(seconds=0.5), lag_alert=timedelta(minutes=1)
     )
-    with caplog.at_level(logging.WARNING, logger="pgflow.workflow._connectors"):
+    with caplog.at_level(logging.WARNING, logger="pgflow.workflow._connector_batches"):
         async with b.build(pgflow_dsn):
             await wait_until(lambda: _true(len(seen) == 2), message="both handled")
     assert seen["fresh"] - fresh.created_at >= timedelta(seconds=0.5)

@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"no --dsn given: using the embedded PostgreSQL in {default_data_dir()}")
         dsn = embedded_dsn()
     # Retries and dead letters are part of the story; the table below tells it.
-    logging.getLogger("pgflow.workflow._connectors").setLevel(logging.CRITICAL)
+    for name in ("pgflow.workflow._connectors", "pgflow.workflow._connector_batches"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     result = asyncio.run(run_demo(dsn, timeout=args.timeout))
     print(f"\nworkflow {WORKFLOW!r} fed by connector {CONNECTOR!r} ({redact(dsn)})\n")
     print(format_table(["foreign id", "status", "run state", "notes"], result.runs))

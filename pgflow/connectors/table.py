@@ -69,7 +69,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import re
 import time as _time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -94,6 +93,7 @@ from pgflow.log.cursors import (
     try_lock_shard,
     upsert_cursor,
 )
+from pgflow.log.names import split_shard
 from pgflow.log.snapshots import START_SNAPSHOT, DiffRead, Position, diff_read_sql
 
 __all__ = [
@@ -112,10 +112,6 @@ __all__ = [
 
 Row = Mapping[str, Any]
 RowTranslator = Callable[[Row], ConnectorEvent]
-
-#: A workflow connector shard's cursor name: ``<prefix><workflow>--<connector>`` (1),
-#: shard (2) of count (3) — see ``pgflow.workflow._connectors.consumer_name``.
-_LAYOUT = re.compile(r"(.+)-([0-9]+)-of-([0-9]+)")
 
 
 def _like_prefix(text: str) -> str:
@@ -247,8 +243,9 @@ class TableStream:
             return max(cur.rowcount, 0)
         ids: list[int] = []
         cur = await conn.execute(
-            sql.SQL("SELECT e.* FROM {relation} e WHERE e.old IS NOT NULL OR e.new IS NOT NULL")
-            .format(relation=relation),
+            sql.SQL(
+                "SELECT e.* FROM {relation} e WHERE e.old IS NOT NULL OR e.new IS NOT NULL"
+            ).format(relation=relation),
             dict(self.params),
         )
         names = [d.name for d in (cur.description or [])]
@@ -416,7 +413,8 @@ class CursorStore:
         and ``source`` as :meth:`compare_and_set` does; else at the start."""
         key = self.key(consumer_name)
         position = await load_cursor(conn, key)
-        layout = _LAYOUT.fullmatch(key.consumer)
+        # (<prefix><workflow>--<connector>, shard, count): see pgflow.log.names
+        layout = split_shard(key.consumer)
         if position != Position.start() or layout is None:
             return position
         cur = await conn.execute(
@@ -430,9 +428,9 @@ class CursorStore:
             " WHERE consumer LIKE %s AND consumer ~ %s"
             " AND substring(consumer from '-of-([0-9]+)$')::int <> %s GROUP BY 1",
             (
-                _like_prefix(layout[1]) + "-%",
+                _like_prefix(layout[0]) + "-%",
                 r"-[0-9]+-of-[0-9]+$",
-                int(layout[3]),
+                layout[2],
             ),
         )
         snapshot = inherited_snapshot(

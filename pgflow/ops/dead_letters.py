@@ -24,7 +24,6 @@ together, and a second replay is refused with :class:`~pgflow.errors.InvalidTran
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +32,8 @@ from psycopg.rows import dict_row
 
 from pgflow import _db
 from pgflow.errors import ConfigError, InvalidTransition, NotFound, PgflowError, ReplayFailed
+from pgflow.log.names import split_shard
+from pgflow.workflow._dead_letters import mark_replayed
 
 if TYPE_CHECKING:
     from pgflow.workflow.workflow import Workflow
@@ -191,9 +192,7 @@ async def replay_dead_letter(conn: AsyncConnection[Any], dead_letter_id: int) ->
                 f"replayed dead letter {dead_letter_id}: appended event {new_id} "
                 f"to stream pgflow.replay for consumer {consumer}"
             )
-        await conn.execute(
-            "UPDATE pgflow.dead_letters SET replayed_at = now() WHERE id = %s", [dead_letter_id]
-        )
+        await mark_replayed(conn, dead_letter_id)  # locked FOR UPDATE above: still pending
     return done
 
 
@@ -234,9 +233,6 @@ async def connector_dead_letter(
         )
     return ConnectorDeadLetter(dead_letter_id, consumer, event_id, foreign_id, type_,
                                _headers(headers))  # fmt: skip
-
-
-_SHARD_SUFFIX = re.compile(r"-\d+-of-\d+$")
 
 
 def _connector_of(consumer: str, workflow: str) -> str | None:
@@ -280,19 +276,14 @@ async def replay_through_connector(
             f"{dl.consumer!r}), not to workflow {wf.name!r}"
         )
     spec = wf.graph.connectors.get(connector) or wf.graph.connectors.get(
-        _SHARD_SUFFIX.sub("", connector)
+        (split_shard(connector) or (connector,))[0]
     )
     if spec is None:
         raise ConfigError(f"workflow {wf.name!r} has no connector {connector!r}")
     event = ConnectorEvent(id=dl.event_id, foreign_id=dl.foreign_id, type=dl.type,
                            headers=dl.headers)  # fmt: skip
     async with conn.transaction():
-        cur = await conn.execute(
-            "UPDATE pgflow.dead_letters SET replayed_at = now()"
-            " WHERE id = %s AND replayed_at IS NULL",
-            [dl.id],
-        )
-        if cur.rowcount != 1:
+        if not await mark_replayed(conn, dl.id):
             raise InvalidTransition(f"dead letter {dl.id} was already replayed")
         attributes = {"workflow": wf.name, "foreign_id": dl.foreign_id, "replay_of": dl.id}
         try:

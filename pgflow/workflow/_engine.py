@@ -15,18 +15,22 @@ import enum
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from pgflow import _db
 from pgflow.errors import InvalidTransition
-from pgflow.log.streamer import Listener, Notifier
+from pgflow.log.cursors import Consumer, CursorKey
+from pgflow.log.events import Event
+from pgflow.log.streamer import Filter, Listener, Notifier
+from pgflow.workflow import actions
 from pgflow.workflow._codec import ObjectCodec, StatusCodec
+from pgflow.workflow._options import Options
 from pgflow.workflow.clock import Clock, SystemClock
 from pgflow.workflow.graph import Graph
-from pgflow.workflow.records import UNSET, RawRecord, Record, RunState, write_change
+from pgflow.workflow.records import UNSET, RawRecord, Record, RunState, load_run, write_change
 from pgflow.workflow.run import Run
 
 __all__ = ["Engine", "maybe_await"]
@@ -46,6 +50,15 @@ async def maybe_await(value: Awaitable[R] | R) -> R:
     if inspect.isawaitable(value):
         return await value
     return value
+
+
+class LogReader(Protocol):
+    """What :meth:`Engine.consumer` runs: a step consumer, a timer armer, a hook runner."""
+
+    key: CursorKey
+    filter: Filter
+
+    async def handle(self, events: list[Event], conn: AsyncConnection[Any]) -> None: ...
 
 
 class Engine(Generic[T, S]):
@@ -153,6 +166,32 @@ class Engine(Generic[T, S]):
                 self.notifier = Notifier(self._pool, self.listener)
                 self.notifier.start()
         return self._pool
+
+    def consumer(
+        self,
+        pool: AsyncConnectionPool[Any],
+        reader: LogReader,
+        options: Options | None = None,
+        **extra: Any,
+    ) -> Consumer:
+        """A log consumer of ``reader`` (its ``handle`` over its ``filter``, at its
+        cursor ``key``), woken by the process's listener. ``options`` (a step's or a
+        timeout's) give the batch size and the poll interval; ``extra``: any other
+        :class:`~pgflow.log.cursors.Consumer` keyword."""
+        if options is not None:
+            extra = {
+                "batch_size": options.batch_size,
+                "poll_interval": options.polling_frequency.total_seconds(),
+                **extra,
+            }
+        return Consumer(
+            pool, reader.key, reader.filter, reader.handle, listener=self.listener, **extra
+        )
+
+    def status_shard(self, status: enum.Enum, shard: int, count: int) -> Filter:
+        """The events of ``status`` in this workflow's log, shard ``shard`` of ``count``:
+        what a step consumer or a timer armer of that status reads."""
+        return Filter(stream=self.name, types=(status.name,), shard=shard, shard_count=count)
 
     def poke(self) -> None:
         """Wake this workflow's consumers (here and, via NOTIFY, elsewhere); after commit."""
@@ -282,9 +321,7 @@ class Engine(Generic[T, S]):
         self, run: Run[T, S], state: RunState, reason: str | None = None
     ) -> None:
         """Pause or cancel ``run`` inside its transaction (``run.pause()``/``cancel()``)."""
-        from pgflow.workflow.actions import set_run_state
-
-        new = await set_run_state(
+        new = await actions.set_run_state(
             run.tx,
             self.name,
             run.foreign_id,
@@ -302,8 +339,6 @@ class Engine(Generic[T, S]):
     async def save_and_repeat(self, run: Run[T, S]) -> None:
         """Store ``run.object`` at the same status with a new version and event (the
         step runs again when the event comes round); ``run.save_and_repeat()``."""
-        from pgflow.workflow.records import load_run
-
         locked = await load_run(run.tx, self.name, run.foreign_id, run.run_id, lock=True)
         if locked is None or locked.version != run.version:
             raise InvalidTransition(

@@ -7,6 +7,8 @@ once a supervised task gave up (:mod:`pgflow.workflow._supervise`), the reason. 
 workers`` lists the rows; a row older than three periods is a dead worker (a clean stop
 deletes its own row; a killed one leaves it, and the next start prunes rows older than
 an hour).
+
+This module owns the SQL that writes ``pgflow.workers`` (``pgflow workers`` only reads it).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from pgflow.log.cursors import BatchOutcome, BatchResult, Consumer, CursorKey
 from pgflow.log.events import Event
 from pgflow.log.streamer import Filter
 from pgflow.workflow._engine import Engine, maybe_await
-from pgflow.workflow._steps import error_text
+from pgflow.workflow._failures import error_text
 from pgflow.workflow.records import RunState, load_many
 
 __all__ = ["HOOK_KINDS", "HookConsumer"]
@@ -73,12 +73,9 @@ class HookConsumer(Generic[T, S]):
         self.hooks_from: int | None = None
 
     def make_consumer(self, pool: Any) -> Consumer:
-        self.consumer = Consumer(
+        self.consumer = self.engine.consumer(
             pool,
-            self.key,
-            self.filter,
-            self.handle,
-            listener=self.engine.listener,
+            self,
             batch_size=self.batch_size,
             poll_interval=self.poll,
             on_batch=self._after_batch,

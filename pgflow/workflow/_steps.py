@@ -16,7 +16,7 @@ compare-and-set on the record version.
 Failures. A step that raises is rolled back to its savepoint — its batch-mates are
 unaffected — and the error is recorded on the record (``err_count``, ``last_error``)
 with ``retry_at = now() + err_backoff * 2**(n-1)``. The cursor moves on: a failing run
-never blocks its shard. The timer poller (:mod:`pgflow.workflow._timers`) re-emits the run's
+never blocks its shard. The timer poller (:mod:`pgflow.workflow._retries`) re-emits the run's
 event when ``retry_at`` has passed, so the retry is an ordinary event. We chose this
 over in-process retries (tenacity) because sleeping inside a batch would hold the
 batch transaction — and with it an open xid (VACUUM's horizon) and the shard — for the
@@ -36,11 +36,9 @@ use savepoints.
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
 import time
-import traceback as _traceback
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -52,21 +50,21 @@ from psycopg import AsyncConnection
 from pgflow.errors import InvalidTransition
 from pgflow.log.cursors import BatchOutcome, BatchResult, Consumer, CursorKey, RetryBatchNow
 from pgflow.log.events import Event
-from pgflow.log.streamer import Filter
 from pgflow.observability import metrics, step_span
 from pgflow.workflow._engine import Engine, maybe_await
-from pgflow.workflow._options import Options
+from pgflow.workflow._failures import contained, log_failure, record_error
 from pgflow.workflow.graph import StepSpec
-from pgflow.workflow.records import PROCESSABLE_STATES, RECORD_COLUMNS, RawRecord, RunState
+from pgflow.workflow.records import (
+    PROCESSABLE_STATES,
+    RawRecord,
+    RunState,
+    StepMove,
+    load_step_batch,
+    mark_steps_done,
+    move_steps,
+)
 
-__all__ = [
-    "AUTO_PAUSE_REASON",
-    "RetryBatch",
-    "StepConsumer",
-    "contained",
-    "error_text",
-    "record_error",
-]
+__all__ = ["RetryBatch", "StepConsumer"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,194 +85,8 @@ class RetryBatch(RetryBatchNow):
     control_flow = True  #: not an error: spans do not record it as one
 
 
-# The fast path's transitions, written for a whole batch in one statement:
-# compare-and-set every record on its version, append one event per record that moved.
-_BULK_MOVE = """
-WITH v AS (
-    SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::text[], %s::text[], %s::text[],
-                         %s::text[])
-        AS v(run_id, version, status, run_state, object, traceparent)
-), u AS (
-    UPDATE pgflow.records r
-    SET version = r.version + 1, updated_at = now(), status = v.status,
-        run_state = v.run_state, object = v.object::jsonb, err_count = 0,
-        last_error = NULL, retry_at = NULL,
-        traceparent = coalesce(v.traceparent, r.traceparent),
-        meta = CASE WHEN r.run_state = v.run_state THEN r.meta
-                    ELSE r.meta - 'run_state_reason' END
-    FROM v WHERE r.run_id = v.run_id AND r.version = v.version
-    RETURNING r.run_id, r.workflow, r.foreign_id, r.status, r.run_state, r.version,
-              r.traceparent
-)
-INSERT INTO pgflow.events (stream, type, foreign_id, run_id, version, headers, traceparent)
-SELECT u.workflow, u.status, u.foreign_id, u.run_id, u.version,
-       jsonb_build_object('run_state', u.run_state, 'change', 'step'), u.traceparent
-FROM u
-RETURNING run_id
-"""
-
-
-_ERROR_TEXT_MAX = 2000
-
-
-def error_text(exc: BaseException, *, traceback: bool = False) -> str:
-    """``Type: message`` (then, with ``traceback``, the start of the traceback), cut to
-    2000 characters and without NUL characters (a text column refuses them: recording
-    the error must not fail because of the error's own message)."""
-    text = f"{type(exc).__name__}: {exc}"
-    if traceback:
-        tb = "".join(_traceback.format_exception(exc)).rstrip()
-        text = f"{text}\n{tb}"
-    text = text.replace("\x00", "\\x00")
-    return text if len(text) <= _ERROR_TEXT_MAX else text[: _ERROR_TEXT_MAX - 3] + "..."
-
-
-def contained(exc: BaseException) -> bool:
-    """Whether an exception from user code is that run's failure (True) or must end the
-    consumer (False).
-
-    Every ``Exception`` is the run's. So is a ``CancelledError`` the user's code raised
-    by awaiting a task that was cancelled — unless *this* task is being cancelled
-    (``Task.cancelling()``): then it is our shutdown and must propagate.
-    KeyboardInterrupt, SystemExit and GeneratorExit always propagate.
-    """
-    if isinstance(exc, Exception):
-        return True
-    if isinstance(exc, asyncio.CancelledError):
-        task = asyncio.current_task()
-        return task is None or task.cancelling() == 0
-    return False
-
-
-#: The run-state reason of a run paused by ``pause_after_err_count`` (luno's words).
-AUTO_PAUSE_REASON = "max error retry threshold hit"
-
-
-async def record_error(
-    engine: Engine[Any, Any],
-    conn: AsyncConnection[Any],
-    rec: RawRecord,
-    exc: BaseException,
-    options: Options,
-    *,
-    retry_step: bool = True,
-) -> RawRecord | None:
-    """Count a failed attempt on ``rec``; schedule its retry or pause the run, as the
-    failing consumer's ``options`` say (``err_backoff``, ``pause_after_err_count``,
-    ``pause_retry``).
-
-    Compare-and-set on the version without bumping it: the retry event re-emitted by
-    the poller carries the same version, so it is still current when it arrives.
-    ``retry_step=False`` (timers: they schedule their own retry) only counts and
-    pauses; no event is re-emitted, so the step of the status does not run again.
-
-    A pause here records :data:`AUTO_PAUSE_REASON` and, with ``pause_retry``, sets the
-    paused run's ``retry_at`` to when the timer poller resumes it (a pause by hand
-    clears ``retry_at``, so only automatic pauses are resumed automatically).
-    """
-    err_backoff_s = options.err_backoff.total_seconds()
-    pause_after, pause_retry = options.pause_after_err_count, options.pause_retry
-    count = rec.err_count + 1
-    pausing = pause_after is not None and count >= pause_after
-    now = engine.clock.sql_now()
-    cur = await conn.execute(
-        "UPDATE pgflow.records SET err_count = err_count + 1, last_error = %s,"
-        " retry_at = CASE WHEN %s THEN NULL WHEN NOT %s THEN retry_at"
-        "   ELSE coalesce(%s, now())"
-        "        + make_interval(secs => least(%s * 2 ^ least(err_count, 30), 600))"
-        " END,"
-        " updated_at = now()"
-        " WHERE run_id = %s AND version = %s RETURNING err_count",
-        (
-            error_text(exc, traceback=True),
-            pausing,
-            retry_step,
-            now,
-            err_backoff_s,
-            rec.run_id,
-            rec.version,
-        ),
-    )
-    row = await cur.fetchone()
-    if row is None:
-        return None
-    if pausing:
-        from pgflow.workflow.actions import pause
-
-        logger.warning(
-            "%s: run %s of %r paused after %d errors%s: %s",
-            rec.workflow,
-            rec.run_id,
-            rec.foreign_id,
-            row[0],
-            f" (resumed in {pause_retry})" if pause_retry is not None else "",
-            error_text(exc),
-        )
-        paused = await pause(
-            conn,
-            rec.workflow,
-            rec.foreign_id,
-            rec.run_id,
-            hook=engine.state_hook(RunState.PAUSED),
-            reason=AUTO_PAUSE_REASON,
-        )
-        if pause_retry is not None:
-            await conn.execute(
-                "UPDATE pgflow.records SET retry_at = coalesce(%s, now()) + %s"
-                " WHERE run_id = %s AND version = %s",
-                (now, pause_retry, paused.run_id, paused.version),
-            )
-        return paused
-    return None
-
-
-async def _load(
-    conn: AsyncConnection[Any], run_ids: list[UUID]
-) -> tuple[dict[UUID, RawRecord], set[UUID]]:
-    """The records of a batch, and the runs whose current step already ran for their
-    current version and chose to wait (``step_done_version = version``)."""
-    if not run_ids:
-        return {}, set()
-    cur = await conn.execute(
-        f"SELECT {RECORD_COLUMNS}, step_done_version = version FROM pgflow.records"
-        " WHERE run_id = ANY(%s::uuid[])",
-        (run_ids,),
-    )
-    records: dict[UUID, RawRecord] = {}
-    done: set[UUID] = set()
-    for row in await cur.fetchall():
-        rec = RawRecord.from_row(row[:-1])
-        records[rec.run_id] = rec
-        if row[-1]:
-            done.add(rec.run_id)
-    return records, done
-
-
-async def _mark_done(
-    conn: AsyncConnection[Any], run_ids: list[UUID], versions: list[int]
-) -> set[UUID]:
-    """Record that the current step ran for these (run, version) pairs and returned
-    None (errors reset too); returns the runs marked — a run missing was moved, or
-    marked, by someone else in the meantime (compare-and-set)."""
-    cur = await conn.execute(
-        "UPDATE pgflow.records r SET step_done_version = r.version, err_count = 0,"
-        " last_error = NULL, retry_at = NULL"
-        " FROM unnest(%s::uuid[], %s::bigint[]) AS v(run_id, version)"
-        " WHERE r.run_id = v.run_id AND r.version = v.version"
-        " AND r.step_done_version IS DISTINCT FROM r.version RETURNING r.run_id",
-        (run_ids, versions),
-    )
-    return {row[0] for row in await cur.fetchall()}
-
-
 @dataclass(frozen=True, slots=True)
-class _Move:
-    run_id: UUID
-    version: int
-    status: str
-    run_state: str
-    object: str | None
-    traceparent: str | None
+class _Move(StepMove):
     wrote_tx: bool = False  #: the step wrote through run.tx: the move must not be lost
 
 
@@ -288,12 +100,7 @@ class StepConsumer(Generic[T, S]):
         self.name = f"{engine.name}/{spec.status.name}"
         self.shard = shard
         self.key = CursorKey(self.name, shard, opts.parallel_count)
-        self.filter = Filter(
-            stream=engine.name,
-            types=(spec.status.name,),
-            shard=shard,
-            shard_count=opts.parallel_count,
-        )
+        self.filter = engine.status_shard(spec.status, shard, opts.parallel_count)
         self._wrote = False
         self.consumer: Consumer | None = None
         #: savepoint per event once the step was seen writing through run.tx, or when
@@ -302,17 +109,8 @@ class StepConsumer(Generic[T, S]):
 
     def make_consumer(self, pool: Any) -> Consumer:
         opts = self.spec.options
-        self.consumer = Consumer(
-            pool,
-            self.key,
-            self.filter,
-            self.handle,
-            listener=self.engine.listener,
-            batch_size=opts.batch_size,
-            poll_interval=opts.polling_frequency.total_seconds(),
-            lag=opts.consume_lag if opts.consume_lag.total_seconds() > 0 else None,
-            on_batch=self._after_batch,
-        )
+        lag = opts.consume_lag if opts.consume_lag.total_seconds() > 0 else None
+        self.consumer = self.engine.consumer(pool, self, opts, lag=lag, on_batch=self._after_batch)
         return self.consumer
 
     def _after_batch(self, result: BatchResult) -> None:
@@ -323,7 +121,9 @@ class StepConsumer(Generic[T, S]):
     async def handle(self, events: list[Event], conn: AsyncConnection[Any]) -> None:
         started = time.perf_counter()
         self._wrote = False
-        records, done = await _load(conn, [e.run_id for e in events if e.run_id is not None])
+        records, done = await load_step_batch(
+            conn, [e.run_id for e in events if e.run_id is not None]
+        )
         moves: list[_Move] = []
         waits: list[_Move] = []
         lag_alert = self.spec.options.lag_alert
@@ -404,8 +204,6 @@ class StepConsumer(Generic[T, S]):
                 if dest is not None and not run.changed:
                     # inside the try: an object jsonb would refuse is this run's error
                     object_json = engine.objects.dump(run.object)
-        except psycopg.OperationalError:
-            raise
         except BaseException as exc:
             if not contained(exc):
                 raise
@@ -442,7 +240,7 @@ class StepConsumer(Generic[T, S]):
     ) -> None:
         try:
             async with conn.transaction():  # savepoint: a refused row must not end the batch
-                moved = await self._bulk_move(conn, moves)
+                moved = await move_steps(conn, moves)
         except psycopg.OperationalError:
             raise
         except psycopg.Error as exc:
@@ -454,7 +252,7 @@ class StepConsumer(Generic[T, S]):
             for move in moves:
                 try:
                     async with conn.transaction():
-                        moved |= await self._bulk_move(conn, [move])
+                        moved |= await move_steps(conn, [move])
                 except psycopg.OperationalError:
                     raise
                 except psycopg.Error as one:
@@ -473,26 +271,12 @@ class StepConsumer(Generic[T, S]):
             self._wrote = True
 
     async def _write_waits(self, conn: AsyncConnection[Any], waits: list[_Move]) -> None:
-        marked = await _mark_done(conn, [w.run_id for w in waits], [w.version for w in waits])
+        marked = await mark_steps_done(conn, [w.run_id for w in waits], [w.version for w in waits])
         # A concurrent consumer (another shard layout) ran the same step for the same
         # version and marked it first: writes through run.tx must not commit twice.
         if any(w.wrote_tx and w.run_id not in marked for w in waits):
             self.isolate = True
             raise RetryBatch("a waiting step's run was handled concurrently")
-
-    async def _bulk_move(self, conn: AsyncConnection[Any], moves: list[_Move]) -> set[UUID]:
-        cur = await conn.execute(
-            _BULK_MOVE,
-            (
-                [m.run_id for m in moves],
-                [m.version for m in moves],
-                [m.status for m in moves],
-                [m.run_state for m in moves],
-                [m.object for m in moves],
-                [m.traceparent for m in moves],
-            ),
-        )
-        return {row[0] for row in await cur.fetchall()}
 
     def _attributes(self, rec: RawRecord) -> dict[str, Any]:
         return {
@@ -507,17 +291,8 @@ class StepConsumer(Generic[T, S]):
     async def _failed(self, conn: AsyncConnection[Any], rec: RawRecord, exc: BaseException) -> None:
         spec = self.spec
         metrics.error(self.name, self.shard)
-        logger.warning(
-            "workflow %s, status %s: step %s failed for run %s (foreign id %r, attempt %d): %s",
-            self.engine.name,
-            spec.status.name,
-            spec.name,
-            rec.run_id,
-            rec.foreign_id,
-            rec.err_count + 1,
-            error_text(exc),
-            exc_info=exc,
-        )
+        what = f"workflow {self.engine.name}, status {spec.status.name}: step {spec.name}"
+        log_failure(logger, what, rec, exc)
         paused = await record_error(
             self.engine,
             conn,
@@ -545,7 +320,7 @@ class StepConsumer(Generic[T, S]):
                         new: RawRecord | None = run._raw
                     elif dest is None:
                         new = None
-                        if not await _mark_done(conn, [rec.run_id], [rec.version]):
+                        if not await mark_steps_done(conn, [rec.run_id], [rec.version]):
                             raise _Stale  # another consumer ran it for this version first
                     else:
                         if not isinstance(dest, engine.statuses.enum):
@@ -572,8 +347,6 @@ class StepConsumer(Generic[T, S]):
             return new
         except _Stale:
             return None
-        except psycopg.OperationalError:
-            raise  # the connection is gone: the whole batch is retried
         except BaseException as exc:
             if not contained(exc):
                 raise

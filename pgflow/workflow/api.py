@@ -34,6 +34,7 @@ from pgflow.observability import current_traceparent, trigger_span
 from pgflow.workflow import actions
 from pgflow.workflow._batch_api import Batch, in_progress
 from pgflow.workflow._engine import Engine, maybe_await
+from pgflow.workflow._schedules import delete_schedule, upsert_schedule
 from pgflow.workflow.listing import RunId, RunReader
 from pgflow.workflow.records import (
     ACTIVE_STATES,
@@ -250,13 +251,8 @@ class API(RunReader[T, S], Generic[T, S]):
         initial_json = None if initial is None else engine.objects.dump(initial)
         next_at: datetime = croniter(spec, engine.clock.now()).get_next(datetime)
         async with self._tx(single=True) as conn:
-            await conn.execute(
-                "INSERT INTO pgflow.schedules (workflow, foreign_id, spec, next_at, initial,"
-                " filtered) VALUES (%s, %s, %s, %s, %s::jsonb, %s)"
-                " ON CONFLICT (workflow, foreign_id) DO UPDATE SET spec = excluded.spec,"
-                " next_at = excluded.next_at, initial = excluded.initial,"
-                " filtered = excluded.filtered",
-                (self.name, foreign_id, spec, next_at, initial_json, filter is not None),
+            await upsert_schedule(
+                conn, self.name, foreign_id, spec, next_at, initial_json, filter is not None
             )
         if filter is None:
             engine.schedule_filters.pop(foreign_id, None)
@@ -268,11 +264,7 @@ class API(RunReader[T, S], Generic[T, S]):
         """Remove ``foreign_id``'s schedule; True when there was one."""
         self._engine.schedule_filters.pop(foreign_id, None)
         async with self._tx(single=True) as conn:
-            cur = await conn.execute(
-                "DELETE FROM pgflow.schedules WHERE workflow = %s AND foreign_id = %s",
-                (self.name, foreign_id),
-            )
-            return cur.rowcount > 0
+            return await delete_schedule(conn, self.name, foreign_id)
 
     # -- moving runs from outside ----------------------------------------------------
 

@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pgflow.errors import BuildError
+from pgflow.workflow._engine import Engine
 from pgflow.workflow._options import Options, parse_options
 from pgflow.workflow.graph import CallbackSpec, ConnectorSpec, Graph, StepSpec, TimeoutSpec
 from pgflow.workflow.records import UNSET, _Unset
@@ -337,7 +338,7 @@ class Builder(Generic[T, S]):
             raise BuildError(
                 f"workflow {self.name!r}: {problem}", workflow=self.name, problems=[problem]
             )
-        return Workflow(
+        engine: Engine[T, S] = Engine(
             graph,
             self.type,
             dsn_or_pool,
@@ -353,3 +354,4 @@ class Builder(Generic[T, S]):
             pooler=pooler,
             listen_dsn=listen_dsn,
         )
+        return Workflow(engine)

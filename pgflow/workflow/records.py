@@ -1,218 +1,69 @@
-"""Workflow records: one row per run, and the only ways it changes.
+"""Workflow records: one row per run, and every statement that changes it.
 
-``pgflow.records`` holds each run's current status, run state and object. Every change
-goes through :func:`insert_run` or :func:`write_change`, which update the row AND
-append its event (``type`` = status name, ``version`` = the new record version) in the
-caller's transaction — so the log and the records never disagree, and a consumer can
-tell a stale event (``event.version != record.version``) from a live one.
+``pgflow.records`` holds each run's current status, run state and object. This module
+owns its SQL: every INSERT and UPDATE of the table is a function here, named after the
+change it makes, so a reader sees in one place every way a record can move and which
+columns each touches (the schema's invariants — one active run per foreign id, a
+version bump per event — are checked against this list, not against grep). Every
+*move* goes through :func:`insert_run`, :func:`insert_runs`, :func:`write_change` or
+:func:`move_steps`, which update the row AND append its event (``type`` = status name,
+``version`` = the new record version) in the caller's transaction — so the log and the
+records never disagree, and a consumer can tell a stale event (``event.version !=
+record.version``) from a live one. The other writes (:func:`count_error`,
+:func:`set_pause_retry`, :func:`mark_steps_done`, :func:`claim_due_retries`) keep the
+version: they annotate a run without moving it.
 
 Changes are compare-and-set on ``version`` instead of ``SELECT ... FOR UPDATE``: a
 step consumer reads records without locks (no xid while user code runs: an open xid
 holds back VACUUM for the whole cluster) and a concurrent change simply makes its write
 miss.
 
+The statements of the step consumer's hot path (:data:`_BULK_MOVE`, :func:`count_error`,
+:func:`mark_steps_done`) are the ones the benches measure (``bench/workflow.py`` runs
+:data:`_BULK_MOVE` by hand): change them only with a bench run.
+
 These functions know nothing about a workflow's graph or its Python types; the typed
-layer (:class:`Record`, :mod:`pgflow.workflow.run`, :mod:`pgflow.workflow.api`) and the graph-free
-admin functions (:mod:`pgflow.workflow.actions`) are built on them.
+layer (:mod:`pgflow.workflow.run`, :mod:`pgflow.workflow.api`) and the graph-free admin
+functions (:mod:`pgflow.workflow.actions`) are built on them. The record types and the
+reads live in :mod:`pgflow.workflow._records_read`, re-exported here.
 """
 
 from __future__ import annotations
 
-import enum
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from datetime import datetime
-from typing import Any, Generic, TypeVar
+from datetime import datetime, timedelta
+from typing import Any
 from uuid import UUID
 
 from psycopg import AsyncConnection
 
 from pgflow.log.events import NewEvent, append
-
-__all__ = [
-    "ACTIVE_STATES",
-    "REASON_KEY",
-    "PROCESSABLE_STATES",
-    "RawRecord",
-    "Record",
-    "RunState",
-    "NewRun",
-    "insert_run",
-    "insert_runs",
-    "load_latest",
-    "load_many",
-    "load_run",
-    "write_change",
-]
-
-T = TypeVar("T")
-S = TypeVar("S", bound=enum.Enum)
-
-
-class RunState(enum.StrEnum):
-    """Where a run is in its life, independent of the workflow's own statuses."""
-
-    INITIATED = "INITIATED"  #: triggered; no step has moved it yet
-    RUNNING = "RUNNING"  #: moved at least once, not finished
-    PAUSED = "PAUSED"  #: stopped by a user or after too many errors; resume() continues
-    COMPLETED = "COMPLETED"  #: reached a terminal status
-    CANCELLED = "CANCELLED"  #: cancelled; never moves again
-    REQUESTED_DATA_DELETED = "REQUESTED_DATA_DELETED"  #: erasure asked, not done yet
-    DATA_DELETED = "DATA_DELETED"  #: object erased; the audit trail (events) remains
-
-    @property
-    def active(self) -> bool:
-        """Counts as "in progress" (at most one such run per foreign id)."""
-        return self in ACTIVE_STATES
-
-    @property
-    def finished(self) -> bool:
-        return self not in ACTIVE_STATES
-
-
-#: States of a run in progress (the ``records_one_active_run`` unique index's set).
-ACTIVE_STATES = frozenset({RunState.INITIATED, RunState.RUNNING, RunState.PAUSED})
-#: States in which consumers move a run (a paused run is in progress but still).
-PROCESSABLE_STATES = frozenset({RunState.INITIATED, RunState.RUNNING})
-
-#: The key of ``records.meta`` holding the reason of the current run state (luno's
-#: ``Meta.RunStateReason``); the ``pgflow.runs`` view shows it as ``run_state_reason``.
-REASON_KEY = "run_state_reason"
-
-RECORD_COLUMNS = (
-    "run_id, workflow, foreign_id, status, run_state, object, version, err_count,"
-    " last_error, traceparent, meta, created_at, updated_at, retry_at"
+from pgflow.workflow import _records_read
+from pgflow.workflow._records_read import *  # noqa: F403  (re-exported: see the module doc)
+from pgflow.workflow._records_read import (
+    REASON_KEY,
+    RECORD_COLUMNS,
+    UNSET,
+    NewRun,
+    RawRecord,
+    RunState,
+    StepMove,
+    _Unset,
 )
 
-
-@dataclass(frozen=True, slots=True)
-class RawRecord:
-    """A record row as stored: status as its name, object as parsed JSON."""
-
-    run_id: UUID
-    workflow: str
-    foreign_id: str
-    status: str
-    run_state: RunState
-    object: Any
-    version: int
-    err_count: int = 0
-    last_error: str | None = None
-    traceparent: str | None = None
-    meta: Mapping[str, Any] = field(default_factory=dict)
-    created_at: datetime | None = None
-    updated_at: datetime | None = None
-    retry_at: datetime | None = None
-
-    @property
-    def run_state_reason(self) -> str | None:
-        """Why the run entered its current run state (see :func:`write_change`)."""
-        reason = self.meta.get(REASON_KEY)
-        return None if reason is None else str(reason)
-
-    @classmethod
-    def from_row(cls, row: Sequence[Any]) -> RawRecord:
-        return cls(
-            run_id=row[0],
-            workflow=row[1],
-            foreign_id=row[2],
-            status=row[3],
-            run_state=RunState(row[4]),
-            object=row[5],
-            version=row[6],
-            err_count=row[7],
-            last_error=row[8],
-            traceparent=row[9],
-            meta=row[10] or {},
-            created_at=row[11],
-            updated_at=row[12],
-            retry_at=row[13],
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Record(Generic[T, S]):
-    """A run's record as the workflow's types see it (``status: S``, ``object: T``)."""
-
-    workflow_name: str
-    foreign_id: str
-    run_id: str
-    run_state: RunState
-    status: S
-    object: T
-    created_at: datetime
-    updated_at: datetime
-    version: int = 1
-    err_count: int = 0
-    last_error: str | None = None
-    traceparent: str | None = None
-    meta: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def run_state_reason(self) -> str | None:
-        """Why the run entered its current run state: the ``reason=`` given to
-        pause/cancel/resume/delete_data, or the engine's own (an automatic pause says
-        "max error retry threshold hit"); None when nobody gave one."""
-        reason = self.meta.get(REASON_KEY)
-        return None if reason is None else str(reason)
-
-    def evolve(self, **changes: Any) -> Record[T, S]:
-        return replace(self, **changes)
-
-
-async def load_latest(
-    conn: AsyncConnection[Any], workflow: str, foreign_id: str
-) -> RawRecord | None:
-    """The newest run of ``foreign_id`` in ``workflow`` (None when it never ran)."""
-    cur = await conn.execute(
-        f"SELECT {RECORD_COLUMNS} FROM pgflow.records WHERE workflow = %s AND foreign_id = %s"
-        " ORDER BY created_at DESC, version DESC LIMIT 1",
-        (workflow, foreign_id),
-    )
-    row = await cur.fetchone()
-    return RawRecord.from_row(row) if row else None
-
-
-async def load_run(
-    conn: AsyncConnection[Any],
-    workflow: str,
-    foreign_id: str,
-    run_id: UUID | str | None = None,
-    *,
-    lock: bool = False,
-) -> RawRecord | None:
-    """One run (the newest when ``run_id`` is None); ``lock`` takes the row lock.
-
-    API calls lock (``FOR UPDATE``) so two of them on one run apply one after the
-    other; their transactions are short, so holding an xid there is harmless.
-    """
-    suffix = " FOR UPDATE" if lock else ""
-    if run_id is None:
-        cur = await conn.execute(
-            f"SELECT {RECORD_COLUMNS} FROM pgflow.records WHERE workflow = %s"
-            " AND foreign_id = %s ORDER BY created_at DESC, version DESC LIMIT 1" + suffix,
-            (workflow, foreign_id),
-        )
-    else:
-        cur = await conn.execute(
-            f"SELECT {RECORD_COLUMNS} FROM pgflow.records WHERE run_id = %s"
-            " AND workflow = %s AND foreign_id = %s" + suffix,
-            (UUID(str(run_id)), workflow, foreign_id),
-        )
-    row = await cur.fetchone()
-    return RawRecord.from_row(row) if row else None
-
-
-async def load_many(conn: AsyncConnection[Any], run_ids: Sequence[UUID]) -> dict[UUID, RawRecord]:
-    """Records by run id, in one statement, without locks (see the module doc)."""
-    if not run_ids:
-        return {}
-    cur = await conn.execute(
-        f"SELECT {RECORD_COLUMNS} FROM pgflow.records WHERE run_id = ANY(%s::uuid[])",
-        (list(run_ids),),
-    )
-    return {r.run_id: r for r in map(RawRecord.from_row, await cur.fetchall())}
+__all__ = [
+    *_records_read.__all__,
+    "_Unset",  # the type of UNSET, for signatures
+    "claim_due_retries",
+    "count_error",
+    "insert_run",
+    "insert_runs",
+    "mark_steps_done",
+    "move_steps",
+    "set_pause_retry",
+    "write_change",
+]
 
 
 # One statement inserts the record and its first event: one round trip, and with an
@@ -268,19 +119,6 @@ async def insert_run(
     row = await cur.fetchone()
     assert row is not None
     return RawRecord.from_row(row)
-
-
-@dataclass(frozen=True, slots=True)
-class NewRun:
-    """One run for :func:`insert_runs` (the arguments of :func:`insert_run`)."""
-
-    foreign_id: str
-    run_id: UUID
-    status: str
-    object_json: str | None
-    traceparent: str | None = None
-    run_state: RunState = RunState.INITIATED
-    headers: Mapping[str, str] | None = None
 
 
 # Many runs in one statement: records first (skipping any that hit a unique index:
@@ -343,13 +181,6 @@ async def insert_runs(
         },
     )
     return {row[0] for row in await cur.fetchall()}
-
-
-class _Unset(enum.Enum):
-    UNSET = 0
-
-
-UNSET = _Unset.UNSET
 
 
 async def write_change(
@@ -430,3 +261,161 @@ async def write_change(
         ],
     )
     return new
+
+
+# -- the step consumer's writes (pgflow.workflow._steps) ------------------------------
+
+# The fast path's transitions, written for a whole batch in one statement:
+# compare-and-set every record on its version, append one event per record that moved.
+_BULK_MOVE = """
+WITH v AS (
+    SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::text[], %s::text[], %s::text[],
+                         %s::text[])
+        AS v(run_id, version, status, run_state, object, traceparent)
+), u AS (
+    UPDATE pgflow.records r
+    SET version = r.version + 1, updated_at = now(), status = v.status,
+        run_state = v.run_state, object = v.object::jsonb, err_count = 0,
+        last_error = NULL, retry_at = NULL,
+        traceparent = coalesce(v.traceparent, r.traceparent),
+        meta = CASE WHEN r.run_state = v.run_state THEN r.meta
+                    ELSE r.meta - 'run_state_reason' END
+    FROM v WHERE r.run_id = v.run_id AND r.version = v.version
+    RETURNING r.run_id, r.workflow, r.foreign_id, r.status, r.run_state, r.version,
+              r.traceparent
+)
+INSERT INTO pgflow.events (stream, type, foreign_id, run_id, version, headers, traceparent)
+SELECT u.workflow, u.status, u.foreign_id, u.run_id, u.version,
+       jsonb_build_object('run_state', u.run_state, 'change', 'step'), u.traceparent
+FROM u
+RETURNING run_id
+"""
+
+
+async def move_steps(conn: AsyncConnection[Any], moves: Sequence[StepMove]) -> set[UUID]:
+    """Move many runs and append their ``change=step`` events in ONE statement; returns
+    the runs moved (compare-and-set per run: one that moved meanwhile is missing).
+
+    :func:`write_change` for a whole batch: the step consumer's fast path (steps that
+    wrote nothing through ``run.tx``) would otherwise pay a round trip per run. Errors
+    are reset as :func:`write_change` ``reset_errors=True`` does, and the run-state
+    reason is dropped when the run state changes."""
+    cur = await conn.execute(
+        _BULK_MOVE,
+        (
+            [m.run_id for m in moves],
+            [m.version for m in moves],
+            [m.status for m in moves],
+            [m.run_state for m in moves],
+            [m.object for m in moves],
+            [m.traceparent for m in moves],
+        ),
+    )
+    return {row[0] for row in await cur.fetchall()}
+
+
+async def mark_steps_done(
+    conn: AsyncConnection[Any], run_ids: list[UUID], versions: list[int]
+) -> set[UUID]:
+    """Record that the current step ran for these (run, version) pairs and returned
+    None — it waits for a callback or a timeout — so a re-read of the same event (a new
+    shard layout, a lost cursor) does not run it again; errors reset too. Returns the
+    runs marked: one missing was moved, or marked, by someone else meanwhile
+    (compare-and-set; the version is kept, as no event is appended)."""
+    cur = await conn.execute(
+        "UPDATE pgflow.records r SET step_done_version = r.version, err_count = 0,"
+        " last_error = NULL, retry_at = NULL"
+        " FROM unnest(%s::uuid[], %s::bigint[]) AS v(run_id, version)"
+        " WHERE r.run_id = v.run_id AND r.version = v.version"
+        " AND r.step_done_version IS DISTINCT FROM r.version RETURNING r.run_id",
+        (run_ids, versions),
+    )
+    return {row[0] for row in await cur.fetchall()}
+
+
+# -- failures and retries (pgflow.workflow._failures, pgflow.workflow._retries) ---------
+
+
+async def count_error(
+    conn: AsyncConnection[Any],
+    rec: RawRecord,
+    error: str,
+    *,
+    pausing: bool,
+    retry_step: bool,
+    now: datetime | None,
+    err_backoff_s: float,
+) -> int | None:
+    """Count a failed attempt on ``rec`` (``err_count``, ``last_error``) and set when
+    its step is retried: ``retry_at = now + err_backoff * 2**(n-1)`` (capped at 10
+    minutes); none when ``pausing`` (a pause by hand must not be resumed), kept as it
+    is when not ``retry_step`` (timers schedule their own retry). ``now`` is the
+    workflow clock's (None: the database's). Returns the new error count, or None when
+    the record moved (compare-and-set on the version, which is NOT bumped: the retry
+    event carries the same version, so it is still current when it arrives)."""
+    cur = await conn.execute(
+        "UPDATE pgflow.records SET err_count = err_count + 1, last_error = %s,"
+        " retry_at = CASE WHEN %s THEN NULL WHEN NOT %s THEN retry_at"
+        "   ELSE coalesce(%s, now())"
+        "        + make_interval(secs => least(%s * 2 ^ least(err_count, 30), 600))"
+        " END,"
+        " updated_at = now()"
+        " WHERE run_id = %s AND version = %s RETURNING err_count",
+        (error, pausing, retry_step, now, err_backoff_s, rec.run_id, rec.version),
+    )
+    row = await cur.fetchone()
+    return None if row is None else int(row[0])
+
+
+async def set_pause_retry(
+    conn: AsyncConnection[Any], rec: RawRecord, now: datetime | None, delay: timedelta
+) -> None:
+    """Have the timer poller resume the automatically paused ``rec`` after ``delay``
+    (``retry_at`` of a PAUSED run; a pause by hand clears it, so only automatic pauses
+    come back by themselves)."""
+    await conn.execute(
+        "UPDATE pgflow.records SET retry_at = coalesce(%s, now()) + %s"
+        " WHERE run_id = %s AND version = %s",
+        (now, delay, rec.run_id, rec.version),
+    )
+
+
+async def claim_due_retries(
+    conn: AsyncConnection[Any], workflow: str, now: datetime | None, limit: int
+) -> int:
+    """Re-emit the current event of up to ``limit`` runs whose failed step is due
+    again (``retry_at`` passed), clearing ``retry_at`` in the same statement: a step
+    retry is an ordinary event (see :mod:`pgflow.workflow._steps` for why). Rows are
+    taken ``FOR UPDATE SKIP LOCKED``, so worker processes share the work; the caller's
+    transaction makes the claim and the events one. Returns how many."""
+    cur = await conn.execute(
+        "UPDATE pgflow.records r SET retry_at = NULL WHERE r.run_id IN ("
+        " SELECT run_id FROM pgflow.records WHERE workflow = %s"
+        " AND retry_at <= coalesce(%s, now()) AND run_state IN ('INITIATED', 'RUNNING')"
+        " ORDER BY retry_at LIMIT %s FOR UPDATE SKIP LOCKED)"
+        " RETURNING r.run_id, r.workflow, r.foreign_id, r.status, r.version,"
+        " r.traceparent, r.err_count, r.run_state",
+        (workflow, now, limit),
+    )
+    rows = await cur.fetchall()
+    if rows:
+        await append(
+            conn,
+            [
+                NewEvent(
+                    stream=r[1],
+                    type=r[3],
+                    foreign_id=r[2],
+                    run_id=r[0],
+                    version=r[4],
+                    headers={
+                        "change": "retry",
+                        "attempt": str(r[6] + 1),
+                        "run_state": r[7],
+                    },
+                    traceparent=r[5],
+                )
+                for r in rows
+            ],
+        )
+    return len(rows)

@@ -10,19 +10,30 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from psycopg import AsyncConnection
 
 from pgflow.workflow.records import RawRecord, Record, RunState
 
-if TYPE_CHECKING:  # pragma: no cover
-    from pgflow.workflow._engine import Engine
-
-__all__ = ["Run"]
+__all__ = ["Run", "RunEngine"]
 
 T = TypeVar("T")
 S = TypeVar("S", bound=enum.Enum)
+
+
+class RunEngine(Protocol[T, S]):
+    """What a :class:`Run` asks of the engine that made it
+    (:class:`pgflow.workflow._engine.Engine`). Declared here, on the lower side, so
+    that ``run`` does not import the engine that imports it."""
+
+    def to_record(self, raw: RawRecord, *, obj: Any = ...) -> Record[T, S]: ...
+
+    async def change_state(
+        self, run: Run[T, S], state: RunState, reason: str | None = None
+    ) -> None: ...
+
+    async def save_and_repeat(self, run: Run[T, S]) -> None: ...
 
 
 class Run(Generic[T, S]):
@@ -32,7 +43,7 @@ class Run(Generic[T, S]):
 
     def __init__(
         self,
-        engine: Engine[T, S],
+        engine: RunEngine[T, S],
         raw: RawRecord,
         record: Record[T, S],
         tx: AsyncConnection[Any],

@@ -19,26 +19,25 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool
 
 from pgflow.log.cursors import BatchOutcome, BatchResult, Consumer
+from pgflow.log.names import ConsumerName
 from pgflow.log.streamer import acquire_listener, release_listener
 from pgflow.observability import metrics, sample_forever, tracing_enabled
-from pgflow.workflow._connectors import ConnectorRunner, consumer_name
-from pgflow.workflow._engine import Engine, Hooks
+from pgflow.workflow._connectors import ConnectorRunner
+from pgflow.workflow._engine import Engine
 from pgflow.workflow._hooks import HOOK_KINDS, HookConsumer
+from pgflow.workflow._poller import Poller
 from pgflow.workflow._steps import StepConsumer
 from pgflow.workflow._supervise import supervise
-from pgflow.workflow._timers import Poller, TimerArmer
-from pgflow.workflow.api import API
-from pgflow.workflow.clock import Clock
-from pgflow.workflow.graph import Graph
+from pgflow.workflow._timeouts import TimerArmer
+from pgflow.workflow.api import API, run_id_for
 
 __all__ = ["ConsumerState", "Workflow"]
 
@@ -60,33 +59,12 @@ class ConsumerState(enum.StrEnum):
 class Workflow(API[T, S], Generic[T, S]):
     """A runnable workflow (see the module doc). Create it with ``Builder.build``."""
 
-    def __init__(
-        self,
-        graph: Graph[S],
-        object_type: Any,
-        dsn_or_pool: str | AsyncConnectionPool[AsyncConnection[Any]] | None,
-        *,
-        hooks: Hooks,
-        pool_size: int = 10,
-        custom_delete: Callable[[T], Any] | None = None,
-        clock: Clock | None = None,
-        pooler: str | None = None,
-        listen_dsn: str | None = None,
-    ) -> None:
-        engine: Engine[T, S] = Engine(
-            graph,
-            object_type,
-            dsn_or_pool,
-            hooks=hooks,
-            pool_size=pool_size,
-            custom_delete=custom_delete,
-            clock=clock,
-            pooler=pooler,
-            listen_dsn=listen_dsn,
-        )
+    def __init__(self, engine: Engine[T, S]) -> None:
+        """Run ``engine``'s workflow (``Builder.build`` makes the engine: the graph,
+        the codecs, the hooks, the connection settings)."""
         super().__init__(engine)
-        self.graph = graph
-        self.object_type = object_type
+        self.graph = engine.graph
+        self.object_type = engine.objects.type
         self.consumers: list[Consumer] = []
         self.poller: Poller[T, S] | None = None
         self.runners: list[ConnectorRunner[T, S]] = []
@@ -145,10 +123,11 @@ class Workflow(API[T, S], Generic[T, S]):
         for consumer in self.consumers:
             self._track(consumer)
             self._spawn(consumer.run, str(consumer.key), consumer.stopping)
-        poller = self.poller = Poller(engine, min(intervals, default=timedelta(seconds=1)))
+        interval = min(intervals, default=timedelta(seconds=1))
+        poller = self.poller = Poller(engine, interval, self._trigger_scheduled)
         self._spawn(poller.run, f"{engine.name}/poller", poller.stopping)
         for spec in self.graph.connectors.values():
-            runner = ConnectorRunner(self, spec, self._give_up)
+            runner = ConnectorRunner(engine, spec, self._give_up)
             self.runners.append(runner)
             await runner.start()
         # Resolve the OTEL_* configuration now, not inside the first event's span.
@@ -163,6 +142,19 @@ class Workflow(API[T, S], Generic[T, S]):
             engine.name,
             len(self.consumers),
             len(self.runners),
+        )
+
+    async def _trigger_scheduled(
+        self,
+        conn: AsyncConnection[Any],
+        foreign_id: str,
+        initial: Any,
+        run_id_parts: tuple[str, ...],
+        headers: Mapping[str, str],
+    ) -> str:
+        """A due schedule's run, in the poller's transaction (``_schedules.ScheduleTrigger``)."""
+        return await self.bind(conn).trigger(
+            foreign_id, initial, run_id=run_id_for(*run_id_parts), headers=headers
         )
 
     def _spawn(
@@ -216,7 +208,7 @@ class Workflow(API[T, S], Generic[T, S]):
                 out[name] = ConsumerState.RUNNING
         for runner in self.runners:
             for shard, task in enumerate(runner.tasks):
-                key = consumer_name(self.name, runner.name, shard, runner.count)
+                key = str(ConsumerName(self.name, runner.name, shard, runner.count))
                 out[key] = ConsumerState.SHUTDOWN if task.done() else ConsumerState.RUNNING
         return out
 
