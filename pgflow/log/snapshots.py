@@ -56,6 +56,7 @@ __all__ = [
     "DiffRead",
     "Position",
     "PositionSQL",
+    "consumed_sql",
     "diff_read_sql",
     "intersect_snapshots",
 ]
@@ -143,12 +144,18 @@ def _parse_snapshot(text: str) -> tuple[int, int, list[int]]:
     return int(xmin), int(xmax), [int(x) for x in xip.split(",") if x]
 
 
-#: Has the cursor row ``c`` read row ``e``? Visible in its snapshot, or taken from the
-#: diff it is reading. (SQL; for prune, lag and repairs.)
-CONSUMED = (
-    "(pg_visible_in_snapshot(e.tx, c.snap) OR (c.upto IS NOT NULL"
-    " AND pg_visible_in_snapshot(e.tx, c.upto) AND e.id <= c.after_id))"
-)
+def consumed_sql(row: str = "e", cursor: str = "c") -> str:
+    """Has the cursor row aliased ``cursor`` read the log row aliased ``row``? Visible
+    in its snapshot, or taken from the diff it is reading. SQL, for prune, lag, repairs
+    and tests; the predicate itself is the function ``pgflow.consumed`` (migration
+    0013), written once for Python and the ``pgflow.consumer_lag`` view alike, and
+    inlined by the planner (plans are as with the expression written in place)."""
+    r, c = row, cursor
+    return f"pgflow.consumed({r}.tx, {r}.id, {c}.snap, {c}.upto, {c}.after_id)"
+
+
+#: :func:`consumed_sql` for a log row ``e`` and a cursor row ``c``.
+CONSUMED = consumed_sql()
 
 #: The position stored in a ``pgflow.cursors`` row aliased ``c``.
 CURSOR_ROW = PositionSQL("c.snap", "c.upto", "c.after_id", "c.lo", "c.hi")

@@ -28,7 +28,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from pgflow.log.cursors import BatchOutcome, BatchResult, Consumer
-from pgflow.log.streamer import acquire_listener, release_listener
+from pgflow.log.listener import acquire_listener, release_listener
 from pgflow.observability import metrics, sample_forever, tracing_enabled
 from pgflow.workflow._connectors import ConnectorRunner, consumer_name
 from pgflow.workflow._engine import Engine, Hooks
