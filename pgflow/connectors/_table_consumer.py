@@ -143,9 +143,7 @@ class TableConsumer:
             return []
         self._batch = None  # an earlier batch's transaction is over: forget it
         # Always the stored position: a rolled-back batch leaves nothing behind here.
-        start = await store.load(
-            conn, self.cursor_name, self.connector.cursor_stream, self.connector.source_table
-        )
+        start = await self._load(conn)
         read_or_idle = getattr(self.connector.stream, "read_or_idle", None)
         if read_or_idle is None:
             rows, idle = await self.connector.stream.read(conn, start, limit), None
@@ -156,14 +154,7 @@ class TableConsumer:
             # prune and lag see this reader caught up (one write per interval, in the
             # caller's transaction; a cursor someone else moved is left alone).
             self._idle_moved_at = _time.monotonic()
-            await store.compare_and_set(
-                conn,
-                self.cursor_name,
-                start,
-                idle,
-                self.connector.cursor_stream,
-                self.connector.source_table,
-            )
+            await self._move(conn, start, idle)
         good: list[tuple[Position, ConnectorEvent]] = []
         for position, row in rows:
             try:
@@ -213,18 +204,24 @@ class TableConsumer:
         target = batch.positions[batch.acked - 1]
         if target == batch.written:
             return
-        store = self.connector.cursor_store
-        if not await store.compare_and_set(
-            batch.conn,
-            self.cursor_name,
-            batch.written,
-            target,
-            self.connector.cursor_stream,
-            self.connector.source_table,
-        ):
+        if not await self._move(batch.conn, batch.written, target):
             self._batch = None
-            raise LostCursor(str(store.key(self.cursor_name)))
+            raise LostCursor(str(self.connector.cursor_store.key(self.cursor_name)))
         batch.written = target
+
+    async def _load(self, conn: AsyncConnection[Any]) -> Position:
+        """The stored cursor (inheriting another shard layout's, see
+        :meth:`CursorStore.load`)."""
+        c = self.connector
+        return await c.cursor_store.load(conn, self.cursor_name, c.cursor_stream, c.source_table)
+
+    async def _move(self, conn: AsyncConnection[Any], old: Position, new: Position) -> bool:
+        """Compare-and-set the cursor ``old -> new`` in ``conn``'s transaction, recording
+        what it reads (for lag and prune); False when someone else moved it."""
+        c = self.connector
+        return await c.cursor_store.compare_and_set(
+            conn, self.cursor_name, old, new, c.cursor_stream, c.source_table
+        )
 
     def _malformed(self, row: Row, position: Position, exc: Exception, ack: Ack) -> MalformedEvent:
         raw_id = row.get("id", position.after_id)
@@ -263,12 +260,7 @@ class TableConsumer:
         pool = await self.connector.cursor_store.pool()
         async with pool.connection() as conn:
             if self._read_to is None:
-                self._read_to = await self.connector.cursor_store.load(
-                    conn,
-                    self.cursor_name,
-                    self.connector.cursor_stream,
-                    self.connector.source_table,
-                )
+                self._read_to = await self._load(conn)
                 self._written = self._read_to
             rows = await self.connector.stream.read(conn, self._read_to, self.connector.batch_size)
         if rows:
@@ -293,14 +285,7 @@ class TableConsumer:
                 pool = await self.connector.cursor_store.pool()
                 async with pool.connection() as conn:
                     # At-least-once path: a cursor someone else moved is left alone.
-                    await self.connector.cursor_store.compare_and_set(
-                        conn,
-                        self.cursor_name,
-                        old,
-                        upto,
-                        self.connector.cursor_stream,
-                        self.connector.source_table,
-                    )
+                    await self._move(conn, old, upto)
 
         return ack
 

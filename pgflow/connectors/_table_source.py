@@ -182,16 +182,13 @@ class TableStream:
                 (Position(after.snapshot, None, int(r[3])), dict(zip(names, r[4:], strict=True)))
                 for r in raw[:limit]
             ], None
-        if len(raw) == 1 and raw[0][3] is None:  # nothing new (keep_empty's marker row)
-            if after.upto is not None:  # the diff is exhausted: go on from its end
-                return await self.read_or_idle(conn, Position(after.upto), limit)
-            idle = Position(str(raw[0][0]))
-            return [], (idle if idle != after else None)
         read = DiffRead.from_rows(after, raw, limit)
+        if not read.raw and after.upto is not None:  # exhausted diff: go on from its end
+            return await self.read_or_idle(conn, Position(after.upto), limit)
         return [
             (p, dict(zip(names, r, strict=True)))
             for p, r in zip(read.positions, read.rows, strict=True)
-        ], None
+        ], read.idle_position()
 
 
 async def add_tx_column(

@@ -298,9 +298,11 @@ class DiffRead:
         cls, start: Position, raw: Sequence[Sequence[Any]], limit: int, skip: int = 0
     ) -> DiffRead:
         """Split ``raw`` rows of :func:`diff_read_sql` (``skip`` leading columns of an
-        outer query first) into rows and what positions need."""
-        if not raw:
-            return cls([], start)
+        outer query first) into rows and what positions need. Nothing new (no row, or
+        ``keep_empty``'s one row without an id) is a read without rows whose ``s2`` is
+        that row's snapshot (or ``start``'s): see :meth:`idle_position`."""
+        if not raw or raw[0][skip + 3] is None:
+            return cls([], start, skip + 4, str(raw[0][skip]) if raw else start.snapshot)
         more = len(raw) > limit
         raw = raw[:limit]
         first = raw[0]
@@ -316,3 +318,11 @@ class DiffRead:
     @property
     def positions(self) -> list[Position]:
         return [self.position_at(i) for i in range(len(self.raw))]
+
+    def idle_position(self) -> Position | None:
+        """For a read that found nothing outside a diff: where an idle reader may move
+        (the statement's own snapshot, with ``keep_empty``: nothing of its filter
+        committed before it), or None when that is where it stands."""
+        if self.raw or self.start.in_diff or self.s2 == self.start.snapshot:
+            return None
+        return Position(self.s2)
