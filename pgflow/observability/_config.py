@@ -98,6 +98,9 @@ def resolve_once() -> None:
         state.resolved = True
 
 
+state.resolver = resolve_once
+
+
 def _install(tp: TracerProvider | None, mp: MeterProvider | None) -> None:
     state.tracer = tp.get_tracer(INSTRUMENTATION_NAME, _version()) if tp is not None else None
     metrics._install(mp.get_meter(INSTRUMENTATION_NAME, _version()) if mp is not None else None)

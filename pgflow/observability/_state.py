@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from opentelemetry.trace import Tracer
 
-#: One logger for the whole package (operators filter on this name).
+#: One logger for the whole package (operators filter on ``pgflow.observability``).
 logger = logging.getLogger(__name__)
 
 INSTRUMENTATION_NAME = "pgflow"
@@ -30,7 +31,7 @@ class State:
     :attr:`resolved` — two attribute reads on a slotted object.
     """
 
-    __slots__ = ("lock", "owned", "resolved", "retired", "tracer")
+    __slots__ = ("lock", "owned", "resolved", "resolver", "retired", "tracer")
 
     def __init__(self) -> None:
         #: pgflow's tracer, or None while tracing is off.
@@ -44,6 +45,14 @@ class State:
         #: Providers pgflow shut down: they may still be the process-global provider (it
         #: can be set only once) but must not be picked up again as "the application's".
         self.retired: list[Any] = []
+        #: Decides the configuration (``_config.resolve_once``, registered when _config is
+        #: imported, which the package's ``__init__`` always does). Injected rather than
+        #: imported: _config imports this module, and a cycle would hide which is lower.
+        self.resolver: Callable[[], None] = _unregistered
+
+
+def _unregistered() -> None:
+    raise RuntimeError("pgflow.observability._config was not imported")
 
 
 state = State()
@@ -54,8 +63,4 @@ def ensure_resolved() -> None:
 
     The hooks call this only on their slow path (``not state.resolved``).
     """
-    # Deferred: _config installs the resolved providers into the hooks' modules, which
-    # import this one, so a top-level import would be circular.
-    from pgflow.observability._config import resolve_once
-
-    resolve_once()
+    state.resolver()
