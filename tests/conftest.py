@@ -16,7 +16,7 @@ from tests._pgbouncer import PgBouncer, pgbouncer
 if TYPE_CHECKING:  # imported by pytest_plugins below (so that pytest rewrites it)
     from pgflow.testing import TestDatabases
 
-pytest_plugins = ["pgflow.testing"]
+pytest_plugins = ["pgflow.testing", "tests._brokers"]
 
 
 @pytest.fixture(scope="session")

@@ -146,7 +146,8 @@ async def test_delete_data_erases_the_runs_change_rows(
     b = pgflow.Builder("erase-cdc", dict, S, polling_frequency=0.1)
     b.add_step(S.NEW, lambda run: S.DONE, S.DONE)
     b.add_connector(
-        "cdc", table.Connector(changes_stream("customers"), table.CursorStore(pool), translator),
+        "cdc",
+        table.Connector(changes_stream("customers"), table.CursorStore(pool), translator),
         on_change,
     )
     async with b.build(pgflow_dsn) as wf:
@@ -188,9 +189,7 @@ async def test_a_partitioned_table_is_captured_under_its_own_name(
         )
     await pgflow.capture(pgflow_dsn, "measures")
     async with pool.connection() as conn:
-        await conn.execute(
-            "INSERT INTO measures VALUES (1, '2026-02-01', 1), (2, '2026-08-01', 2)"
-        )
+        await conn.execute("INSERT INTO measures VALUES (1, '2026-02-01', 1), (2, '2026-08-01', 2)")
     consumer = await table.Connector(
         changes_stream("measures"), table.CursorStore(pool), change_translator
     ).make("parts")

@@ -49,6 +49,9 @@ from pgflow.log.snapshots import CONSUMED
 from pgflow.postgres import LocalCluster, find_pg_bin, throwaway_cluster
 from tests import chaos_connector_app as app
 
+# restarts a throwaway cluster under load: ~20 s
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 SEED = int(os.environ.get("PGFLOW_CHAOS_SEED") or random.SystemRandom().randrange(1, 2**31))
 EVENTS = int(os.environ.get("PGFLOW_CHAOS_EVENTS", "1500"))

@@ -10,6 +10,10 @@ import tempfile
 from pathlib import Path
 
 import psycopg
+import pytest
+
+# starts and stops an embedded cluster
+pytestmark = pytest.mark.slow
 
 PGFLOW = str(Path(sys.executable).with_name("pgflow"))
 

@@ -255,6 +255,11 @@ async def test_database_down_gives_503_not_200(pgflow_dsn: str) -> None:
 
 
 async def test_keep_alive_and_concurrent_posts_group_commit(pgflow_dsn: str) -> None:
+    """Three requests on one keep-alive connection, then 50 concurrent posts that must
+    share transactions: the first batch is held at a table lock until all 50 posts
+    wait, so whatever did not join it is one batch when it goes. At most two
+    transactions store the 50 rows (``tx`` is stamped by the database; one when the
+    first batch took them all). With one commit per post (``max_batch=1``): 50."""
     async with webhook.Connector(pgflow_dsn, "pay") as hook:
         host, port = hook.host, hook.port
         reader, writer = await asyncio.open_connection(host, port)
@@ -269,10 +274,30 @@ async def test_keep_alive_and_concurrent_posts_group_commit(pgflow_dsn: str) -> 
             length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
             await reader.readexactly(length)
         writer.close()
-        results = await asyncio.gather(*(_post(hook.url, _event(i)) for i in range(10, 60)))
+        ingest = hook.app.ingest
+        async with await psycopg.AsyncConnection.connect(pgflow_dsn) as blocker:
+            # Every batch claims its keys in webhook_seen first: SHARE blocks that INSERT.
+            await blocker.execute("LOCK TABLE pgflow.webhook_seen IN SHARE MODE")
+            posts = [asyncio.create_task(_post(hook.url, _event(i))) for i in range(10, 60)]
+
+            async def all_waiting() -> bool:
+                return ingest.waiting == 50
+
+            await wait_until(all_waiting, timeout=30, message="all 50 posts queued")
+            assert not any(p.done() for p in posts)  # nothing answered while blocked
+            await blocker.rollback()
+        results = await asyncio.gather(*posts)
         assert {s for s, _ in results} == {200}
         assert len(await _stored(pgflow_dsn)) == 53
         assert hook.accepted == 53
+        async with await psycopg.AsyncConnection.connect(pgflow_dsn) as conn:
+            cur = await conn.execute(
+                "SELECT count(*), count(DISTINCT tx) FROM pgflow.events"
+                " WHERE stream = 'webhook:pay' AND foreign_id <> ALL(%s)",
+                ([f"order-{i}" for i in range(3)],),
+            )
+            rows, transactions = await cur.fetchone() or (0, 0)
+            assert rows == 50 and transactions <= 2, transactions
 
 
 async def test_make_starts_the_server_and_the_last_close_stops_it(pgflow_dsn: str) -> None:

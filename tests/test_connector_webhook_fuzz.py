@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+import pytest
 
 from pgflow.connectors import webhook
 
@@ -364,6 +365,7 @@ async def exchange(port: int, request: bytes) -> tuple[int, bytes]:
         writer.close()
 
 
+@pytest.mark.slow  # 10,000 requests: 7 s on a quiet machine, 20 s under load
 async def test_fuzz_10k_mutated_requests_with_concurrent_valid_traffic(pgflow_dsn: str) -> None:
     rng = random.Random(SEED)
     where = f"(seed {SEED}: PGFLOW_FUZZ_SEED={SEED} replays it)"

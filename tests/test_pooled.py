@@ -367,6 +367,7 @@ async def test_stuck_after_applies_through_the_pooler(
 # -- chaos through the bouncer -------------------------------------------------------------
 
 
+@pytest.mark.slow  # a chaos run: kills workers for seconds
 async def test_chaos_through_the_pooler(
     pgflow_dsn: str, direct_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -65,6 +65,7 @@ def test_a_home_the_server_cannot_enter_is_refused_in_one_line_and_left_alone(
     assert not (home / "postgres").exists()  # and nothing made inside it
 
 
+@pytest.mark.slow  # starts a cluster
 def test_a_reachable_home_keeps_its_owner_and_mode(home: Path) -> None:
     os.chmod(home, 0o751)  # enterable, not listable: the user's choice, kept
     before = _stat(home)
@@ -80,6 +81,7 @@ def test_a_reachable_home_keeps_its_owner_and_mode(home: Path) -> None:
         assert made.owner() == cluster.user, made
 
 
+@pytest.mark.slow  # starts a cluster
 def test_parents_pgflow_creates_are_enterable_but_stay_roots(home: Path) -> None:
     os.chmod(home, 0o755)
     cluster = LocalCluster(home / "a" / "b" / "postgres")

@@ -18,6 +18,9 @@ from pgflow.ops.migrations import check_schema
 from pgflow.postgres import LocalCluster, _embedded_wheel_bin, throwaway_cluster
 from pgflow.testing import run_sync
 
+# starts throwaway and embedded clusters
+pytestmark = pytest.mark.slow
+
 
 def test_throwaway_cluster_start_migrate_stop() -> None:
     with throwaway_cluster() as cluster:

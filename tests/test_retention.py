@@ -433,9 +433,9 @@ async def test_a_table_connector_records_the_table_it_reads(pgflow_dsn: str) -> 
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(pgflow_dsn, min_size=1, open=False)
     await pool.open(wait=True)
     try:
-        consumer = await table.Connector(
-            changes_stream("t"), table.CursorStore(pool)
-        ).make("reader")
+        consumer = await table.Connector(changes_stream("t"), table.CursorStore(pool)).make(
+            "reader"
+        )
         async with pool.connection() as conn, conn.transaction():
             batch = await consumer.recv_batch_in(conn, 10)
             assert len(batch) == 1

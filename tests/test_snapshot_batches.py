@@ -99,6 +99,7 @@ async def test_rolled_back_events_are_never_read(pgflow_dsn: str) -> None:
     assert got == later
 
 
+@pytest.mark.slow  # starts a throwaway cluster
 async def test_prepared_transaction_delays_only_its_own_events() -> None:
     with throwaway_cluster() as cluster:
         await migrate(cluster.dsn)
@@ -112,9 +113,7 @@ async def test_prepared_transaction_delays_only_its_own_events() -> None:
             got, position = await _read_all(cluster.dsn, Position.start())
             assert got == flowing
         finally:
-            async with await psycopg.AsyncConnection.connect(
-                cluster.dsn, autocommit=True
-            ) as conn:
+            async with await psycopg.AsyncConnection.connect(cluster.dsn, autocommit=True) as conn:
                 await conn.execute(f"COMMIT PREPARED '{gid}'")
         got, _ = await _read_all(cluster.dsn, position)
         assert len(got) == 1
@@ -270,9 +269,7 @@ async def test_migration_converts_01_cursors_with_nothing_redelivered_or_skipped
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
             for consumer, expected in (("A", all_ids[5:]), ("B", []), ("C", all_ids)):
                 seen: list[int] = []
-                pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-                    dsn, min_size=1, open=False
-                )
+                pool: AsyncConnectionPool[Any] = AsyncConnectionPool(dsn, min_size=1, open=False)
                 await pool.open(wait=True)
 
                 async def handler(events: list[Event], c: Any, seen: list[int] = seen) -> None:

@@ -297,29 +297,63 @@ def test_filter_validation(bad: dict[str, Any]) -> None:
         Filter("s", **bad)
 
 
-async def test_consumer_rechecks_events_held_back_by_a_silent_transaction(
-    pgflow_dsn: str,
-) -> None:
-    """Woken for an event that an older transaction still hides, the consumer must not
-    sleep a whole polling interval: that transaction may end without any NOTIFY."""
+async def test_an_open_transaction_delays_only_its_own_events(pgflow_dsn: str) -> None:
+    """A transaction left open (with an xid and an event of its own, never notifying)
+    must not delay anyone else's events, and its own must neither be lost nor wait for
+    a poll once it has committed and the next wake-up comes.
+
+    This replaces 0.1's "recheck" test. Under the xid horizon an older open transaction
+    hid every newer committed event, so a woken consumer that found nothing had to look
+    again soon (the holder might end without NOTIFY). Snapshot batches
+    (docs/event-log.md) removed that branch: a committed event is in the very next
+    diff whatever else is open, and the open transaction's own event joins the diff
+    read at the first wake-up after its commit (part A of the diff: transactions in
+    progress at the cursor's snapshot). Polling is 60 s here, so every delivery below
+    is the wake-up path: reading below the horizon again fails step 1; dropping part A
+    fails step 2 (the held event is skipped, not delayed).
+    """
     listener = Listener(pgflow_dsn)
     async with _pool(pgflow_dsn, "writer") as pool:
         await listener.start()
+        notifier = Notifier(pool, listener)
         sink = _Sink()
         consumer = Consumer(
             pool, CursorKey("c"), Filter("s"), sink, listener=listener, poll_interval=SLOW_POLL
         )
-        task = asyncio.create_task(consumer.run())
         holder = await AsyncConnection.connect(pgflow_dsn)
+        task = asyncio.create_task(consumer.run())
         try:
-            await holder.execute("SELECT pg_current_xact_id()")  # silent xid holder
-            ids = await _write(pool, "x")
-            Notifier(pool, listener).poke("s")
-            assert not await sink.has(ids)()  # hidden by the horizon for now
-            await holder.commit()  # no notification follows
-            await wait_until(sink.has(ids), timeout=10, message="delivery after the holder")
+            # The consumer has caught up with the empty log and sleeps (60 s poll).
+            await wait_until(_consumed_once(pool), timeout=10, message="first poll")
+            # An old transaction, open for the whole of step 1: an xid and an event.
+            [held] = await append(holder, [NewEvent("s", "t", "held")])
+            # 1. A later writer commits and notifies: delivered at once, the holder
+            #    still open (0.1 delivered nothing until it ended).
+            first = await _write(pool, "x")
+            notifier.poke("s")
+            await wait_until(sink.has(first), timeout=10, message="delivery past the holder")
+            assert sink.ids == first  # not the held event: uncommitted
+            # 2. The holder commits silently (no NOTIFY). Its event, older by id than
+            #    "x", is not skipped: the next wake-up (for "y") brings it, and "y".
+            await holder.commit()
+            second = await _write(pool, "y")
+            notifier.poke("s")
+            await wait_until(sink.has([held, *second]), timeout=10, message="after the holder")
+            # Across diffs commit order; within one diff id order.
+            assert sink.ids == [*first, held, *second]
         finally:
             await holder.close()
             consumer.stop()
             await asyncio.wait_for(task, 10)
             await listener.stop()
+
+
+def _consumed_once(pool: Pool) -> Any:
+    """True once consumer "c" has a cursor row (its first batch transaction ran)."""
+
+    async def check() -> bool:
+        async with pool.connection() as conn:
+            cur = await conn.execute("SELECT 1 FROM pgflow.cursors WHERE consumer = 'c'")
+            return await cur.fetchone() is not None
+
+    return check

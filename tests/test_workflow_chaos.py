@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from psycopg import AsyncConnection
 from psycopg.conninfo import make_conninfo
 
@@ -47,6 +48,9 @@ from pgflow.log.snapshots import CONSUMED
 from pgflow.workflow.api import run_id_for
 from tests import chaos_app
 from tests._util import wait_until
+
+# kills worker processes and connections for seconds: ~12 s
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = int(os.environ.get("PGFLOW_CHAOS_SEED") or random.SystemRandom().randrange(1, 2**31))

@@ -86,6 +86,9 @@ class GroupCommit:
         self.stream = stream
         self.max_batch = max_batch
         self.on_commit: list[Any] = []  #: called after each committed batch
+        #: posts submitted and not answered yet (queued, or in the batch being
+        #: committed): the ingest queue's depth, for metrics and tests
+        self.waiting = 0
         self._pending: list[_Post] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -99,7 +102,11 @@ class GroupCommit:
         post = _Post(event, key)
         self._pending.append(post)
         self._wake.set()
-        return await post.future
+        self.waiting += 1
+        try:
+            return await post.future
+        finally:
+            self.waiting -= 1
 
     async def stop(self) -> None:
         task, self._task = self._task, None

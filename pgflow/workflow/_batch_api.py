@@ -47,7 +47,16 @@ from psycopg import AsyncConnection
 from pgflow.errors import WorkflowInProgress
 from pgflow.workflow.records import NewRun, insert_runs
 
-__all__ = ["Batch", "NeedsPerEventPath", "Optimism"]
+__all__ = ["Batch", "NeedsPerEventPath", "Optimism", "in_progress"]
+
+
+def in_progress(workflow: str, foreign_id: str) -> WorkflowInProgress:
+    """The error of a trigger whose foreign id has a run in progress: one wording for
+    the buffered trigger (:meth:`Batch.add`) and the written one (``API.trigger``)."""
+    return WorkflowInProgress(
+        f"workflow {workflow!r}: foreign id {foreign_id!r} already has a "
+        "run in progress (wait for it, or cancel it first)"
+    )
 
 
 class NeedsPerEventPath(Exception):
@@ -87,10 +96,7 @@ class Batch:
         if known is not None:
             if known == run.run_id:
                 return known
-            raise WorkflowInProgress(
-                f"workflow {self.workflow!r}: foreign id {run.foreign_id!r} already has a "
-                "run in progress (wait for it, or cancel it first)"
-            )
+            raise in_progress(self.workflow, run.foreign_id)
         self.active[run.foreign_id] = run.run_id
         self.pending.append(run)
         self.added.append(run)

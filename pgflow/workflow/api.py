@@ -19,38 +19,31 @@ per-event path (see :mod:`pgflow.workflow._batch_api`).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import enum
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection, errors
 
-from pgflow.errors import ConfigError, InvalidTransition, NotFound, RunPaused, WorkflowInProgress
+from pgflow.errors import ConfigError, InvalidTransition, NotFound, RunPaused
 from pgflow.observability import current_traceparent, trigger_span
 from pgflow.workflow import actions
-from pgflow.workflow._batch_api import Batch
+from pgflow.workflow._batch_api import Batch, in_progress
 from pgflow.workflow._engine import Engine, maybe_await
-from pgflow.workflow.listing import Order, Page, list_records
+from pgflow.workflow.listing import RunId, RunReader
 from pgflow.workflow.records import (
     PROCESSABLE_STATES,
-    RECORD_COLUMNS,
     NewRun,
     RawRecord,
     Record,
     RunState,
     insert_run,
-    load_latest,
     load_run,
 )
-
-if TYPE_CHECKING:  # pragma: no cover
-    pass
 
 __all__ = ["API"]
 
@@ -71,8 +64,10 @@ def run_id_for(*parts: str) -> str:
     return str(uuid.uuid5(_RUN_NAMESPACE, "\x1f".join(parts)))
 
 
-class API(Generic[T, S]):
-    """Client operations on one workflow's runs (see the module doc for the two modes)."""
+class API(RunReader[T, S], Generic[T, S]):
+    """Client operations on one workflow's runs (see the module doc for the two modes);
+    the reads (``latest``, ``get``, ``exists``, ``wait_for``, ``list``) are
+    :class:`~pgflow.workflow.listing.RunReader`'s."""
 
     def __init__(
         self,
@@ -83,10 +78,6 @@ class API(Generic[T, S]):
         self._engine = engine
         self._conn = conn
         self._batch = batch  # optimistic connector batch (conn is its connection)
-
-    @property
-    def name(self) -> str:
-        return self._engine.name
 
     def run_id_for(self, *parts: str) -> str:
         """A deterministic run id of THIS workflow for an outside event: ``run_id_for(
@@ -134,20 +125,6 @@ class API(Generic[T, S]):
                     yield conn
         self._engine.poke()
 
-    @contextlib.asynccontextmanager
-    async def _read(self) -> AsyncIterator[AsyncConnection[Any]]:
-        if self._batch is not None:
-            await self._batch.flush()  # read your own (buffered) triggers
-        if self._conn is not None:
-            yield self._conn
-            return
-        pool = await self._engine.pool()
-        async with pool.connection() as conn:
-            yield conn
-
-    def _record(self, raw: RawRecord) -> Record[T, S]:
-        return self._engine.to_record(raw)
-
     # -- starting runs ---------------------------------------------------------------
 
     async def trigger(
@@ -156,7 +133,7 @@ class API(Generic[T, S]):
         initial: T | None = None,
         start_at: S | None = None,
         *,
-        run_id: str | uuid.UUID | None = None,
+        run_id: RunId | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> str:
         """Start a run for ``foreign_id`` at ``start_at`` (default: the graph's start)
@@ -214,10 +191,7 @@ class API(Generic[T, S]):
                     return str(rid)
                 diag = exc.diag.constraint_name or ""
                 if "one_active_run" in diag:
-                    raise WorkflowInProgress(
-                        f"workflow {self.name!r}: foreign id {foreign_id!r} already has a "
-                        "run in progress (wait for it, or cancel it first)"
-                    ) from None
+                    raise in_progress(self.name, foreign_id) from None
                 if diag == "records_pkey":
                     raise ConfigError(
                         f"workflow {self.name!r}: run id {rid} is already used by another"
@@ -285,131 +259,6 @@ class API(Generic[T, S]):
                 (self.name, foreign_id),
             )
             return cur.rowcount > 0
-
-    # -- looking ---------------------------------------------------------------------
-
-    async def latest(self, foreign_id: str) -> Record[T, S]:
-        """The newest run of ``foreign_id``; raises :class:`pgflow.NotFound`."""
-        async with self._read() as conn:
-            raw = await load_latest(conn, self.name, foreign_id)
-        if raw is None:
-            raise NotFound(f"workflow {self.name!r}: no run for foreign id {foreign_id!r}")
-        return self._record(raw)
-
-    async def get(self, foreign_id: str, run_id: str | uuid.UUID) -> Record[T, S]:
-        """One run by id; raises :class:`pgflow.NotFound`."""
-        async with self._read() as conn:
-            raw = await load_run(conn, self.name, foreign_id, run_id)
-        if raw is None:
-            raise NotFound(f"workflow {self.name!r}: no run {run_id} for {foreign_id!r}")
-        return self._record(raw)
-
-    async def exists(self, foreign_id: str) -> bool:
-        """Whether ``foreign_id`` ever had a run of this workflow."""
-        async with self._read() as conn:
-            cur = await conn.execute(
-                "SELECT EXISTS (SELECT 1 FROM pgflow.records WHERE workflow = %s"
-                " AND foreign_id = %s)",
-                (self.name, foreign_id),
-            )
-            row = await cur.fetchone()
-        return bool(row and row[0])
-
-    async def wait_for(
-        self,
-        foreign_id: str,
-        run_id: str | uuid.UUID,
-        status: S,
-        timeout: float | None = 10.0,
-    ) -> Record[T, S]:
-        """Wait until the run has reached ``status`` (now or earlier) and return its
-        record as it is now. Raises ``TimeoutError`` after ``timeout`` seconds,
-        :class:`pgflow.NotFound` for an unknown run, and
-        :class:`pgflow.InvalidTransition` when the run ended without reaching it."""
-        target = self._engine.statuses.coerce(status)
-        rid = uuid.UUID(str(run_id))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        listener = self._engine.listener
-        sub = listener.subscribe(self.name) if listener is not None and self._conn is None else None
-        delay = 0.01
-        sql = (
-            f"SELECT {RECORD_COLUMNS}, EXISTS (SELECT 1 FROM pgflow.events e"
-            " WHERE e.stream = r.workflow AND e.foreign_id = r.foreign_id"
-            " AND e.run_id = r.run_id AND e.type = %s)"
-            " FROM pgflow.records r WHERE r.run_id = %s AND r.workflow = %s"
-            " AND r.foreign_id = %s"
-        )
-        try:
-            while True:
-                async with self._read() as conn:
-                    cur = await conn.execute(sql, (target.name, rid, self.name, foreign_id))
-                    row = await cur.fetchone()
-                if row is None:
-                    raise NotFound(f"workflow {self.name!r}: no run {rid} for {foreign_id!r}")
-                raw = RawRecord.from_row(row[:-1])
-                if row[-1] or raw.status == target.name:
-                    return self._record(raw)
-                if raw.run_state.finished:
-                    raise InvalidTransition(
-                        f"workflow {self.name!r}: run {rid} of {foreign_id!r} ended "
-                        f"({raw.run_state} at {raw.status}) without reaching {target.name}"
-                    )
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(
-                        f"workflow {self.name!r}: run {rid} of {foreign_id!r} did not reach "
-                        f"{target.name} within {timeout}s (it is at {raw.status}, "
-                        f"{raw.run_state})"
-                    )
-                pause = delay if remaining is None else min(delay, remaining)
-                if sub is not None:
-                    await sub.wait(pause)
-                else:
-                    await asyncio.sleep(pause)
-                delay = min(delay * 2, 0.5)
-        finally:
-            if sub is not None:
-                sub.close()
-
-    async def list(
-        self,
-        *,
-        status: S | Iterable[S] | None = None,
-        run_state: RunState | str | Iterable[RunState | str] | None = None,
-        foreign_id: str | Iterable[str] | None = None,
-        created_after: datetime | None = None,
-        created_before: datetime | None = None,
-        order: Order = "desc",
-        limit: int = 50,
-        after: str | None = None,
-    ) -> Page[Record[T, S]]:
-        """One page of this workflow's runs (luno ``List`` with ``FilterBy...``).
-
-        Keyset-paginated: pass ``page.after`` back as ``after=`` for the next page;
-        ``page.after`` is None on the last one. See :mod:`pgflow.workflow.listing`.
-        """
-        statuses = self._engine.statuses
-        names: list[str] | None = None
-        if status is not None:
-            items = [status] if isinstance(status, enum.Enum | str) else list(status)
-            try:
-                names = [statuses.coerce(s).name for s in items]
-            except ValueError as exc:
-                raise ValueError(f"workflow {self.name!r}: status: {exc}") from None
-        async with self._read() as conn:
-            page = await list_records(
-                conn,
-                self.name,
-                status=names,
-                run_state=run_state,
-                foreign_id=foreign_id,
-                created_after=created_after,
-                created_before=created_before,
-                order=order,
-                limit=limit,
-                after=after,
-            )
-        return Page([self._record(raw) for raw in page.records], page.after)
 
     # -- moving runs from outside ----------------------------------------------------
 
@@ -481,64 +330,41 @@ class API(Generic[T, S]):
             )
         return raw
 
+    async def _act(
+        self, action: Callable[..., Awaitable[RawRecord]], foreign_id: str, *args: Any, **kw: Any
+    ) -> Record[T, S]:
+        """One of :mod:`pgflow.workflow.actions` on one run, in this API's transaction."""
+        async with self._tx() as conn:
+            return self._record(await action(conn, self.name, foreign_id, *args, **kw))
+
     async def pause(
-        self,
-        foreign_id: str,
-        run_id: str | uuid.UUID | None = None,
-        *,
-        reason: str | None = None,
+        self, foreign_id: str, run_id: RunId | None = None, *, reason: str | None = None
     ) -> Record[T, S]:
         """Pause the run in progress (``reason`` is kept as ``run_state_reason``)."""
         hook = self._engine.state_hook(RunState.PAUSED)
-        async with self._tx() as conn:
-            raw = await actions.pause(conn, self.name, foreign_id, run_id, hook=hook, reason=reason)
-        return self._record(raw)
+        return await self._act(actions.pause, foreign_id, run_id, hook=hook, reason=reason)
 
     async def resume(
-        self,
-        foreign_id: str,
-        run_id: str | uuid.UUID | None = None,
-        *,
-        reason: str | None = None,
+        self, foreign_id: str, run_id: RunId | None = None, *, reason: str | None = None
     ) -> Record[T, S]:
         """Continue a paused run: errors reset, its current step runs again."""
-        async with self._tx() as conn:
-            raw = await actions.resume(conn, self.name, foreign_id, run_id, reason=reason)
-        return self._record(raw)
+        return await self._act(actions.resume, foreign_id, run_id, reason=reason)
 
     async def cancel(
-        self,
-        foreign_id: str,
-        run_id: str | uuid.UUID | None = None,
-        *,
-        reason: str | None = None,
+        self, foreign_id: str, run_id: RunId | None = None, *, reason: str | None = None
     ) -> Record[T, S]:
         """End the run for good (``reason`` is kept as ``run_state_reason``)."""
         hook = self._engine.state_hook(RunState.CANCELLED)
-        async with self._tx() as conn:
-            raw = await actions.cancel(
-                conn, self.name, foreign_id, run_id, hook=hook, reason=reason
-            )
-        return self._record(raw)
+        return await self._act(actions.cancel, foreign_id, run_id, hook=hook, reason=reason)
 
     async def retry(
-        self,
-        foreign_id: str,
-        run_id: str | uuid.UUID | None = None,
-        *,
-        reason: str | None = None,
+        self, foreign_id: str, run_id: RunId | None = None, *, reason: str | None = None
     ) -> Record[T, S]:
         """Run the current step again now (reset errors; unpause)."""
-        async with self._tx() as conn:
-            raw = await actions.retry(conn, self.name, foreign_id, run_id, reason=reason)
-        return self._record(raw)
+        return await self._act(actions.retry, foreign_id, run_id, reason=reason)
 
     async def delete_data(
-        self,
-        foreign_id: str,
-        run_id: str | uuid.UUID | None = None,
-        *,
-        reason: str | None = None,
+        self, foreign_id: str, run_id: RunId | None = None, *, reason: str | None = None
     ) -> Record[T, S]:
         """Erase a finished run's personal data, keeping its events as the audit trail.
 
@@ -551,20 +377,17 @@ class API(Generic[T, S]):
         worker's timer poller finishes the erasure.
         Bound to a connection both happen in the caller's transaction.
         """
-        async with self._tx() as conn:
-            raw = await actions.request_data_deletion(
-                conn, self.name, foreign_id, run_id, reason=reason
-            )
+        rec = await self._act(actions.request_data_deletion, foreign_id, run_id, reason=reason)
         try:
             async with self._tx() as conn:
                 done = await actions.erase_data(
                     conn,
                     self.name,
                     foreign_id,
-                    raw.run_id,
+                    rec.run_id,
                     scrub=self._engine.scrub,
                     erase_copies=self._engine.erase_copies,
                 )
         except psycopg.OperationalError:
-            return self._record(raw)  # the poller finishes it
-        return self._record(done or raw)
+            return rec  # the poller finishes it
+        return rec if done is None else self._record(done)

@@ -1,18 +1,6 @@
-"""Test helpers: a real, migrated, isolated PostgreSQL database per test.
-
-Use it from your own tests with ``pytest_plugins = ["pgflow.testing"]`` in
-``conftest.py``; the ``pgflow_dsn`` fixture then gives each test a fresh database
-with the pgflow schema installed. Importing this module does not need pytest (the
-fixtures are defined only when pytest is installed): the helpers below — ``require``,
-``wait_for``, ``trigger_callback_on``, ``await_timeout_insert``, ``testing_run``,
-:class:`Clock` — work from any test runner.
-
-Which server: ``PGFLOW_TEST_DSN`` or ``DATABASE_URL`` when set; else a server on
-127.0.0.1:5432 if one answers; else a throwaway cluster started for the session
-(needs PostgreSQL's ``initdb``/``pg_ctl``). ``PGFLOW_TEST_THROWAWAY=1`` forces the
-throwaway cluster. Each test database is cloned from a migrated template, which is
-much faster than migrating every time.
-"""
+"""The test kit behind :mod:`pgflow.testing` (see its docstring): databases per test,
+the pytest fixtures (defined only when pytest is installed), and the luno-style helpers
+that drive workflows. Import these names from ``pgflow.testing``, not from here."""
 
 from __future__ import annotations
 
@@ -153,7 +141,6 @@ if importlib.util.find_spec("pytest") is not None:
                 yield databases
             finally:
                 databases.close()
-
 
     @pytest.fixture
     def pgflow_dsn(pgflow_server: TestDatabases) -> Iterator[str]:
