@@ -54,8 +54,9 @@ from pgflow.log.cursors import (
     ensure_cursor,
 )
 from pgflow.log.events import Event, NewEvent, append
+from pgflow.log.listener import Listener, Notifier
 from pgflow.log.snapshots import diff_read_sql
-from pgflow.log.streamer import Filter, Listener, Notifier
+from pgflow.log.streamer import Filter
 
 GOALS = {
     "tail_events_per_s": 50_000,

@@ -31,7 +31,8 @@ from pgflow.errors import (
 )
 from pgflow.log.cursors import Consumer, CursorKey
 from pgflow.log.events import Event, NewEvent, Position
-from pgflow.log.streamer import Filter, Listener, Notifier, stream
+from pgflow.log.listener import Listener, Notifier
+from pgflow.log.streamer import Filter, stream
 from pgflow.ops.migrations import migrate
 from pgflow.workflow import timers
 from pgflow.workflow.api import API, run_id_for

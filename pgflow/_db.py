@@ -1,7 +1,7 @@
 """Connections: DSN resolution, clear connection errors, and the bounded pool.
 
 Each pgflow process uses a fixed connection budget: one dedicated LISTEN connection
-(see :mod:`pgflow.log.streamer`) plus one bounded :class:`AsyncConnectionPool`.
+(see :mod:`pgflow.log.listener`) plus one bounded :class:`AsyncConnectionPool`.
 
 Behind a connection pooler in transaction mode (pgbouncer ``pool_mode = transaction``,
 RDS Proxy, Supavisor, PgCat) consecutive transactions of one client connection run on
@@ -13,7 +13,7 @@ LISTEN goes to a separate session DSN (``listen_dsn``) or is replaced by polling
 cannot be detected soundly from the client (the pooler's ``SHOW`` commands live on its
 admin console), so it is explicit: ``pooler=``, a ``pgflow_pooler=`` parameter in the
 DSN (stripped before libpq sees it), or ``PGFLOW_POOLER``. (The listener does check the
-property it needs: see :class:`pgflow.log.streamer.Listener`.)
+property it needs: see :class:`pgflow.log.listener.Listener`.)
 """
 
 from __future__ import annotations

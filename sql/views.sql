@@ -65,10 +65,11 @@ LEFT JOIN LATERAL (
 
 -- Per consumer and shard: where its cursor stands and how much is still ahead of it.
 -- (The first ten columns are the original contract; later ones were appended.)
--- A cursor is a snapshot (pgflow/snapshots.py): cursor_tx is its xmin, cursor_id the
+-- A cursor is a snapshot (pgflow/log/snapshots.py): cursor_tx is its xmin, cursor_id the
 -- last id taken from the diff being read (0 between diffs); cursor_snapshot and
--- cursor_upto are the position itself. An event is ahead of the cursor when its
--- transaction is not visible in the snapshot and it was not yet taken from the diff.
+-- cursor_upto are the position itself. An event is ahead of the cursor when the cursor
+-- has not consumed it (pgflow.consumed, migration 0013: not visible in the snapshot and
+-- not yet taken from the diff being read).
 CREATE OR REPLACE VIEW pgflow.consumer_lag AS
 SELECT c.consumer,
        c.shard,
@@ -92,10 +93,8 @@ CROSS JOIN LATERAL (
     FROM pgflow.events e
     WHERE e.stream = c.stream
       AND (c.types IS NULL OR e.type = ANY (c.types))
-      AND e.tx >= pg_snapshot_xmin(c.snap)
-      AND NOT pg_visible_in_snapshot(e.tx, c.snap)
-      AND NOT (c.upto IS NOT NULL AND pg_visible_in_snapshot(e.tx, c.upto)
-               AND e.id <= c.after_id)
+      AND e.tx >= pg_snapshot_xmin(c.snap)  -- the (stream, tx, id) index's bound
+      AND NOT pgflow.consumed(e.tx, e.id, c.snap, c.upto, c.after_id)
       AND (c.shard_count = 1 OR e.shard_hash % c.shard_count = c.shard)
 ) ahead
 CROSS JOIN (SELECT age_seconds FROM pgflow.horizon) h;

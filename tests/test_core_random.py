@@ -26,8 +26,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgflow.log.cursors import Consumer, CursorKey
 from pgflow.log.events import Event, NewEvent, append, shard_hash
+from pgflow.log.listener import Listener, Notifier
 from pgflow.log.snapshots import CONSUMED
-from pgflow.log.streamer import Filter, Listener, Notifier
+from pgflow.log.streamer import Filter
 from tests._util import wait_until
 
 Conn = AsyncConnection[Any]

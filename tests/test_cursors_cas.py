@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +21,7 @@ from pgflow.log.cursors import (
     try_lock_shard,
 )
 from pgflow.log.events import Event, NewEvent, Position, append
+from pgflow.log.snapshots import CONSUMED
 from pgflow.log.streamer import Filter, read_batch
 from tests._util import events_settled, wait_until
 
@@ -283,3 +286,32 @@ async def test_an_older_open_transaction_does_not_hold_a_consumer_back(
         assert r.outcome is BatchOutcome.APPLIED and r.events == 1
     finally:
         await holder.close()
+
+
+def test_only_cursor_rows_writes_the_cursor_table() -> None:
+    """One owner for cursor writes: the compare-and-set that makes a batch apply once
+    is written in pgflow/log/cursor_rows.py only (the table connector's store calls
+    it). The xid-reset repair of ``pgflow migrate`` rewrites every row under a table
+    lock, which is a schema repair, not a reader's move."""
+    root = Path(__file__).resolve().parent.parent / "pgflow"
+    writes = re.compile(r"(INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+pgflow\.cursors\b", re.I)
+    found = {
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if writes.search(path.read_text())
+    }
+    assert found == {"log/cursor_rows.py", "ops/migrations.py"}
+
+
+async def test_consumed_predicate_is_inlined(pool: Pool) -> None:
+    """``pgflow.consumed`` (the one definition of "has this cursor read this row") must
+    plan as the expression written in place: no function call per row, and index
+    bounds beside it still usable. Declared STRICT or VOLATILE it would not inline."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "EXPLAIN (VERBOSE, COSTS OFF) SELECT count(*) FROM pgflow.events e"
+            f" JOIN pgflow.cursors c ON c.stream = e.stream AND NOT {CONSUMED}"
+        )
+        plan = "\n".join(str(r[0]) for r in await cur.fetchall())
+    assert "pgflow.consumed" in CONSUMED
+    assert "consumed(" not in plan and "pg_visible_in_snapshot" in plan, plan

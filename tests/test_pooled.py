@@ -40,7 +40,7 @@ import pgflow.sync
 from pgflow import _db
 from pgflow.cli import main
 from pgflow.errors import ConfigError
-from pgflow.log.streamer import Listener
+from pgflow.log.listener import Listener
 from pgflow.ops.migrations import known_migrations, migrate
 from pgflow.testing import Connections, TestDatabases, require
 from tests import (
@@ -209,7 +209,7 @@ async def test_without_a_listen_dsn_consumers_poll_and_say_so(
     pgflow_dsn: str, direct_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: Any
 ) -> None:
     monkeypatch.delenv("PGFLOW_LISTEN_DSN")
-    caplog.set_level(logging.WARNING, logger="pgflow.log.streamer")
+    caplog.set_level(logging.WARNING, logger="pgflow.log.listener")
     b = _two_status_builder()
     client = b.build(pgflow_dsn)
     worker = _two_status_builder().build(pgflow_dsn)
@@ -313,7 +313,7 @@ def test_worker_without_a_listen_dsn_logs_the_polling_fallback(pgflow_dsn: str) 
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     [line] = [x for x in err.splitlines() if "no LISTEN session" in x]
-    assert "WARNING pgflow.log.streamer" in line and "polling" in line
+    assert "WARNING pgflow.log.listener" in line and "polling" in line
 
 
 # -- everything else that needed a session ------------------------------------------------
@@ -398,7 +398,7 @@ async def _self_test(dsn: str, caplog: Any, timeout: float) -> tuple[bool, list[
 
 
 async def test_listener_self_test_passes_on_a_direct_session(direct_dsn: str, caplog: Any) -> None:
-    caplog.set_level(logging.WARNING, logger="pgflow.log.streamer")
+    caplog.set_level(logging.WARNING, logger="pgflow.log.listener")
     assert await _self_test(direct_dsn, caplog, 10.0) == (True, [])
 
 
@@ -407,7 +407,7 @@ async def test_listener_self_test_warns_through_a_transaction_pooler(
 ) -> None:
     """LISTEN through the bouncer (the mistake: no listen_dsn, no PGFLOW_POOLER): the
     test notification never arrives, and the warning names the fix."""
-    caplog.set_level(logging.WARNING, logger="pgflow.log.streamer")
+    caplog.set_level(logging.WARNING, logger="pgflow.log.listener")
     for _ in range(5):  # not by luck: every attempt
         verified, warnings = await _self_test(pgflow_dsn, caplog, 1.0)
         assert not verified

@@ -341,7 +341,7 @@ async def test_a_new_shard_layout_starts_where_the_old_one_had_read(pgflow_dsn: 
 
 
 def test_inherited_snapshot_is_the_intersection_of_complete_layouts() -> None:
-    from pgflow.log.cursors import inherited_snapshot
+    from pgflow.log.cursor_rows import inherited_snapshot
 
     assert inherited_snapshot([]) == "1:1:"
     assert inherited_snapshot([(2, 1, ["50:60:"])]) == "1:1:"  # a shard missing

@@ -19,7 +19,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgflow.log.cursors import Consumer, CursorKey
 from pgflow.log.events import Event, NewEvent, Position, append, shard_hash
-from pgflow.log.streamer import Filter, Listener, Notifier, read_batch, stream
+from pgflow.log.listener import Listener, Notifier
+from pgflow.log.streamer import Filter, read_batch, stream
 from tests._util import events_settled, wait_until
 
 Conn = AsyncConnection[Any]

@@ -16,7 +16,7 @@ from psycopg import AsyncConnection
 
 from pgflow.log.cursors import CursorKey, advance_cursor, ensure_cursor
 from pgflow.log.events import NewEvent, Position, append, shard_hash
-from pgflow.log.streamer import Filter, head_position
+from pgflow.log.streamer import Filter, head_position, read_batch
 from pgflow.ops.migrations import migrate
 from pgflow.workflow import actions
 from pgflow.workflow.records import RunState, insert_run, write_change
@@ -245,6 +245,22 @@ async def test_consumer_lag_counts_what_is_ahead_per_shard(pool) -> None:
         after = await lag()
         assert (after[("all", 0)]["lag_events"], after[("all", 0)]["lag_seconds"]) == (0, 0.0)
         assert after[("all", 0)]["oldest_pending_at"] is None
+
+
+async def test_consumer_lag_counts_from_inside_a_diff(pool) -> None:
+    """A cursor part-way through a diff has consumed the rows up to its ``after_id``
+    (pgflow.consumed, shared with prune and the repair): the view counts the rest."""
+    async with pool.connection() as conn:
+        await append(conn, [NewEvent("d", "A", f"f{i}") for i in range(12)])
+        await conn.commit()
+        key = CursorKey("partway")
+        await ensure_cursor(conn, key, Filter("d"))
+        batch = await read_batch(conn, Filter("d"), Position(), limit=5)
+        assert batch.position is not None and batch.position.in_diff
+        assert await advance_cursor(conn, key, Position(), batch.position)
+        [row] = await rows(conn, "SELECT * FROM pgflow.consumer_lag WHERE consumer = 'partway'")
+        assert row["lag_events"] == 7
+        assert row["cursor_id"] == batch.events[-1].id
 
 
 async def test_horizon_names_the_transaction_holding_it_back(pool, pgflow_dsn) -> None:

@@ -13,6 +13,10 @@ so a crash anywhere loses nothing and doubles nothing. The advisory lock makes e
 (consumer, shard) run in one process at a time; it is released with the transaction,
 so a killed process's shards are taken over at the next poll of another one. The CAS
 fences anything that slips past the lock (a handler that ran on a stale view).
+
+The cursor row's own SQL (create, load, compare-and-set, the shard lock) lives in
+:mod:`pgflow.log.cursor_rows`, shared with the table connector; its names are
+importable from here too.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
@@ -30,10 +34,21 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from pgflow.errors import ConfigError, LostCursor
+from pgflow.errors import ConfigError
+from pgflow.log.cursor_rows import (
+    IDLE_ADVANCE_AFTER,
+    CursorKey,
+    LostCursor,
+    advance_cursor,
+    ensure_cursor,
+    load_cursor,
+    position_from_row,
+    try_lock_shard,
+)
 from pgflow.log.events import Event
-from pgflow.log.snapshots import CURSOR_ROW, Position, intersect_snapshots
-from pgflow.log.streamer import Batch, Filter, Listener, _batch, _params, _read_sql, leave_diff
+from pgflow.log.listener import Listener
+from pgflow.log.snapshots import CURSOR_ROW, Position
+from pgflow.log.streamer import Batch, Filter, _batch, _params, _read_sql, leave_diff
 
 __all__ = [
     "BatchHandler",
@@ -54,20 +69,6 @@ logger = logging.getLogger(__name__)
 BatchHandler = Callable[[list[Event], AsyncConnection[Any]], Awaitable[None]]
 
 
-@dataclass(frozen=True, slots=True)
-class CursorKey:
-    """Identifies one cursor: a consumer name and its shard (``shard`` of ``shard_count``)."""
-
-    consumer: str
-    shard: int = 0
-    shard_count: int = 1
-
-    def __str__(self) -> str:
-        if self.shard_count == 1:
-            return self.consumer
-        return f"{self.consumer}[{self.shard + 1}/{self.shard_count}]"
-
-
 class RetryBatchNow(Exception):
     """Raised by a batch handler to roll its batch back and run it again at once.
 
@@ -75,169 +76,6 @@ class RetryBatchNow(Exception):
     batch (e.g. a step turned out to write through ``run.tx``). Logged at INFO, retried
     without backoff.
     """
-
-
-async def ensure_cursor(
-    conn: AsyncConnection[Any], key: CursorKey, filter: Filter | None = None
-) -> None:
-    """Create the cursor row if it does not exist yet: at the start of the log, or —
-    when the same consumer already has a complete layout of other shards (its
-    ``parallel_count`` changed, or two deploys run two layouts) — where every shard of
-    those layouts has read up to (:func:`inherited_snapshot`), so a new layout does not
-    re-read the whole log. What is read twice near that point is harmless: steps apply
-    once per (run, version)."""
-    cur = await conn.execute(
-        "SELECT shard_count, count(*), array_agg(snap::text) FROM pgflow.cursors"
-        " WHERE consumer = %s AND shard_count <> %s GROUP BY shard_count",
-        (key.consumer, key.shard_count),
-    )
-    layouts = [(int(n), int(have), list(snaps)) for n, have, snaps in await cur.fetchall()]
-    await conn.execute(
-        "INSERT INTO pgflow.cursors (consumer, shard, shard_count, stream, types, snap)"
-        " VALUES (%s, %s, %s, %s, %s, %s::pg_snapshot) ON CONFLICT DO NOTHING",
-        (
-            key.consumer,
-            key.shard,
-            key.shard_count,
-            filter.stream if filter else None,
-            list(filter.types) if filter and filter.types else None,
-            inherited_snapshot(layouts),
-        ),
-    )
-
-
-def inherited_snapshot(layouts: Sequence[tuple[int, int, Sequence[str]]]) -> str:
-    """Where a new layout of a consumer may start, given its other layouts as
-    ``(shard_count, rows present, their snapshots)``: the intersection of the
-    snapshots of every complete layout (an incomplete one says nothing: a missing shard
-    is at the start). A shard's partial diff is ignored: read again, harmlessly."""
-    return intersect_snapshots([s for n, have, group in layouts if have == n for s in group])
-
-
-#: The stored position's columns, in :class:`Position`'s field order.
-POSITION_COLUMNS = "snap::text, upto::text, after_id, lo, hi"
-
-
-def position_from_row(row: Any) -> Position:
-    """A :class:`Position` from the five :data:`POSITION_COLUMNS`."""
-    return Position(str(row[0]), row[1], int(row[2]), row[3], row[4])
-
-
-async def load_cursor(conn: AsyncConnection[Any], key: CursorKey) -> Position:
-    """The stored position (the start of the log when the cursor does not exist)."""
-    return await _load(conn, key) or Position.start()
-
-
-async def _load(conn: AsyncConnection[Any], key: CursorKey) -> Position | None:
-    cur = await conn.execute(
-        f"SELECT {POSITION_COLUMNS} FROM pgflow.cursors"
-        " WHERE consumer = %s AND shard = %s AND shard_count = %s",
-        (key.consumer, key.shard, key.shard_count),
-    )
-    row = await cur.fetchone()
-    return position_from_row(row) if row else None
-
-
-#: An idle consumer moves its snapshot to the present at most this often (seconds):
-#: often enough that prune and ``pgflow.consumer_lag`` see it caught up, rarely enough
-#: that waiting costs no writes worth counting.
-IDLE_ADVANCE_AFTER = 10.0
-
-#: ``SET`` list and compare-and-set test for a position (named parameters).
-_SET_POSITION = (
-    "snap = %(snap)s::pg_snapshot, upto = %(upto)s::pg_snapshot, after_id = %(after)s,"
-    " lo = %(lo)s, hi = %(hi)s, updated_at = now()"
-)
-_AT_POSITION = (
-    "{c}snap::text = %(old_snap)s AND {c}upto::text IS NOT DISTINCT FROM %(old_upto)s"
-    " AND {c}after_id = %(old_after)s"
-)
-
-
-def position_params(old: Position, new: Position) -> dict[str, Any]:
-    """Parameters for :data:`_SET_POSITION` (``new``) and :data:`_AT_POSITION` (``old``)."""
-    return {
-        "snap": new.snapshot,
-        "upto": new.upto,
-        "after": new.after_id,
-        "lo": new.lo,
-        "hi": new.hi,
-        "old_snap": old.snapshot,
-        "old_upto": old.upto,
-        "old_after": old.after_id,
-    }
-
-
-async def advance_cursor(
-    conn: AsyncConnection[Any], key: CursorKey, old: Position, new: Position
-) -> bool:
-    """Compare-and-set the cursor from ``old`` to ``new`` in the caller's transaction.
-
-    Returns False (and changes nothing) when the stored cursor is no longer ``old``:
-    someone else applied these events; the caller must roll back.
-    """
-    if not new.could_follow(old):
-        raise ValueError(f"cursor must move forwards: {old} -> {new}")
-    cur = await conn.execute(
-        f"UPDATE pgflow.cursors SET {_SET_POSITION}"
-        " WHERE consumer = %(consumer)s AND shard = %(shard)s AND shard_count = %(shard_count)s"
-        " AND " + _AT_POSITION.format(c=""),
-        {
-            **position_params(old, new),
-            "consumer": key.consumer,
-            "shard": key.shard,
-            "shard_count": key.shard_count,
-        },
-    )
-    return cur.rowcount == 1
-
-
-async def upsert_cursor(
-    conn: AsyncConnection[Any],
-    key: CursorKey,
-    old: Position,
-    new: Position,
-    stream: str | None = None,
-    source: str | None = None,
-) -> bool:
-    """:func:`advance_cursor` that also creates a missing row (a missing row means the
-    start of the log, :func:`load_cursor`'s answer). False when not at ``old``.
-    ``stream``/``source`` are recorded on a new row (what it reads, for lag and prune)."""
-    if old != Position.start():
-        return await advance_cursor(conn, key, old, new)
-    cur = await conn.execute(
-        "INSERT INTO pgflow.cursors AS c"
-        " (consumer, shard, shard_count, stream, source, snap, upto, after_id, lo, hi)"
-        " VALUES (%(consumer)s, %(shard)s, %(shard_count)s, %(stream)s, %(source)s,"
-        " %(snap)s::pg_snapshot, %(upto)s::pg_snapshot, %(after)s, %(lo)s, %(hi)s)"
-        " ON CONFLICT (consumer, shard, shard_count) DO UPDATE SET snap = excluded.snap,"
-        " upto = excluded.upto, after_id = excluded.after_id, lo = excluded.lo,"
-        " hi = excluded.hi, updated_at = now()"
-        " WHERE " + _AT_POSITION.format(c="c."),
-        {
-            **position_params(old, new),
-            "consumer": key.consumer,
-            "shard": key.shard,
-            "shard_count": key.shard_count,
-            "stream": stream,
-            "source": source,
-        },
-    )
-    return cur.rowcount == 1
-
-
-async def try_lock_shard(conn: AsyncConnection[Any], key: CursorKey) -> bool:
-    """Take the (consumer, shard) advisory lock for this transaction, without waiting.
-
-    ``pg_try_advisory_xact_lock`` assigns no transaction id, so a consumer polling for
-    work holds none open (an open xid holds back VACUUM for the whole cluster).
-    """
-    cur = await conn.execute(
-        "SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))",
-        (f"pgflow-cursor:{key.consumer}:{key.shard}:{key.shard_count}",),
-    )
-    row = await cur.fetchone()
-    return bool(row and row[0])
 
 
 class BatchOutcome(enum.Enum):

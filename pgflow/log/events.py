@@ -3,7 +3,7 @@
 ``pgflow.events`` is append-only. Appending happens inside the caller's transaction
 (the events table is the outbox and the stream at once); nothing here NOTIFYs, because
 NOTIFY inside a write transaction serialises every committer on a cluster-wide lock.
-Wake-ups are sent after commit by :class:`pgflow.log.streamer.Notifier`.
+Wake-ups are sent after commit by :class:`pgflow.log.listener.Notifier`.
 
 ``tx`` is stamped by the database (a BEFORE INSERT trigger sets it to the writer's
 transaction id whatever the INSERT says): a forged ``tx`` would put an event into a

@@ -56,6 +56,7 @@ __all__ = [
     "DiffRead",
     "Position",
     "PositionSQL",
+    "consumed_sql",
     "diff_read_sql",
     "intersect_snapshots",
 ]
@@ -143,12 +144,18 @@ def _parse_snapshot(text: str) -> tuple[int, int, list[int]]:
     return int(xmin), int(xmax), [int(x) for x in xip.split(",") if x]
 
 
-#: Has the cursor row ``c`` read row ``e``? Visible in its snapshot, or taken from the
-#: diff it is reading. (SQL; for prune, lag and repairs.)
-CONSUMED = (
-    "(pg_visible_in_snapshot(e.tx, c.snap) OR (c.upto IS NOT NULL"
-    " AND pg_visible_in_snapshot(e.tx, c.upto) AND e.id <= c.after_id))"
-)
+def consumed_sql(row: str = "e", cursor: str = "c") -> str:
+    """Has the cursor row aliased ``cursor`` read the log row aliased ``row``? Visible
+    in its snapshot, or taken from the diff it is reading. SQL, for prune, lag, repairs
+    and tests; the predicate itself is the function ``pgflow.consumed`` (migration
+    0013), written once for Python and the ``pgflow.consumer_lag`` view alike, and
+    inlined by the planner (plans are as with the expression written in place)."""
+    r, c = row, cursor
+    return f"pgflow.consumed({r}.tx, {r}.id, {c}.snap, {c}.upto, {c}.after_id)"
+
+
+#: :func:`consumed_sql` for a log row ``e`` and a cursor row ``c``.
+CONSUMED = consumed_sql()
 
 #: The position stored in a ``pgflow.cursors`` row aliased ``c``.
 CURSOR_ROW = PositionSQL("c.snap", "c.upto", "c.after_id", "c.lo", "c.hi")
@@ -291,9 +298,11 @@ class DiffRead:
         cls, start: Position, raw: Sequence[Sequence[Any]], limit: int, skip: int = 0
     ) -> DiffRead:
         """Split ``raw`` rows of :func:`diff_read_sql` (``skip`` leading columns of an
-        outer query first) into rows and what positions need."""
-        if not raw:
-            return cls([], start)
+        outer query first) into rows and what positions need. Nothing new (no row, or
+        ``keep_empty``'s one row without an id) is a read without rows whose ``s2`` is
+        that row's snapshot (or ``start``'s): see :meth:`idle_position`."""
+        if not raw or raw[0][skip + 3] is None:
+            return cls([], start, skip + 4, str(raw[0][skip]) if raw else start.snapshot)
         more = len(raw) > limit
         raw = raw[:limit]
         first = raw[0]
@@ -309,3 +318,11 @@ class DiffRead:
     @property
     def positions(self) -> list[Position]:
         return [self.position_at(i) for i in range(len(self.raw))]
+
+    def idle_position(self) -> Position | None:
+        """For a read that found nothing outside a diff: where an idle reader may move
+        (the statement's own snapshot, with ``keep_empty``: nothing of its filter
+        committed before it), or None when that is where it stands."""
+        if self.raw or self.start.in_diff or self.s2 == self.start.snapshot:
+            return None
+        return Position(self.s2)

@@ -20,7 +20,7 @@ from psycopg import AsyncConnection
 
 from pgflow import _db
 from pgflow.errors import SchemaError
-from pgflow.log.snapshots import CONSUMED
+from pgflow.log.snapshots import CONSUMED, consumed_sql
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ async def repair_xid_reset(conn: AsyncConnection[Any]) -> None:
             f"  WHERE e.stream = c.stream AND NOT {CONSUMED} AND x.k >= ("
             "   SELECT min(x2.k) FROM pgflow.events e2 JOIN pgflow_xid_k x2 ON x2.id = e2.id"
             "   WHERE e2.stream = c.stream AND"
-            f"  {CONSUMED.replace('e.', 'e2.')})) AS tangled"
+            f"  {consumed_sql('e2')})) AS tangled"
             " FROM pgflow.cursors c WHERE c.stream IS NOT NULL"
         )
         cur = await conn.execute(

@@ -31,7 +31,7 @@ from pgflow.workflow.records import RawRecord, Record, RunState
 from pgflow.workflow.run import Run
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pgflow.log.streamer import Listener
+    from pgflow.log.listener import Listener
     from pgflow.workflow.api import API
     from pgflow.workflow.workflow import Workflow
 

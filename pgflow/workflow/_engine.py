@@ -2,8 +2,8 @@
 
 Every part of a workflow (client API, step consumers, timer poller, connector runner,
 ``Run``) goes through one :class:`Engine` so that a process has exactly one bounded
-pool, one :class:`~pgflow.log.streamer.Listener` and one
-:class:`~pgflow.log.streamer.Notifier`, and so that every status move applies the same
+pool, one :class:`~pgflow.log.listener.Listener` and one
+:class:`~pgflow.log.listener.Notifier`, and so that every status move applies the same
 rules: validated against the graph, terminal statuses complete the run and fire
 ``on_complete``, each change is one record update plus its event.
 """
@@ -24,7 +24,8 @@ from pgflow import _db
 from pgflow.errors import InvalidTransition
 from pgflow.log.cursors import Consumer, CursorKey
 from pgflow.log.events import Event
-from pgflow.log.streamer import Filter, Listener, Notifier
+from pgflow.log.listener import Listener, Notifier
+from pgflow.log.streamer import Filter
 from pgflow.workflow import actions
 from pgflow.workflow._codec import ObjectCodec, StatusCodec
 from pgflow.workflow._options import Options

@@ -27,8 +27,8 @@ from typing import Any, Generic, TypeVar
 from psycopg import AsyncConnection
 
 from pgflow.log.cursors import BatchOutcome, BatchResult, Consumer
+from pgflow.log.listener import acquire_listener, release_listener
 from pgflow.log.names import ConsumerName
-from pgflow.log.streamer import acquire_listener, release_listener
 from pgflow.observability import metrics, sample_forever, tracing_enabled
 from pgflow.workflow._connectors import ConnectorRunner
 from pgflow.workflow._engine import Engine
