@@ -17,7 +17,7 @@ import pytest
 import pgflow
 import pgflow.sync
 from pgflow import RunState
-from pgflow.log.streamer import CHANNEL
+from pgflow.log.listener import CHANNEL
 from tests.workflow_app import Status, make_builder
 
 ROOT = Path(__file__).resolve().parent.parent
