@@ -34,10 +34,9 @@ def _builder() -> pgflow.Builder[dict[str, Any], S]:
 
 @pytest.fixture
 async def wf(pgflow_dsn: str) -> AsyncIterator[pgflow.Workflow[dict[str, Any], S]]:
-    # Connections ready up front: a Notifier cancelled while the pool is still growing
-    # for it never finishes stopping (a separate bug, reported), and close() would hang.
-    async with AsyncConnectionPool(pgflow_dsn, min_size=4, open=False) as pool:
-        await pool.wait()
+    # A pool of one, still opening: the notifier's cancellation used to be swallowed
+    # inside the pool here, and close() hung forever (Notifier.stop now also sets a flag).
+    async with AsyncConnectionPool(pgflow_dsn, min_size=1, open=False) as pool:
         workflow = _builder().build(pool)  # not running: runs stay where they start
         try:
             yield workflow

@@ -102,6 +102,7 @@ class Listener:
         self.verified = asyncio.Event()
         self._probe_payload = f"pgflow-probe:{os.getpid()}:{secrets.token_hex(6)}"
         self._probe: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def subscribe(self, stream: str) -> Subscription:
         sub = Subscription(self, stream)
@@ -134,6 +135,7 @@ class Listener:
                 "other processes' events are found by polling (polling_frequency)"
             )
             return
+        self._stopping = False
         self._conn = await self._connect()
         self._task = asyncio.create_task(self._run(), name="pgflow-listener")
         self._probe = asyncio.create_task(self._self_test(), name="pgflow-listener-probe")
@@ -142,6 +144,7 @@ class Listener:
         await asyncio.wait_for(self._ready.wait(), timeout)
 
     async def stop(self) -> None:
+        self._stopping = True  # as Notifier.stop: do not rely on the cancel alone
         for task in (self._probe, self._task):
             if task is not None:
                 task.cancel()
@@ -167,7 +170,7 @@ class Listener:
     async def _run(self) -> None:
         delay = 0.05
         outage_logged = False
-        while True:
+        while not self._stopping:
             try:
                 if self._conn is None or self._conn.closed:
                     self._conn = await self._connect()
@@ -215,7 +218,7 @@ class Listener:
             logger.debug("listener self-test could not run (%s)", exc)
 
     async def _pump(self, conn: AsyncConnection[Any]) -> None:
-        while True:
+        while not self._stopping:
             got_any = False
             async for note in conn.notifies(timeout=self.health_check_interval):
                 got_any = True
@@ -291,10 +294,12 @@ class Notifier:
         self._pending: set[str] = set()
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.sent = 0  #: notifications sent, for tests and metrics
 
     def start(self) -> None:
         if self._task is None:
+            self._stopping = False
             self._task = asyncio.create_task(self._run(), name="pgflow-notifier")
 
     def poke(self, stream: str) -> None:
@@ -320,6 +325,11 @@ class Notifier:
             logger.debug("notify failed (%s); readers will poll", exc)
 
     async def stop(self) -> None:
+        # The flag, not only the cancel: a cancellation delivered while the task waits
+        # inside the pool can be swallowed there (seen with a pool still growing), and
+        # a task that missed it would wait for the next poke forever, and stop() with it.
+        self._stopping = True
+        self._dirty.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -329,8 +339,10 @@ class Notifier:
             await self.flush()
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             await self._dirty.wait()
+            if self._stopping:
+                return
             try:
                 await self.flush()
             except Exception as exc:  # never let the hint sender die: pollers cover
