@@ -17,6 +17,13 @@ fences anything that slips past the lock (a handler that ran on a stale view).
 The cursor row's own SQL (create, load, compare-and-set, the shard lock) lives in
 :mod:`pgflow.log.cursor_rows`, shared with the table connector; its names are
 importable from here too.
+
+Stability: :class:`Consumer`, :class:`CursorKey`, :class:`BatchOutcome` and
+:class:`RetryBatchNow` are the reader API (``pgflow.Consumer``, ``pgflow.CursorKey``).
+:func:`consume_once`, :func:`ensure_cursor`, :func:`load_cursor`,
+:func:`advance_cursor` and :func:`try_lock_shard` are *advanced*: the building blocks
+of consumers and connectors, exported for writing a reader of your own; they may change
+between minor versions.
 """
 
 from __future__ import annotations

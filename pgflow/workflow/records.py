@@ -22,6 +22,12 @@ The statements of the step consumer's hot path (:data:`_BULK_MOVE`, :func:`count
 :func:`mark_steps_done`) are the ones the benches measure (``bench/workflow.py`` runs
 :data:`_BULK_MOVE` by hand): change them only with a bench run.
 
+Stability: this module is *advanced*. Application code changes runs through the
+workflow API (``wf.trigger``, ``wf.update_status``, ``pgflow.workflow.actions``); the
+functions here are exported for tools that must write a record inside a transaction of
+their own, and may change between minor versions. :class:`Record` and
+:class:`RunState` are the stable types (``pgflow.Record``, ``pgflow.RunState``).
+
 These functions know nothing about a workflow's graph or its Python types; the typed
 layer (:mod:`pgflow.workflow.run`, :mod:`pgflow.workflow.api`) and the graph-free admin
 functions (:mod:`pgflow.workflow.actions`) are built on them. The record types and the
