@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pgflow.cli._worker import build_workflow
+from pgflow.cli._common import build_workflow
 from pgflow.errors import BuildError, ConfigError
 from pgflow.testing import Connections
 

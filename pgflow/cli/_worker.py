@@ -20,23 +20,14 @@ from typing import Any
 from psycopg import AsyncConnection
 
 from pgflow import _db
-from pgflow.cli._common import (
-    add_command,
-    build_workflow,
-    connected,
-    fetch,
-    load_target,
-    resolve_workflow,
-)
+from pgflow.cli._common import add_command, build_workflow, connected, fetch
 from pgflow.cli._render import add_format_arguments, render, selected_format
 from pgflow.errors import ConfigError, WorkerFailed
 from pgflow.ops.migrations import check_schema
 from pgflow.workflow._heartbeat import Heartbeat
 from pgflow.workflow.workflow import Workflow
 
-# build_workflow, load_target and resolve_workflow live in _common (graph, ui and
-# dead-letters --target load workflows too); named here for code that imported them
-__all__ = ["build_workflow", "load_target", "register", "resolve_workflow", "serve"]
+__all__ = ["register", "serve"]
 
 logger = logging.getLogger(__name__)
 
