@@ -68,12 +68,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def kafka_broker() -> Iterator[str]:
-    """``host:port`` of a Tansu broker for this session (skips without the binary)."""
-    if TANSU is None:
-        pytest.skip(NO_TANSU)
-    port = _free_port()
+@contextlib.contextmanager
+def tansu(port: int) -> Iterator[bool]:
+    """Run a Tansu broker (in-memory) on ``port``; yields whether it answers within 15 s.
+    Stopped on exit. Needs :data:`TANSU`."""
+    assert TANSU is not None, NO_TANSU
     url = f"tcp://127.0.0.1:{port}"
     args = ["broker", "--listener-url", url, "--advertised-listener-url", url]
     proc = subprocess.Popen(
@@ -83,11 +82,9 @@ def kafka_broker() -> Iterator[str]:
     )
     try:
         deadline = time.monotonic() + 15
-        while not up(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("tansu broker did not start")
+        while not up(port) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        yield f"127.0.0.1:{port}"
+        yield up(port)
     finally:
         proc.terminate()
         try:
@@ -95,6 +92,18 @@ def kafka_broker() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def kafka_broker() -> Iterator[str]:
+    """``host:port`` of a Tansu broker for this session (skips without the binary)."""
+    if TANSU is None:
+        pytest.skip(NO_TANSU)
+    port = _free_port()
+    with tansu(port) as started:
+        if not started:
+            raise RuntimeError("tansu broker did not start")
+        yield f"127.0.0.1:{port}"
 
 
 def _suffix() -> str:

